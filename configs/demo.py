@@ -1,0 +1,22 @@
+"""The embedded demo: a micro UniViT on CPU-sized frames, the README's main command.
+
+  python -m univit_jax.main --config=configs/demo.py --workdir=/tmp/univit_demo
+
+`runlocal` is accepted for symmetry with the other configs (the demo is already local-sized).
+"""
+
+import ml_collections
+
+from univit_jax import config_lib
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  arg = config_lib.parse_arg(arg, variant="mu/8", runlocal=False)
+  c = config_lib.default_config(arg.variant)
+  c.data.image_size = 32
+  c.data.frames = (1, 2, 4, 8, 16)
+  c.data.bucket_weights = (4, 1, 1, 1, 1)
+  c.data.tokens_per_batch = 16 * 16 * 4
+  c.optim.lr = 1e-3
+  c.optim.weight_decay = 0.05
+  return c

@@ -1,0 +1,1 @@
+"""UniViT in JAX: a cluster-driven self-supervised encoder for images and videos."""

@@ -1,0 +1,220 @@
+"""Config helpers: argument parsing for `get_config(arg)`, validation, typed views.
+
+Configs are `ml_collections.ConfigDict`s built by `configs/<name>.py:get_config(arg)`. They import
+only `ml_collections` and this module, so they load from any working directory. Modules never see
+the whole config: `model_config(config)` and friends turn sections into frozen dataclasses.
+"""
+
+import ast
+import dataclasses
+import math
+from typing import Any
+
+import ml_collections
+
+from univit_jax.models import rope, variants
+
+
+class ConfigError(ValueError):
+  """A config value is invalid; the message names the field."""
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+  """Parses "variant=L/14,runlocal" into a ConfigDict over `defaults`.
+
+  Keys must be among `defaults`; each value is converted to its default's type; a bare key sets
+  a boolean default to True.
+
+  Raises:
+    ConfigError: for an unknown key or a value of the wrong type.
+  """
+  result = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, sep, value = item.partition("=")
+    if key not in defaults:
+      raise ConfigError(f"config argument {key!r} is unknown; expected one of {sorted(defaults)}")
+    default = defaults[key]
+    if not sep:
+      if not isinstance(default, bool):
+        raise ConfigError(f"config argument {key!r} needs a value ({key}=...)")
+      result[key] = True
+    elif isinstance(default, bool):
+      if value.lower() not in ("true", "false", "1", "0"):
+        raise ConfigError(f"config argument {key}={value!r}: expected true or false")
+      result[key] = value.lower() in ("true", "1")
+    elif isinstance(default, str):
+      result[key] = value
+    else:
+      try:
+        result[key] = type(default)(ast.literal_eval(value))
+      except (ValueError, SyntaxError, TypeError) as e:
+        raise ConfigError(
+          f"config argument {key}={value!r}: expected a {type(default).__name__}") from e
+  return result
+
+
+def model_fields(variant: str) -> dict[str, int]:
+  """The size fields of `config.model` for a variant such as "L/14"."""
+  try:
+    return variants.decode_variant(variant)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeConfig:
+  mode: str = "temporal_low"
+  base: float = 10_000.0
+  split: tuple[int, int, int] = (4, 6, 6)
+  virtual_frames: int = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """What the encoder needs to know; built from `config.model` by `model_config`."""
+  width: int
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  patch_size: int
+  channels: int = 3
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  scan: bool = False
+  remat: str = "none"
+  rope: RopeConfig = RopeConfig()
+
+  @property
+  def head_dim(self) -> int:
+    return self.width // self.num_heads
+
+
+REMAT_POLICIES = ("none", "full", "dots")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
+  """Validated typed view of `config.model`.
+
+  Raises:
+    ConfigError: naming the field, for impossible shapes or unknown options.
+  """
+  m = config.model
+  for field in ("width", "depth", "num_heads", "mlp_dim", "patch_size", "channels"):
+    if m[field] <= 0:
+      raise ConfigError(f"model.{field}={m[field]} must be positive")
+  if m.width % m.num_heads:
+    raise ConfigError(
+      f"model.width={m.width} is not divisible by model.num_heads={m.num_heads}")
+  try:
+    rope.axis_pairs(m.width // m.num_heads, tuple(m.rope.split))
+  except ValueError as e:
+    raise ConfigError(f"model.rope.split / model.num_heads: {e}") from e
+  if m.rope.mode not in rope.MODES:
+    raise ConfigError(f"model.rope.mode={m.rope.mode!r}: expected one of {rope.MODES}")
+  if m.rope.virtual_frames < max(config.data.frames):
+    raise ConfigError(
+      f"model.rope.virtual_frames={m.rope.virtual_frames} is smaller than the longest "
+      f"bucket data.frames={tuple(config.data.frames)}")
+  if m.remat not in REMAT_POLICIES:
+    raise ConfigError(f"model.remat={m.remat!r}: expected one of {REMAT_POLICIES}")
+  for field in ("dtype", "param_dtype"):
+    if m[field] not in DTYPES:
+      raise ConfigError(f"model.{field}={m[field]!r}: expected one of {DTYPES}")
+  return ModelConfig(
+    width=m.width, depth=m.depth, num_heads=m.num_heads, mlp_dim=m.mlp_dim,
+    patch_size=m.patch_size, channels=m.channels, dtype=m.dtype, param_dtype=m.param_dtype,
+    scan=m.scan, remat=m.remat,
+    rope=RopeConfig(mode=m.rope.mode, base=float(m.rope.base), split=tuple(m.rope.split),
+                    virtual_frames=m.rope.virtual_frames))
+
+
+def validate_data(config: ml_collections.ConfigDict) -> None:
+  """Checks the shape-defining part of `config.data` against the model.
+
+  Raises:
+    ConfigError: naming the field.
+  """
+  d, p = config.data, config.model.patch_size
+  if d.image_size % p:
+    raise ConfigError(
+      f"data.image_size={d.image_size} is not divisible by model.patch_size={p}")
+  frames = tuple(d.frames)
+  if not frames or any(t < 1 for t in frames) or len(set(frames)) != len(frames):
+    raise ConfigError(f"data.frames={frames} must be distinct positive frame counts")
+  if len(tuple(d.bucket_weights)) != len(frames):
+    raise ConfigError(
+      f"data.bucket_weights={tuple(d.bucket_weights)} needs one weight per bucket in "
+      f"data.frames={frames}")
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int) -> ModelConfig:
+  """Validates a whole config before any compute; returns the typed model config.
+
+  Raises:
+    ConfigError: naming the first invalid field.
+  """
+  validate_data(config)
+  model = model_config(config)
+  mesh_shape(config, num_devices)
+  return model
+
+
+def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
+  """Resolves `config.mesh.shape` (one entry may be -1) for `num_devices` devices.
+
+  Raises:
+    ConfigError: if the axes and shape disagree or the product cannot equal num_devices.
+  """
+  axes, shape = tuple(config.mesh.axes), tuple(config.mesh.shape)
+  if len(axes) != len(shape):
+    raise ConfigError(f"mesh.axes={axes} and mesh.shape={shape} differ in length")
+  if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+    raise ConfigError(f"mesh.shape={shape}: sizes must be positive, with at most one -1")
+  fixed = math.prod(s for s in shape if s != -1)
+  if num_devices % fixed or (-1 not in shape and fixed != num_devices):
+    raise ConfigError(
+      f"mesh.shape={shape} (axes {axes}) cannot be laid over {num_devices} devices")
+  return tuple(num_devices // fixed if s == -1 else s for s in shape)
+
+
+# Logical axis names used by parameters and activations, mapped to mesh axes. One table; configs
+# override it as a whole (`config.sharding_rules`).
+DEFAULT_SHARDING_RULES = (
+  ("batch", ("data", "fsdp")),
+  ("embed", "fsdp"),
+  ("mlp", "model"),
+  ("heads", "model"),
+  ("kv", None),
+  ("tokens", None),
+  ("patch", None),
+  ("layers", None),
+  ("classes", ("fsdp", "model")),
+)
+
+
+def default_config(variant: str) -> ml_collections.ConfigDict:
+  """The full default config for a model variant; the files in configs/ start from it."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.mode = "summary"
+
+  c.model = ml_collections.ConfigDict(dict(
+    variant=variant, **model_fields(variant), channels=3,
+    dtype="float32", param_dtype="float32", scan=False, remat="none",
+    rope=dict(mode="temporal_low", base=10_000.0, split=(4, 6, 6), virtual_frames=64)))
+
+  c.data = ml_collections.ConfigDict()
+  c.data.image_size = 224
+  # Variable Spatiotemporal Streams: one bucket per frame count, mixed by weight; the batch of a
+  # bucket is tokens_per_batch // (T * tokens per frame), so every step costs about the same.
+  c.data.frames = (1, 2, 4, 8, 16)
+  c.data.bucket_weights = (4, 1, 1, 1, 1)
+  c.data.tokens_per_batch = 16 * 16 * 4096
+
+  c.mesh = ml_collections.ConfigDict(dict(axes=("data", "fsdp", "model"), shape=(-1, 1, 1)))
+  c.sharding_rules = DEFAULT_SHARDING_RULES
+
+  c.optim = ml_collections.ConfigDict(dict(
+    lr=1e-3, weight_decay=0.2, b1=0.9, b2=0.999, eps=1e-8, grad_clip_norm=1.0))
+  return c

@@ -1,0 +1,1 @@
+"""The UniViT encoder: ViT backbone, U-RoPE and the attention-pooling head."""

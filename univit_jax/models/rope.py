@@ -1,0 +1,149 @@
+"""U-RoPE: unified 3D rotary position embedding over (t, h, w), as pure functions.
+
+A head of dimension D has P = D / 2 rotary pairs. Pair j rotates channels (j, j + P) (the
+half-split layout of RoFormer / GPT-NeoX) by the angle `pos[axis[j]] * freq[j]`, so the map is a
+true rotation: norms are preserved and q . k depends only on the position offset.
+
+The pairs are shared out over the axes (t, h, w) in the ratio `split` (default 4:6:6: with
+P = 32, time gets 8 pairs and each spatial axis 12). Which pairs and which frequencies each axis
+gets is the allocation `mode`:
+
+  temporal_low  one spectrum theta_j = base^(-j / P) (j = 0 is the fastest); time takes the
+                n_t lowest frequencies (the paper's "low frequencies for temporal structure"),
+                h and w alternate over the high band so both see fine and coarse scales
+                (VideoRoPE's LTA layout). The default.
+  per_axis      each axis gets its own full spectrum base^(-i / n_a), i < n_a; pairs laid out
+                [t | h | w] (OneVision-Encoder's split, with a correct rotation).
+  chunked       one spectrum sliced in order: t the n_t fastest, then h, then w (Qwen2-VL M-RoPE).
+  interleaved   one spectrum; the axes are spread evenly over all pairs, each in proportion to
+                its share (Qwen3-VL's round robin, generalised to unequal shares).
+
+Positions are explicit float (t, h, w) per token. Time lives on a virtual grid of
+`virtual_frames` steps (0 .. virtual_frames - 1): a clip of T frames spans the whole grid
+whatever T is, so 2-, 8- and 16-frame clips share one temporal axis and an image sits at t = 0.
+Padded tokens get angle 0, i.e. the identity rotation.
+"""
+
+import functools
+
+import jax.numpy as jnp
+import numpy as np
+
+MODES = ("temporal_low", "per_axis", "chunked", "interleaved")
+AXES = ("t", "h", "w")
+
+
+def axis_pairs(head_dim: int, split: tuple[int, int, int] = (4, 6, 6)) -> tuple[int, int, int]:
+  """Number of rotary pairs given to (t, h, w).
+
+  Raises:
+    ValueError: if head_dim is odd or its pair count is not divisible by sum(split).
+  """
+  if head_dim % 2:
+    raise ValueError(f"head_dim={head_dim} must be even for rotary pairs")
+  pairs, units = head_dim // 2, sum(split)
+  if pairs % units:
+    raise ValueError(
+      f"head_dim={head_dim} gives {pairs} rotary pairs, not divisible by "
+      f"{units} = sum(split={tuple(split)}); head_dim must be a multiple of {2 * units}")
+  unit = pairs // units
+  return tuple(s * unit for s in split)
+
+
+def _spread(counts: tuple[int, ...]) -> np.ndarray:
+  """Orders axis ids so that each axis is spread evenly, axis a appearing counts[a] times.
+
+  At each slot, the axis furthest behind its proportional quota is chosen (lowest id on ties).
+  """
+  length = sum(counts)
+  used = np.zeros(len(counts))
+  order = []
+  for i in range(length):
+    deficit = np.asarray(counts) * (i + 1) / length - used
+    a = int(np.argmax(deficit))
+    order.append(a)
+    used[a] += 1
+  return np.asarray(order, np.int32)
+
+
+@functools.lru_cache(maxsize=None)
+def _table(head_dim: int, mode: str, base: float, split: tuple[int, int, int]):
+  n_t, n_h, n_w = axis_pairs(head_dim, split)
+  pairs = head_dim // 2
+  spectrum = base ** (-np.arange(pairs) / pairs)
+  if mode == "per_axis":
+    axes = np.repeat(np.arange(3, dtype=np.int32), (n_t, n_h, n_w))
+    freqs = np.concatenate([base ** (-np.arange(n) / n) for n in (n_t, n_h, n_w)])
+  elif mode == "chunked":
+    axes = np.repeat(np.arange(3, dtype=np.int32), (n_t, n_h, n_w))
+    freqs = spectrum
+  elif mode == "temporal_low":
+    axes = np.concatenate([1 + _spread((n_h, n_w)), np.zeros(n_t, np.int32)])
+    freqs = spectrum
+  elif mode == "interleaved":
+    axes = _spread((n_t, n_h, n_w))
+    freqs = spectrum
+  else:
+    raise ValueError(f"rope mode={mode!r}: expected one of {MODES}")
+  freqs.setflags(write=False)
+  axes.setflags(write=False)
+  return freqs, axes
+
+
+def rope_table(
+    head_dim: int, mode: str = "temporal_low", base: float = 10_000.0,
+    split: tuple[int, int, int] = (4, 6, 6)) -> tuple[np.ndarray, np.ndarray]:
+  """Per-pair frequencies `[P]` (float64) and the axis each pair reads `[P]` (0=t, 1=h, 2=w)."""
+  return _table(int(head_dim), mode, float(base), tuple(int(s) for s in split))
+
+
+def frame_times(num_frames: int, virtual_frames: int = 64) -> np.ndarray:
+  """Time positions `[T]` of T evenly spaced frames on the virtual grid; an image is t = 0."""
+  if num_frames < 1:
+    raise ValueError(f"num_frames={num_frames} must be >= 1")
+  if num_frames == 1:
+    return np.zeros(1, np.float32)
+  return np.linspace(0.0, virtual_frames - 1, num_frames, dtype=np.float32)
+
+
+def grid_positions(times: np.ndarray, grid_h: int, grid_w: int) -> np.ndarray:
+  """(t, h, w) positions `[..., T * grid_h * grid_w, 3]` of the patches of frames at `times`.
+
+  Tokens are ordered frame-major, then row, then column, as the patch embedding flattens them.
+
+  Args:
+    times: `[..., T]` time position of each frame on the virtual grid.
+    grid_h: patch rows per frame.
+    grid_w: patch columns per frame.
+  """
+  times = np.asarray(times, np.float32)
+  lead, num_frames = times.shape[:-1], times.shape[-1]
+  t = np.broadcast_to(times[..., :, None, None], (*lead, num_frames, grid_h, grid_w))
+  h = np.broadcast_to(np.arange(grid_h, dtype=np.float32)[:, None], t.shape)
+  w = np.broadcast_to(np.arange(grid_w, dtype=np.float32)[None, :], t.shape)
+  return np.stack([t, h, w], axis=-1).reshape(*lead, num_frames * grid_h * grid_w, 3)
+
+
+def rope_angles(
+    positions: jnp.ndarray, head_dim: int, mode: str = "temporal_low",
+    base: float = 10_000.0, split: tuple[int, int, int] = (4, 6, 6),
+    token_mask: jnp.ndarray | None = None) -> jnp.ndarray:
+  """Rotation angles `[..., N, P]` (float32) for positions `[..., N, 3]`; 0 where masked out."""
+  freqs, axes = rope_table(head_dim, mode, base, split)
+  positions = jnp.asarray(positions, jnp.float32)
+  angles = jnp.take(positions, axes, axis=-1) * jnp.asarray(freqs, jnp.float32)
+  if token_mask is not None:
+    angles = jnp.where(token_mask[..., None], angles, 0.0)
+  return angles
+
+
+def apply_rope(x: jnp.ndarray, angles: jnp.ndarray) -> jnp.ndarray:
+  """Rotates `x [B, N, heads, D]` by `angles [B, N, D / 2]` (half-split pairs (j, j + D/2)).
+
+  cos / sin are computed in float32 and cast to x's dtype just before the product.
+  """
+  pairs = x.shape[-1] // 2
+  cos = jnp.cos(angles)[..., None, :].astype(x.dtype)
+  sin = jnp.sin(angles)[..., None, :].astype(x.dtype)
+  x1, x2 = x[..., :pairs], x[..., pairs:]
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
