@@ -16,7 +16,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.image_size = 32
   c.data.frames = (1, 2, 4, 8, 16)
   c.data.bucket_weights = (4, 1, 1, 1, 1)
-  c.data.tokens_per_batch = 16 * 16 * 4
+  c.data.tokens_per_batch = 16 * 16 * 8
   c.optim.lr = 1e-3
   c.optim.weight_decay = 0.05
   return c

@@ -148,6 +148,27 @@ def validate_data(config: ml_collections.ConfigDict) -> None:
       f"data.frames={frames}")
 
 
+def tokens_per_frame(config: ml_collections.ConfigDict) -> int:
+  return (config.data.image_size // config.model.patch_size) ** 2
+
+
+def bucket_batch_size(config: ml_collections.ConfigDict, num_frames: int) -> int:
+  """Global batch of the T-frame bucket: the token budget over T x tokens per frame."""
+  return config.data.tokens_per_batch // (num_frames * tokens_per_frame(config))
+
+
+def batch_shards(config: ml_collections.ConfigDict, num_devices: int) -> int:
+  """Ways the batch axis is split over the mesh (product of the mesh axes `batch` maps to)."""
+  target = dict(config.sharding_rules).get("batch")
+  axes = (target,) if isinstance(target, str) else tuple(target or ())
+  sizes = dict(zip(config.mesh.axes, mesh_shape(config, num_devices)))
+  unknown = [a for a in axes if a not in sizes]
+  if unknown:
+    raise ConfigError(
+      f"sharding_rules maps 'batch' to {unknown}, not among mesh.axes={tuple(config.mesh.axes)}")
+  return math.prod(sizes[a] for a in axes)
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> ModelConfig:
   """Validates a whole config before any compute; returns the typed model config.
 
@@ -156,7 +177,14 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> ModelConfig
   """
   validate_data(config)
   model = model_config(config)
-  mesh_shape(config, num_devices)
+  shards = batch_shards(config, num_devices)
+  for t in config.data.frames:
+    batch = bucket_batch_size(config, t)
+    if batch < 1 or batch % shards:
+      raise ConfigError(
+        f"data.tokens_per_batch={config.data.tokens_per_batch} gives a global batch of {batch} "
+        f"for the {t}-frame bucket ({tokens_per_frame(config)} tokens per frame), which must be "
+        f"a positive multiple of the {shards} batch shards of the mesh")
   return model
 
 
@@ -216,5 +244,8 @@ def default_config(variant: str) -> ml_collections.ConfigDict:
   c.sharding_rules = DEFAULT_SHARDING_RULES
 
   c.optim = ml_collections.ConfigDict(dict(
-    lr=1e-3, weight_decay=0.2, b1=0.9, b2=0.999, eps=1e-8, grad_clip_norm=1.0))
+    lr=1e-3, weight_decay=0.2, b1=0.9, b2=0.999, eps=1e-8, grad_clip_norm=1.0,
+    schedule="cosine", warmup_steps=1000, end_lr_fraction=0.0))
+  c.total_steps = 100_000
+  c.summary = ml_collections.ConfigDict(dict(compile=True))
   return c

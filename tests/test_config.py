@@ -1,0 +1,73 @@
+"""Configs load, parse their arguments, and bad values fail naming the field."""
+
+import pytest
+
+from helpers import load_config, run_main
+from univit_jax import config_lib
+
+CONFIGS = ("demo", "vit_s", "vit_b", "vit_l")
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("arg", [None, "runlocal"])
+def test_configs_validate(name, arg):
+  config = load_config(name, arg)
+  model = config_lib.validate(config, num_devices=8)
+  assert model.width % model.num_heads == 0
+
+
+def test_vit_l_is_the_paper_recipe():
+  c = load_config("vit_l")
+  assert (c.model.patch_size, c.model.width, c.model.depth, c.model.num_heads) == (14, 1024, 24, 16)
+  assert tuple(c.data.frames) == (1, 2, 4, 8, 16)
+  assert (c.optim.lr, c.optim.weight_decay) == (1e-3, 0.2)
+  assert config_lib.bucket_batch_size(c, 1) == 16384
+
+
+def test_parse_arg():
+  arg = config_lib.parse_arg("variant=B/16,runlocal,steps=7", variant="L/14", runlocal=False,
+                             steps=1)
+  assert (arg.variant, arg.runlocal, arg.steps) == ("B/16", True, 7)
+  with pytest.raises(config_lib.ConfigError, match="'colour' is unknown"):
+    config_lib.parse_arg("colour=red", variant="L/14")
+  with pytest.raises(config_lib.ConfigError, match="steps='many': expected a int"):
+    config_lib.parse_arg("steps=many", steps=1)
+  with pytest.raises(config_lib.ConfigError, match="model.variant='X/14'"):
+    load_config("vit_l", "variant=X/14")
+
+
+@pytest.mark.parametrize("field,value,message", [
+  ("model.num_heads", 3, "model.width=64 is not divisible by model.num_heads=3"),
+  ("model.num_heads", 4, "head_dim=16 gives 8 rotary pairs, not divisible by 16"),
+  ("model.rope.mode", "spiral", "model.rope.mode='spiral'"),
+  ("model.remat", "sometimes", "model.remat='sometimes'"),
+  ("model.dtype", "int8", "model.dtype='int8'"),
+  ("model.depth", 0, "model.depth=0 must be positive"),
+  ("mesh.shape", (3, 1, 1), r"mesh.shape=\(3, 1, 1\) .* cannot be laid over 8 devices"),
+  ("mesh.shape", (-1, -1, 1), "at most one -1"),
+  ("data.image_size", 30, "data.image_size=30 is not divisible by model.patch_size=8"),
+  ("data.bucket_weights", (1, 1), "needs one weight per bucket"),
+  ("data.tokens_per_batch", 16 * 16 * 2, "must be a positive multiple of the 8 batch shards"),
+])
+def test_bad_values_name_the_field(field, value, message):
+  config = load_config("demo")
+  section, key = field.rsplit(".", 1)
+  target = config
+  for part in section.split("."):
+    target = target[part]
+  target[key] = value
+  with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.validate(config, num_devices=8)
+
+
+@pytest.mark.parametrize("args,message", [
+  (["--config.model.widht=3"], "widht"),
+  (["--config.model.width=abc"], "--config.model.width=abc"),
+  (["--config.model.num_heads=3"], "model.num_heads=3"),
+  (["--config.mesh.shape=(3,1,1)"], "mesh.shape=(3, 1, 1)"),
+])
+def test_command_line_rejects_bad_configs_before_compute(args, message, tmp_path):
+  result = run_main("--config=configs/demo.py", f"--workdir={tmp_path}", *args)
+  assert result.returncode == 2, result.stderr
+  assert "Config error" in result.stderr and message in result.stderr
+  assert not (tmp_path / "summary.json").exists()

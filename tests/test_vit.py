@@ -1,0 +1,183 @@
+"""The encoder: variable frame counts with one set of weights, padding, pooling, sharding."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from univit_jax import config_lib, sharding
+from univit_jax.models import rope, vit
+
+CFG = config_lib.ModelConfig(width=64, depth=2, num_heads=2, mlp_dim=128, patch_size=8)
+SIZE = 16  # 2 x 2 patches per frame.
+
+
+def make(cfg=CFG, seed=0):
+  graphdef, params = vit.init_encoder(cfg, seed)
+  return graphdef, params
+
+
+def apply(graphdef, params, frames, **kw):
+  return nnx.merge(graphdef, params)(frames, **kw)
+
+
+def clip(t, b=2, seed=0):
+  return jax.random.normal(jax.random.key(seed), (b, t, SIZE, SIZE, 3))
+
+
+@pytest.fixture(scope="module")
+def model():
+  return make()
+
+
+def test_all_frame_buckets_share_weights(model):
+  graphdef, params = model
+  for t in (1, 2, 4, 8, 16):
+    embedding, aux = apply(graphdef, params, clip(t))
+    assert embedding.shape == (2, 64) and embedding.dtype == jnp.float32
+    assert aux["tokens"].shape == (2, t * 4, 64)
+    assert np.isfinite(np.asarray(embedding)).all()
+
+
+def test_image_equals_one_frame_clip(model):
+  graphdef, params = model
+  frames = clip(1)
+  image, _ = apply(graphdef, params, frames[:, 0])
+  one_frame, _ = apply(graphdef, params, frames)
+  np.testing.assert_allclose(image, one_frame, rtol=1e-6, atol=1e-6)
+  # The image as the only valid frame of a padded 4-frame clip, at t = 0.
+  padded = jnp.concatenate([frames, clip(3, seed=1)], axis=1)
+  positions = np.broadcast_to(rope.grid_positions(np.zeros(4), 2, 2), (2, 16, 3))
+  mask = jnp.array([[True, False, False, False]] * 2)
+  in_clip, _ = apply(graphdef, params, padded, positions=positions, frame_mask=mask)
+  np.testing.assert_allclose(in_clip, image, rtol=1e-5, atol=1e-5)
+
+
+def test_padding_frames_do_not_change_the_embedding(model):
+  graphdef, params = model
+  frames = clip(2)
+  times = rope.frame_times(2)
+  short, _ = apply(graphdef, params, frames,
+                   positions=np.broadcast_to(rope.grid_positions(times, 2, 2), (2, 8, 3)))
+  padded_times = np.concatenate([times, times])
+  padded, _ = apply(
+    graphdef, params, jnp.concatenate([frames, clip(2, seed=5)], axis=1),
+    positions=np.broadcast_to(rope.grid_positions(padded_times, 2, 2), (2, 16, 3)),
+    frame_mask=jnp.array([[True, True, False, False]] * 2))
+  np.testing.assert_allclose(padded, short, rtol=1e-5, atol=1e-5)
+
+
+def test_segment_and_region_pooling(model):
+  graphdef, params = model
+  frames = clip(8)
+  whole = jnp.array([[[0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 0.4, 0.4]]] * 2)
+  embedding, aux = apply(graphdef, params, frames, segments=(1, 2, 4, 8, 16), boxes=whole)
+  assert {g: aux["segments"][g].shape for g in aux["segments"]} == {
+    g: (2, g, 64) for g in (1, 2, 4, 8, 16)}
+  assert bool(aux["segment_mask"][16].all())
+  # One segment, or a box over the whole frame, pools exactly what the clip embedding pools.
+  np.testing.assert_allclose(aux["segments"][1][:, 0], embedding, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(aux["regions"][:, 0], embedding, rtol=1e-5, atol=1e-6)
+  # Segments are ordered: swapping the two halves of the clip swaps the 2-segment embeddings.
+  swapped = jnp.concatenate([frames[:, 4:], frames[:, :4]], axis=1)
+  _, aux_swapped = apply(graphdef, params, swapped, segments=(2,))
+  assert not np.allclose(aux_swapped["segments"][2], aux["segments"][2], atol=1e-4)
+
+
+def test_segment_masks_flag_padding_only_segments(model):
+  graphdef, params = model
+  mask = jnp.array([[True, True, False, False]] * 2)
+  _, aux = apply(graphdef, params, clip(4), frame_mask=mask, segments=(2, 4))
+  np.testing.assert_array_equal(aux["segment_mask"][2], [[True, False]] * 2)
+  np.testing.assert_array_equal(aux["segment_mask"][4], [[True, True, False, False]] * 2)
+
+
+def unstack(scan_params, list_params):
+  """Copies scanned (stacked) block weights into the per-block layout of an unscanned model."""
+  pure = nnx.to_pure_dict(scan_params)
+  pure["blocks"] = {i: jax.tree.map(lambda a: a[i], pure["blocks"]) for i in range(CFG.depth)}
+  nnx.replace_by_pure_dict(list_params, pure)
+  return list_params
+
+
+@pytest.mark.parametrize("remat", ["none", "full", "dots"])
+def test_scan_matches_unrolled(remat):
+  scan_cfg = dataclasses.replace(CFG, scan=True, remat=remat)
+  g_scan, p_scan = make(scan_cfg)
+  g_list, p_list = make(dataclasses.replace(CFG, remat=remat), seed=1)
+  p_list = unstack(p_scan, p_list)
+  frames = clip(2)
+  np.testing.assert_allclose(apply(g_scan, p_scan, frames)[0], apply(g_list, p_list, frames)[0],
+                             rtol=1e-5, atol=1e-5)
+
+  def loss(params, graphdef):
+    return jnp.sum(apply(graphdef, params, frames)[0] ** 2)
+
+  grads = jax.grad(loss)(p_scan, g_scan)
+  norm = optax_global_norm(grads)
+  assert np.isfinite(norm) and norm > 0
+
+
+def optax_global_norm(tree):
+  return float(jnp.sqrt(sum(jnp.sum(x.astype(jnp.float32) ** 2) for x in jax.tree.leaves(tree))))
+
+
+def test_sharded_forward_matches_single_device():
+  assert jax.device_count() == 8
+  config = config_lib.default_config("mu/8")
+  config.mesh.shape = (2, 2, 2)
+  mesh = sharding.make_mesh(config)
+  cfg = dataclasses.replace(CFG, scan=True)
+  graphdef, abstract = vit.abstract_encoder(cfg)
+  shardings = sharding.tree_shardings(abstract, mesh, config.sharding_rules)
+  _, sharded_params = vit.init_encoder(cfg, 0, shardings)
+  _, params = vit.init_encoder(cfg, 0)
+  kernel = sharded_params["blocks"]["mlp"]["fc1"]["kernel"]
+  assert kernel[...].sharding.spec == P(None, "fsdp", "model")
+  frames, mask = clip(4, b=8), jnp.ones((8, 4), bool).at[:, 3].set(False)
+
+  def forward(params, frames, mask):
+    return apply(graphdef, params, frames, frame_mask=mask, segments=(2,))[1]["segments"][2]
+
+  batch = sharding.batch_sharding(mesh, config.sharding_rules, 5)
+  sharded = jax.jit(forward, in_shardings=(
+    shardings, batch, NamedSharding(mesh, P(("data", "fsdp"), None))))(
+      sharded_params, jax.device_put(frames, batch), mask)
+  single = jax.jit(forward)(params, frames, mask)
+  assert len(sharded.sharding.device_set) == 8
+  np.testing.assert_allclose(sharded, single, rtol=1e-5, atol=1e-5)
+
+
+def test_each_bucket_compiles_once(model):
+  graphdef, params = model
+  traces = []
+
+  @jax.jit
+  def forward(params, frames):
+    traces.append(frames.shape[1])
+    return apply(graphdef, params, frames)[0]
+
+  for _ in range(3):
+    for t in (1, 2, 4, 8, 16):
+      forward(params, clip(t, seed=t))
+  assert traces == [1, 2, 4, 8, 16]
+  assert forward._cache_size() == 5
+
+
+def test_bfloat16_compute_keeps_float32_params():
+  cfg = dataclasses.replace(CFG, dtype="bfloat16")
+  graphdef, params = make(cfg)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+  embedding, aux = apply(graphdef, params, clip(2))
+  assert aux["tokens"].dtype == jnp.bfloat16 and embedding.dtype == jnp.float32
+  reference, _ = apply(*make(), clip(2))
+  np.testing.assert_allclose(embedding, reference, atol=0.1)
+
+
+def test_bad_frame_size(model):
+  with pytest.raises(ValueError, match="frame size 20x16 is not a multiple of the patch size 8"):
+    apply(*model, jnp.zeros((1, 1, 20, 16, 3)))

@@ -1,0 +1,61 @@
+"""The entry point: `python -m univit_jax.main --config=configs/<name>.py[:args] --workdir=DIR`.
+
+`--mode` picks the stage (default: the config's own `mode`); `--config.a.b=value` overrides any
+field of the locked config, so a typo fails at start-up instead of being ignored.
+"""
+
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from univit_jax import config_lib
+
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "Config file, e.g. configs/demo.py or configs/vit_l.py:runlocal.",
+  lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where outputs, checkpoints and logs go.")
+_MODE = flags.DEFINE_string("mode", None, "Stage to run; default: the config's `mode`.")
+
+
+def _summary(config, workdir):
+  from univit_jax import summary
+  summary.run(config, workdir)
+
+
+MODES = {"summary": _summary}
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """Parses flags; a bad config file, argument or override exits with one clear line."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    # config_flags folds an error raised while loading the file into the flag error's text.
+    message = str(e).rsplit("ConfigError: ", 1)[-1].strip()
+  except (AttributeError, KeyError, TypeError) as e:
+    # ml_collections reports an unknown override key as AttributeError / KeyError.
+    message = f"unknown or invalid config field in {[a for a in argv if '--config.' in a]}: " + (
+      str(e.args[0]) if e.args else repr(e)).replace("\\n", " ")
+  print(f"Config error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = _CONFIG.value
+  if config is None:
+    raise app.UsageError("--config is required, e.g. --config=configs/demo.py")
+  mode = _MODE.value or config.mode
+  if mode not in MODES:
+    raise app.UsageError(f"--mode={mode!r}: expected one of {sorted(MODES)}")
+  try:
+    MODES[mode](config, _WORKDIR.value)
+  except config_lib.ConfigError as e:
+    print(f"Config error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,261 @@
+"""The UniViT encoder: a pre-LN ViT over frames with U-RoPE and an attention-pooling head.
+
+One set of weights serves images (T = 1) and clips of any frame count: frames are patchified one
+by one (tubelet 1), there is no CLS token and no absolute position embedding, and every token
+carries an explicit (t, h, w) position used only by the rotary embedding (`rope.py`). A
+SigLIP2-style multihead attention-pooling (MAP) head turns the tokens into the embedding; the same
+head, given per-segment or per-region masks, pools one embedding per temporal segment and per box.
+
+Parameters carry logical axis names (`embed`, `mlp`, `heads`, `kv`, `patch`, `layers`) that the
+config's sharding rules map to mesh axes (`univit_jax/sharding.py`). `dtype` is the compute dtype,
+`param_dtype` the storage dtype; layer-norm statistics and attention softmax run in float32.
+"""
+
+import einops
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from univit_jax import config_lib
+from univit_jax.models import masks as masks_lib
+from univit_jax.models import rope
+
+
+def _init(names: tuple[str | None, ...], init=nnx.initializers.lecun_normal()):
+  return nnx.with_partitioning(init, names)
+
+
+def _dense(in_dim: int, out_dim: int, names: tuple[str, str], cfg: config_lib.ModelConfig,
+           rngs: nnx.Rngs, use_bias: bool = True) -> nnx.Linear:
+  return nnx.Linear(
+    in_dim, out_dim, use_bias=use_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+    kernel_init=_init(names), bias_init=_init(names[1:], nnx.initializers.zeros_init()),
+    rngs=rngs)
+
+
+def _norm(cfg: config_lib.ModelConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
+  return nnx.LayerNorm(
+    cfg.width, epsilon=1e-6, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+    scale_init=_init(("embed",), nnx.initializers.ones_init()),
+    bias_init=_init(("embed",), nnx.initializers.zeros_init()), rngs=rngs)
+
+
+class Mlp(nnx.Module):
+  """Two dense layers with an exact (erf) GELU between them."""
+
+  def __init__(self, cfg: config_lib.ModelConfig, *, rngs: nnx.Rngs):
+    self.fc1 = _dense(cfg.width, cfg.mlp_dim, ("embed", "mlp"), cfg, rngs)
+    self.fc2 = _dense(cfg.mlp_dim, cfg.width, ("mlp", "embed"), cfg, rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+
+
+class Attention(nnx.Module):
+  """Multi-head attention; queries and keys are rotated by U-RoPE when angles are given."""
+
+  def __init__(self, cfg: config_lib.ModelConfig, *, rngs: nnx.Rngs):
+    h, k, d = cfg.num_heads, cfg.head_dim, cfg.width
+
+    def proj(kernel_shape, kernel_names, bias_shape, bias_names, equation):
+      return nnx.Einsum(
+        equation, kernel_shape, bias_shape, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+        kernel_init=_init(kernel_names),
+        bias_init=_init(bias_names, nnx.initializers.zeros_init()), rngs=rngs)
+
+    self.query, self.key, self.value = (
+      proj((d, h, k), ("embed", "heads", "kv"), (h, k), ("heads", "kv"), "bnd,dhk->bnhk")
+      for _ in range(3))
+    self.out = proj((h, k, d), ("heads", "kv", "embed"), (d,), ("embed",), "bnhk,hkd->bnd")
+
+  def __call__(self, queries: jax.Array, tokens: jax.Array, mask: jax.Array,
+               angles: jax.Array | None = None) -> jax.Array:
+    """Attends from `queries [B, Q, D]` to `tokens [B, N, D]`.
+
+    Args:
+      queries: `[B, Q, D]` (the tokens themselves for self-attention).
+      tokens: `[B, N, D]` keys and values.
+      mask: `[B, Q, N]` bool, True where query q may attend to token n.
+      angles: `[B, N, P]` rotary angles for self-attention (Q == N), or None for no rotation.
+    """
+    q, k, v = self.query(queries), self.key(tokens), self.value(tokens)
+    if angles is not None:
+      q, k = rope.apply_rope(q, angles), rope.apply_rope(k, angles)
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])
+    return self.out(out)
+
+
+class Block(nnx.Module):
+  """Pre-LN transformer block: x + attn(LN(x)), then x + mlp(LN(x))."""
+
+  def __init__(self, cfg: config_lib.ModelConfig, *, rngs: nnx.Rngs):
+    self.norm1 = _norm(cfg, rngs)
+    self.attn = Attention(cfg, rngs=rngs)
+    self.norm2 = _norm(cfg, rngs)
+    self.mlp = Mlp(cfg, rngs=rngs)
+
+  def __call__(self, x: jax.Array, angles: jax.Array, mask: jax.Array) -> jax.Array:
+    y = self.norm1(x)
+    x = x + self.attn(y, y, mask, angles)
+    return x + self.mlp(self.norm2(x))
+
+
+class MapHead(nnx.Module):
+  """SigLIP2-style multihead attention pooling: a learned probe attends to the tokens.
+
+  Several queries (all the same probe) with different masks pool several embeddings at once
+  (the clip, its temporal segments, its regions) while keys and values are projected once.
+  """
+
+  def __init__(self, cfg: config_lib.ModelConfig, *, rngs: nnx.Rngs):
+    self.probe = nnx.Param(
+      _init((None, "embed"), nnx.initializers.xavier_uniform())(
+        rngs.params(), (1, cfg.width), cfg.param_dtype))
+    self.attn = Attention(cfg, rngs=rngs)
+    self.norm = _norm(cfg, rngs)
+    self.mlp = Mlp(cfg, rngs=rngs)
+
+  def __call__(self, tokens: jax.Array, mask: jax.Array) -> jax.Array:
+    """Pools `tokens [B, N, D]` under `mask [B, Q, N]` into `[B, Q, D]`."""
+    batch, num_queries = mask.shape[:2]
+    probe = jnp.broadcast_to(self.probe[...].astype(tokens.dtype),
+                             (batch, num_queries, tokens.shape[-1]))
+    x = self.attn(probe, tokens, mask)
+    return x + self.mlp(self.norm(x))
+
+
+def _remat(fn, policy: str):
+  if policy == "none":
+    return fn
+  if policy == "full":
+    return jax.checkpoint(fn)
+  return jax.checkpoint(fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+
+
+class UniViT(nnx.Module):
+  """The encoder. Call with frames `[B, T, H, W, C]`; returns `(embedding [B, D], aux)`."""
+
+  def __init__(self, cfg: config_lib.ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    p, c = cfg.patch_size, cfg.channels
+    self.patch_embed = _dense(p * p * c, cfg.width, ("patch", "embed"), cfg, rngs, use_bias=False)
+    self.norm_pre = _norm(cfg, rngs)
+    if cfg.scan:
+      @nnx.split_rngs(splits=cfg.depth)
+      @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+      def stacked(rngs: nnx.Rngs) -> Block:
+        return Block(cfg, rngs=rngs)
+      self.blocks = stacked(rngs)
+    else:
+      self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.depth)])
+    self.norm_post = _norm(cfg, rngs)
+    self.head = MapHead(cfg, rngs=rngs)
+
+  def _encode(self, x: jax.Array, angles: jax.Array, mask: jax.Array) -> jax.Array:
+    def apply(block: Block, x: jax.Array) -> jax.Array:
+      return block(x, angles, mask)
+
+    if not self.cfg.scan:
+      apply = _remat(apply, self.cfg.remat)
+      for block in self.blocks:
+        x = apply(block, x)
+      return x
+    graphdef, layers = nnx.split(self.blocks)
+
+    def body(x, layer):
+      return apply(nnx.merge(graphdef, layer), x), None
+
+    x, _ = jax.lax.scan(_remat(body, self.cfg.remat), x, layers)
+    return x
+
+  def __call__(
+      self, frames: jax.Array, *, positions: jax.Array | None = None,
+      frame_mask: jax.Array | None = None, segments: tuple[int, ...] = (),
+      boxes: jax.Array | None = None) -> tuple[jax.Array, dict]:
+    """Encodes images or clips.
+
+    Args:
+      frames: `[B, T, H, W, C]`, or `[B, H, W, C]` for images (the same as T = 1). H and W
+        must be multiples of the patch size.
+      positions: `[B, T * gh * gw, 3]` (t, h, w) per token; by default T frames evenly spaced on
+        the virtual time grid and patch row / column indices.
+      frame_mask: `[B, T]` bool, False for padding frames: they are attended by nobody and get
+        the identity rotation. Default: all frames valid.
+      segments: granularities g for which to pool one embedding per ordered temporal segment.
+      boxes: `[B, R, 4]` (ymin, xmin, ymax, xmax) in [0, 1] to pool one embedding per box over
+        the patches (of every frame) whose centre lies inside it.
+
+    Returns:
+      `embedding [B, D]` (float32) and `aux` with `tokens [B, N, D]` (after the final norm),
+      `token_mask [B, N]`, and when asked, `segments {g: [B, g, D]}` with `segment_mask
+      {g: [B, g]}` (False where a segment holds only padding frames) and `regions [B, R, D]`.
+    """
+    if frames.ndim == 4:
+      frames = frames[:, None]
+    b, t, h, w, _ = frames.shape
+    p = self.cfg.patch_size
+    if h % p or w % p:
+      raise ValueError(f"frame size {h}x{w} is not a multiple of the patch size {p}")
+    gh, gw = h // p, w // p
+    if positions is None:
+      positions = np.broadcast_to(
+        rope.grid_positions(rope.frame_times(t, self.cfg.rope.virtual_frames), gh, gw),
+        (b, t * gh * gw, 3))
+    if frame_mask is None:
+      frame_mask = jnp.ones((b, t), bool)
+    token_mask = masks_lib.frames_to_tokens(frame_mask, gh * gw)
+
+    x = einops.rearrange(
+      frames.astype(self.cfg.dtype), "b t (gh ph) (gw pw) c -> b (t gh gw) (ph pw c)",
+      ph=p, pw=p)
+    x = self.norm_pre(self.patch_embed(x))
+    angles = rope.rope_angles(
+      positions, self.cfg.head_dim, self.cfg.rope.mode, self.cfg.rope.base,
+      self.cfg.rope.split, token_mask)
+    x = self._encode(x, angles, token_mask[:, None, :])
+    tokens = self.norm_post(x)
+
+    queries = [token_mask[:, None, :]]
+    for g in segments:
+      seg = masks_lib.frames_to_tokens(
+        jnp.asarray(masks_lib.segment_frame_masks(t, g)), gh * gw)  # [g, N]
+      valid = seg[None] & token_mask[:, None, :]  # [B, g, N]
+      # A segment made only of padding frames still pools its (repeated) frames; the loss
+      # ignores it through segment_mask.
+      queries.append(jnp.where(valid.any(-1, keepdims=True), valid, seg[None]))
+    if boxes is not None:
+      region = jnp.tile(masks_lib.box_patch_masks(boxes, gh, gw), (1, 1, t))  # [B, R, N]
+      queries.append(region & token_mask[:, None, :])
+    pooled = self.head(tokens, jnp.concatenate(queries, axis=1)).astype(jnp.float32)
+
+    aux = {"tokens": tokens, "token_mask": token_mask}
+    offset = 1
+    if segments:
+      aux["segments"], aux["segment_mask"] = {}, {}
+      for g, q in zip(segments, queries[1:1 + len(segments)]):
+        aux["segments"][g] = pooled[:, offset:offset + g]
+        aux["segment_mask"][g] = (q & token_mask[:, None, :]).any(-1)
+        offset += g
+    if boxes is not None:
+      aux["regions"] = pooled[:, offset:]
+    return pooled[:, 0], aux
+
+
+def abstract_encoder(cfg: config_lib.ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
+  """The encoder's graph and its parameter shapes, without allocating any weights."""
+  with nnx.use_eager_sharding(False):
+    model = nnx.eval_shape(lambda: UniViT(cfg, rngs=nnx.Rngs(0)))
+  return nnx.split(model)
+
+
+def init_encoder(cfg: config_lib.ModelConfig, seed: int, shardings=None
+                 ) -> tuple[nnx.GraphDef, nnx.State]:
+  """Creates the encoder's parameters inside jit, born with `shardings` (a tree like the state)."""
+  graphdef, _ = abstract_encoder(cfg)
+
+  def create():
+    with nnx.use_eager_sharding(False):
+      return nnx.split(UniViT(cfg, rngs=nnx.Rngs(seed)))[1]
+
+  return graphdef, jax.jit(create, out_shardings=shardings)()

@@ -1,0 +1,101 @@
+"""The device mesh and the mapping from logical axis names to mesh axes.
+
+Parameters are annotated with logical names (`nnx.with_partitioning`); `config.sharding_rules`
+maps each name to mesh axes (or None). This module is the only place that turns names into
+`PartitionSpec`s, so one rule change re-shards the whole model.
+"""
+
+import logging
+from collections.abc import Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from univit_jax import config_lib
+
+Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
+
+
+def make_mesh(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None
+              ) -> Mesh:
+  """Builds the mesh `config.mesh.axes` x `config.mesh.shape` over `devices` (default: all)."""
+  devices = list(jax.devices() if devices is None else devices)
+  shape = config_lib.mesh_shape(config, len(devices))
+  axes = tuple(config.mesh.axes)
+  return jax.make_mesh(shape, axes, axis_types=(AxisType.Auto,) * len(axes), devices=devices)
+
+
+def logical_to_spec(names: Sequence[str | None], rules: Rules) -> P:
+  """Maps logical axis names to a PartitionSpec; a mesh axis is used at most once.
+
+  Raises:
+    ValueError: naming a logical axis that has no rule.
+  """
+  table = dict(rules)
+  used: set[str] = set()
+  spec = []
+  for name in names:
+    if name is None:
+      spec.append(None)
+      continue
+    if name not in table:
+      raise ValueError(f"logical axis {name!r} has no entry in sharding_rules {sorted(table)}")
+    target = table[name]
+    axes = (target,) if isinstance(target, str) else tuple(target or ())
+    axes = tuple(a for a in axes if a not in used)
+    used.update(axes)
+    spec.append(axes[0] if len(axes) == 1 else (axes or None))
+  return P(*spec)
+
+
+def _fit(spec: P, shape: tuple[int, ...], mesh: Mesh, where: str) -> P:
+  """Drops mesh axes from dimensions they do not divide (those dimensions are replicated)."""
+  fitted = []
+  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    group = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    size = int(np.prod([mesh.shape[a] for a in group])) if group else 1
+    if dim % size:
+      logging.info("%s: dim %d not divisible by mesh axes %s; replicated", where, dim, group)
+      axes = None
+    fitted.append(axes)
+  return P(*fitted)
+
+
+def _names_of(variable) -> tuple[str | None, ...] | None:
+  return variable.get_metadata().get("out_sharding") if isinstance(variable, nnx.Variable) else None
+
+
+def tree_shardings(abstract_tree, mesh: Mesh, rules: Rules):
+  """NamedShardings for an (abstract) nnx.State: annotated Variables follow their logical names,
+  everything else is replicated. The result has the structure of `abstract_tree`."""
+  def one(path, leaf):
+    where = jax.tree_util.keystr(path)
+    names = _names_of(leaf)
+    shape = tuple(leaf.shape)
+    if not names:
+      spec = P()
+    else:
+      spec = _fit(logical_to_spec(names, rules), shape, mesh, where)
+    return NamedSharding(mesh, spec)
+
+  return jax.tree_util.tree_map_with_path(
+    one, abstract_tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh: Mesh, rules: Rules, ndim: int = 1) -> NamedSharding:
+  """Sharding of an array whose leading axis is the batch."""
+  return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules))
+
+
+def batch_shards(mesh: Mesh, rules: Rules) -> int:
+  """How many ways the batch axis is split: global batches must be multiples of this."""
+  spec = logical_to_spec(("batch",), rules)[0]
+  group = (spec,) if isinstance(spec, str) else tuple(spec or ())
+  return int(np.prod([mesh.shape[a] for a in group])) if group else 1
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
