@@ -1,6 +1,7 @@
 """The demo dataset: determinism, disjoint splits, and labels that agree with the pixels."""
 
 import itertools
+import pickle
 
 import grain
 import numpy as np
@@ -215,8 +216,12 @@ def test_same_ordered_actions_give_the_same_label(clips):
   assert len({next(iter(v)) for v in by_actions.values()}) == len(by_actions) > 10
 
 
-def test_grain_batches_records():
+def test_grain_batches_records_and_sources_pickle():
   sources = demo.demo_splits("events", {"train": 8, "val": 4}, image_size=16, num_frames=4)
   assert len(sources["train"]) == 8 and sources["val"].split == "val"
   batch = next(iter(grain.MapDataset.source(sources["train"]).batch(4)))
   assert batch["frames"].shape == (4, 4, 16, 16, 3) and batch["event_frames"].shape == (4, 4, 2)
+  np.testing.assert_array_equal(batch["frames"][2], sources["train"][2]["frames"])
+  # Grain's worker processes receive the source pickled.
+  copy = pickle.loads(pickle.dumps(sources["val"]))
+  np.testing.assert_array_equal(copy[3]["masks"], sources["val"][3]["masks"])
