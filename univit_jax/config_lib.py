@@ -216,6 +216,7 @@ def default_config(variant: str) -> ml_collections.ConfigDict:
   # buckets it feeds (default: (1,) for images, every bucket for videos).
   c.data.sources = ml_collections.ConfigDict()
   c.data.worker_count = 0  # grain worker processes per host (the same on every host)
+  c.data.read_threads = 2  # decoding threads per bucket, in each worker
   c.data.worker_buffer_size = 2  # batches each worker keeps ready
   c.data.shuffle_seed = 0
   c.data.max_boxes = 4  # boxes kept per example when a source has boxes (padded / truncated)

@@ -52,6 +52,8 @@ class DataConfig:
     frame_stride: frame step of "random_window".
     max_boxes: boxes kept per example when a source has boxes.
     worker_count: grain worker processes per host (0: decode in the main process).
+    read_threads: threads decoding records of each bucket, per worker (or in the main process);
+      each bucket reads ahead one batch, so memory stays bounded by about one batch per bucket.
     worker_buffer_size: batches each worker keeps ready.
     shuffle_seed: seed of shuffling and augmentation.
     max_bad_fraction: stop once more than this fraction of attempted records were unreadable.
@@ -69,6 +71,7 @@ class DataConfig:
   frame_stride: int = 2
   max_boxes: int = 4
   worker_count: int = 0
+  read_threads: int = 2
   worker_buffer_size: int = 2
   shuffle_seed: int = 0
   max_bad_fraction: float = 0.05
@@ -88,8 +91,9 @@ class DataConfig:
                        f"model.patch_size={self.patch_size}")
     if not 0 <= self.max_bad_fraction <= 1:
       raise ValueError(f"data.max_bad_fraction={self.max_bad_fraction} must be in [0, 1]")
-    if self.worker_count < 0:
-      raise ValueError(f"data.worker_count={self.worker_count} must be >= 0")
+    if self.worker_count < 0 or self.read_threads < 1:
+      raise ValueError(f"data.worker_count={self.worker_count} must be >= 0 and "
+                       f"data.read_threads={self.read_threads} >= 1")
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> "DataConfig":
@@ -110,7 +114,8 @@ class DataConfig:
         crop_ratio=tuple(d.crop_ratio), flip=d.flip, color_jitter=d.color_jitter,
         mean=tuple(d.mean), std=tuple(d.std)),
       frame_sampling=d.frame_sampling, frame_stride=d.frame_stride, max_boxes=d.max_boxes,
-      worker_count=d.worker_count, worker_buffer_size=d.worker_buffer_size,
+      worker_count=d.worker_count, read_threads=d.read_threads,
+      worker_buffer_size=d.worker_buffer_size,
       shuffle_seed=d.shuffle_seed, max_bad_fraction=d.max_bad_fraction,
       bad_check_after=d.bad_check_after)
 
@@ -141,6 +146,11 @@ def _process(process_index: int | None, process_count: int | None) -> tuple[int,
 
 def _seed(*parts: int) -> int:
   return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+def _read_options(cfg: DataConfig, batch_size: int) -> grain.ReadOptions:
+  # grain's default reads 500 records ahead per stream: with 16-frame clips that is gigabytes.
+  return grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=batch_size)
 
 
 class _Layout:
@@ -242,13 +252,13 @@ def build_train_dataset(
     loader = streams.ExampleLoader(layout.sources, streams.ExampleConfig(
       num_frames=t, transform=cfg.transform, sampling=cfg.frame_sampling,
       stride=cfg.frame_stride, max_boxes=layout.max_boxes))
-    key = f"frames_{t}"
+    key, local = f"frames_{t}", sizes[t] // count
     buckets[key] = (
       records.shuffle(seed=_seed(cfg.shuffle_seed, t))
       .repeat()
       .random_map(loader, seed=_seed(cfg.shuffle_seed, t, index))
-      .to_iter_dataset()
-      .batch(sizes[t] // count, drop_remainder=True, batch_fn=streams.BatchBuilder(
+      .to_iter_dataset(_read_options(cfg, local))
+      .batch(local, drop_remainder=True, batch_fn=streams.BatchBuilder(
         t, cfg.image_size, cfg.patch_size, cfg.virtual_frames)))
     weights[key] = float(weight)
   ds = grain.IterDataset.mix(buckets, weights)
@@ -309,7 +319,8 @@ def build_eval_dataset(
   loader = streams.ExampleLoader(layout.sources, streams.ExampleConfig(
     num_frames=num_frames, transform=dataclasses.replace(cfg.transform, augment=False),
     sampling=cfg.frame_sampling, stride=cfg.frame_stride, max_boxes=layout.max_boxes))
-  ds = (grain.MapDataset.source(items).map(_EvalLoader(loader)).to_iter_dataset()
+  ds = (grain.MapDataset.source(items).map(_EvalLoader(loader))
+        .to_iter_dataset(_read_options(cfg, local))
         .batch(local, batch_fn=streams.BatchBuilder(
           num_frames, cfg.image_size, cfg.patch_size, cfg.virtual_frames)))
   if cfg.worker_count:
