@@ -95,3 +95,12 @@ def test_video_folder_pipeline_skips_and_counts_bad_files(tmp_path, caplog):
   assert "cut.mp4" in caplog.text and "junk.mp4" in caplog.text
   four = [b for b in batches if b["frames"].shape[1] == 4]
   assert four and all(b["frames"].shape == (4, 4, 16, 16, 3) for b in four)
+
+
+def test_window_late_in_a_longer_clip_is_sought(tmp_path):
+  path = _encode(tmp_path / "long.mp4", 30)
+  frames, mask = video.read_clip(path, 4, "random_window", 1, None, start=2.0, end=2.8)
+  # Frames 20..27; the centred 4-frame window is 22..25.
+  assert _frame_ids(frames) == [22, 23, 24, 25] and mask.all()
+  frames, _ = video.read_clip(path, 3, "uniform", 1, None, start=2.5)
+  assert _frame_ids(frames) == [25, 27, 29]

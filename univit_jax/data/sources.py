@@ -275,7 +275,9 @@ class TfdsSource:
   def __getitem__(self, index: int) -> dict[str, Any]:
     example = self._ds[index]
     image = np.asarray(_lookup(example, self._image_key, self._where))
-    label = self._label_key and _lookup(example, self._label_key, self._where, None)
+    label = None
+    if self._label_key:
+      label = _lookup(example, self._label_key, self._where, None)
     record = dict(frames=image[None], label=-1 if label is None else int(label))
     if self._boxes_key:
       boxes = np.asarray(_lookup(example, self._boxes_key, self._where), np.float32)

@@ -52,14 +52,36 @@ def sample_indices(
   return (start + stride * np.arange(num_frames)).astype(np.int64), mask
 
 
+def _indexed_frames(container: av.container.InputContainer, stream: av.VideoStream, first: int,
+                    fps: float):
+  """Yields (frame index, frame) in presentation order, starting at or before frame `first`.
+
+  For `first > 0` it seeks to the keyframe before it and indexes frames by timestamp (constant
+  frame rate assumed); otherwise it decodes from the start and counts.
+
+  Raises:
+    ValueError: after a seek, a frame without timestamp.
+  """
+  if first <= 0:
+    yield from enumerate(container.decode(stream))
+    return
+  offset = stream.start_time or 0
+  container.seek(offset + int(first / fps / stream.time_base), stream=stream)
+  origin = float(offset * stream.time_base)
+  for frame in container.decode(stream):
+    if frame.pts is None:
+      raise ValueError("frames carry no timestamps, so start cannot be sought")
+    yield int(round((float(frame.pts * stream.time_base) - origin) * fps)), frame
+
+
 def read_clip(
     path: str, num_frames: int, sampling: str, stride: int, rng: np.random.Generator | None,
     start: float | None = None, end: float | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Decodes T sampled frames of the first video stream of a file.
 
-  Frames are decoded in order up to the last one needed (no seeking), so reading the end of a
-  long video costs its whole decode; clips are expected to be short or cut with start / end.
-  When the container does not state its frame count, the window is decoded whole first.
+  Decoding starts at the keyframe before `start` and stops at the last frame needed, so the cost
+  is about the length of the window, not of the video. When the container does not state its
+  frame count, the window is decoded whole and then sampled.
 
   Args:
     path: the video file.
@@ -87,9 +109,10 @@ def read_clip(
     first = int(round(start * fps)) if start is not None else 0
     stop = int(round(end * fps)) if end is not None else None
     total = stream.frames
+    frames = _indexed_frames(container, stream, first, fps)
     if total <= 0:
       window = []
-      for i, frame in enumerate(container.decode(stream)):
+      for i, frame in frames:
         if stop is not None and i >= stop:
           break
         if i >= first:
@@ -103,16 +126,18 @@ def read_clip(
       raise ValueError(f"no frame in the window [{start}, {end}] s of a {total}-frame video")
     indices, mask = sample_indices(stop - first, num_frames, sampling, stride, rng)
     indices = indices + first
-    wanted = set(indices.tolist())
-    last = int(indices.max())
-    kept = {}
-    decoded = 0
-    for i, frame in enumerate(container.decode(stream)):
-      decoded = i + 1
-      if i in wanted:
-        kept[i] = frame.to_ndarray(format="rgb24")
-      if i >= last:
-        break
-    if last not in kept:
-      raise ValueError(f"video ended after {decoded} frames; its header says {total}")
+    # Each wanted index takes the first frame at or after it (robust to timestamp rounding).
+    targets = sorted(set(indices.tolist()))
+    kept, pending, reached = {}, 0, -1
+    for i, frame in frames:
+      reached = i
+      if i >= targets[pending]:
+        array = frame.to_ndarray(format="rgb24")
+        while pending < len(targets) and i >= targets[pending]:
+          kept[targets[pending]] = array
+          pending += 1
+        if pending == len(targets):
+          break
+    if pending < len(targets):
+      raise ValueError(f"video ended at frame {reached}; its header says {total} frames")
     return np.stack([kept[i] for i in indices.tolist()]), mask
