@@ -162,9 +162,12 @@ def test_demo_source_wiring():
     "events", dict(type="demo", kind="events", split="val", num_examples=4, num_frames=8))
   source = sources.build_source(spec)
   assert len(source) == 4 and source[0]["frames"].shape[0] == 8
-  cfg = _config(sources=(spec,), image_size=32, patch_size=8, tokens_per_batch=64 * 4)
+  cfg = _config(sources=(spec,), image_size=32, patch_size=8, tokens_per_batch=16 * 16,
+                transform=transforms.TransformConfig(32))
   batch = next(iter(pipeline.build_train_dataset(cfg, process_index=0, process_count=1)))
-  assert batch["frames"].shape[2:] == (32, 32, 3)
+  t = batch["frames"].shape[1]
+  assert batch["frames"].shape == (16 // t, t, 32, 32, 3)
+  assert batch["boxes"].shape == (16 // t, 4, 4)
 
 
 def test_resume_with_worker_processes():
