@@ -217,4 +217,11 @@ def default_config(variant: str) -> ml_collections.ConfigDict:
 
   c.optim = ml_collections.ConfigDict(dict(
     lr=1e-3, weight_decay=0.2, b1=0.9, b2=0.999, eps=1e-8, grad_clip_norm=1.0))
+
+  # Offline clustering (--mode=cluster), see univit_jax/clustering/labels.py. One bank per
+  # granularity: image regions ("object") and clips cut into 1, 2, 4, 8 ordered segments.
+  c.cluster = ml_collections.ConfigDict(dict(
+    num_clusters=dict(object=1_000_000, event_1=100_000, event_2=100_000, event_4=100_000,
+                      event_8=100_000),
+    iterations=20, top_k=10, init="kmeans++", backend="auto", seed=0))
   return c
