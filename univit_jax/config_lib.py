@@ -285,6 +285,13 @@ def default_config(variant: str) -> ml_collections.ConfigDict:
     # Curriculum, coarse to fine: (training progress from which it applies, active event
     # granularities).
     event_schedule=((0.0, (1,)), (0.25, (1, 2)), (0.5, (1, 2, 4)), (0.75, (1, 2, 4, 8)))))
+
+  # Offline clustering (--mode=cluster), see univit_jax/clustering/labels.py. One bank per
+  # granularity: image regions ("object") and clips cut into 1, 2, 4, 8 ordered segments.
+  c.cluster = ml_collections.ConfigDict(dict(
+    num_clusters=dict(object=1_000_000, event_1=100_000, event_2=100_000, event_4=100_000,
+                      event_8=100_000),
+    iterations=20, top_k=10, init="kmeans++", backend="auto", seed=0))
   return c
 
 
