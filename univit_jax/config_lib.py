@@ -271,8 +271,22 @@ def default_config(variant: str) -> ml_collections.ConfigDict:
 
   c.optim = ml_collections.ConfigDict(dict(
     lr=1e-3, weight_decay=0.2, b1=0.9, b2=0.999, eps=1e-8, grad_clip_norm=1.0,
-    schedule="cosine", warmup_steps=1000, end_lr_fraction=0.0))
+    schedule="cosine", warmup_steps=1000, end_lr_fraction=0.0,
+    # The class-centre banks (partial FC) get their own lr multiplier and weight decay, as in
+    # OneVision-Encoder; centres are compared by cosine, so decay only changes their step size.
+    bank_lr_scale=1.0, bank_weight_decay=0.0))
   c.total_steps = 100_000
+  # The `train` mode (univit_jax/train/): logging, checkpoints and safety checks.
+  c.train = ml_collections.ConfigDict(dict(
+    log_every=50,  # steps between metrics.jsonl / TensorBoard records
+    checkpoint_every=1000,  # steps between Orbax checkpoints (and one at the end)
+    keep_checkpoints=3,  # newest checkpoints kept
+    collapse_threshold=0.9,  # warn when the mean pairwise cosine of embeddings exceeds this
+    clusters_workdir="",  # where clusters/<bank>/ are read; "" = the run's workdir
+    compilation_cache_dir="",  # persistent XLA cache; "" = <workdir>/jax_cache, "none" = off
+    progress_bar=True,  # tqdm bar with ETA on the terminal
+    debug_nan_step=-1,  # testing aid: make the contrastive term NaN at this step (-1 = off)
+    debug_step_sleep=0.0))  # testing aid: seconds to sleep after each step
   c.summary = ml_collections.ConfigDict(dict(compile=True))
 
   # Cluster discrimination (MLCD Eq. 5 with RICE's scale and margin, or the OneVision-Encoder

@@ -23,7 +23,18 @@ def _summary(config, workdir):
   summary.run(config, workdir)
 
 
-MODES = {"summary": _summary}
+def _train(config, workdir):
+  from univit_jax import train
+  try:
+    result = train.run_train(config, workdir)
+  except (train.LabelError, train.CheckpointMismatchError, train.NonFiniteError) as e:
+    print(f"Training stopped: {e}", file=sys.stderr)
+    sys.exit(1)
+  how = "stopped by SIGTERM (checkpoint saved)" if result.preempted else "finished"
+  print(f"Training {how} at step {result.step}; cluster labels {result.label_versions}")
+
+
+MODES = {"summary": _summary, "train": _train}
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -1,0 +1,215 @@
+"""Training tests: labels on batches, the sharded state, and real runs in subprocesses.
+
+The runs (`tests/train_worker.py`) use one CPU device, low XLA optimisation and a persistent
+compilation cache shared by the whole module, so only the first run compiles.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import helpers
+import train_fixtures
+from univit_jax import config_lib, sharding
+from univit_jax.train import labels as labels_lib
+from univit_jax.train import state as state_lib
+
+WORKER = os.path.join(helpers.ROOT, "tests", "train_worker.py")
+ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=(
+  "--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0 "
+  "--xla_llvm_disable_expensive_passes=true"))
+TIMEOUT = 300
+
+
+def _start(cache: str, phases: list[dict]) -> subprocess.Popen:
+  return subprocess.Popen([sys.executable, WORKER, cache, json.dumps(phases)], cwd=helpers.ROOT,
+                          env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(proc: subprocess.Popen) -> list[dict]:
+  out, err = proc.communicate(timeout=TIMEOUT)
+  assert proc.returncode == 0, f"worker failed ({proc.returncode}):\n{err[-4000:]}"
+  return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
+def _params(workdir: str, phase: int) -> dict[str, np.ndarray]:
+  with np.load(os.path.join(workdir, f"params_{phase}.npz")) as f:
+    return dict(f)
+
+
+def _data_state(workdir: str, phase: int) -> dict:
+  with open(os.path.join(workdir, f"data_{phase}.json")) as f:
+    return json.load(f)
+
+
+def _wait_until(condition, proc: subprocess.Popen, what: str) -> None:
+  deadline = time.monotonic() + TIMEOUT
+  while not condition():
+    if proc.poll() is not None:
+      raise AssertionError(f"worker exited ({proc.returncode}) before {what}:\n"
+                           f"{proc.stderr.read()[-4000:]}")
+    assert time.monotonic() < deadline, f"timed out waiting for {what}"
+    time.sleep(0.05)
+
+
+def _logged_steps(workdir: str) -> list[int]:
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line)["step"] for line in f if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> str:
+  return str(tmp_path_factory.mktemp("jax_cache"))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, cache):
+  """One worker process, several phases in their own workdirs:
+  train: 0 steps (initial params), 12 steps (weight decay off), then a rerun with other
+  cluster-label versions; nan: NaN at step 3, then a resume to step 4; reference: 6 steps."""
+  dirs = {name: str(tmp_path_factory.mktemp(name)) for name in ("train", "nan", "reference")}
+  for workdir in dirs.values():
+    train_fixtures.write_clusters(workdir)
+  no_decay = dict(weight_decay=0.0)
+  phases = [
+    dict(workdir=dirs["train"], total_steps=0, optim=no_decay),
+    dict(workdir=dirs["train"], total_steps=12, optim=no_decay),
+    dict(workdir=dirs["train"], total_steps=14, optim=no_decay, clusters_version="v2"),
+    dict(workdir=dirs["nan"], total_steps=6, train=dict(debug_nan_step=3)),
+    dict(workdir=dirs["nan"], total_steps=4),
+    dict(workdir=dirs["reference"], total_steps=6),
+  ]
+  return dirs, _finish(_start(cache, phases))
+
+
+def test_label_attacher_looks_up_rows_by_id_and_sub():
+  bank = lambda name, ids, labels: labels_lib.BankLabels(  # noqa: E731
+    name=name, centroids=np.zeros((9, 4), np.float32),
+    keys=np.array([i * labels_lib._SUB_SPAN + s + 1 for i, s in ids], np.int64),
+    labels=np.array(labels, np.int32), version="x")
+  banks = dict(
+    object=bank("object", [(1, -1), (1, 0), (2, -1)], [[5, 6], [7, 8], [3, 4]]),
+    event_1=bank("event_1", [(0, 0)], [[1, 2]]),
+    event_2=bank("event_2", [(0, 0), (0, 1)], [[3, 1], [4, 2]]))
+  batch = dict(id=np.array([0, 1, 9]), frames=np.zeros((3, 2, 8, 8, 3)),
+               boxes=np.zeros((3, 2, 4)), box_mask=np.array([[1, 1], [1, 1], [1, 0]], bool))
+  out = labels_lib.LabelAttacher(banks)(batch)
+  np.testing.assert_array_equal(out["labels_global"], [[1, 2], [5, 6], [-1, -1]])
+  np.testing.assert_array_equal(out["global_bank"], [1, 0, -1])
+  np.testing.assert_array_equal(out["labels_segments_2"][0], [[3, 1], [4, 2]])
+  np.testing.assert_array_equal(out["segments_valid_2"], [[1, 1], [0, 0], [0, 0]])
+  np.testing.assert_array_equal(out["labels_regions"][1], [[7, 8], [-1, -1]])
+  np.testing.assert_array_equal(out["regions_valid"], [[0, 0], [1, 0], [0, 0]])
+  shapes = labels_lib.label_shapes(banks, 2, 3, 2)
+  assert {k: v[0] for k, v in shapes.items()} == {
+    k: out[k].shape for k in shapes}
+
+
+def test_missing_cluster_outputs_name_the_bank(tmp_path):
+  with pytest.raises(labels_lib.LabelError, match="bank 'event_4'.*clusters/event_4"):
+    labels_lib.load_banks(str(tmp_path), ("event_4",))
+
+
+def test_state_is_born_sharded_with_banks_from_centroids():
+  config = train_fixtures.tiny_config()
+  config.mesh.shape = (2, 2, 2)
+  cfg = config_lib.model_config(config)
+  centroids = {name: np.random.default_rng(0).normal(size=(8, cfg.width)).astype(np.float32)
+               for name in ("object", "event_1")}
+  config.optim.bank_lr_scale = 10.0
+  tx = state_lib.make_optimizer(config.optim, 10)
+  mesh = sharding.make_mesh(config)
+  _, abstract = state_lib.abstract_model(cfg, {n: 8 for n in centroids})
+  shardings = state_lib.state_shardings(abstract, tx, mesh, config.sharding_rules)
+  state = state_lib.create_state(cfg, centroids, tx, shardings, seed=0)
+  centres = state.params["heads"]["banks"]["object"]["centres"][...]
+  np.testing.assert_array_equal(np.asarray(centres), centroids["object"])
+  assert centres.sharding.spec == P(("fsdp", "model"), None)
+  moments = [x for x in jax.tree.leaves(state.opt_state) if x.shape == centres.shape]
+  assert moments and all(m.sharding.spec == centres.sharding.spec for m in moments)
+  # Adam's first step moves every parameter by about lr; banks by lr * bank_lr_scale.
+  grads = jax.tree.map(np.ones_like, state.params)
+  updates, _ = tx.update(grads, state.opt_state, state.params)
+  bank_step = np.abs(np.asarray(updates["heads"]["banks"]["object"]["centres"][...])).max()
+  bias_step = np.abs(np.asarray(updates["encoder"]["norm_post"]["bias"][...])).max()
+  np.testing.assert_allclose(bank_step / bias_step, 10.0, rtol=1e-3)
+
+
+def test_training_lowers_discrimination_loss_and_reaches_every_parameter(runs):
+  dirs, reports = runs
+  assert reports[1]["step"] == 12 and reports[1]["error"] is None
+  records = [json.loads(line) for line in open(os.path.join(dirs["train"], "metrics.jsonl"))]
+  assert [r["step"] for r in records] == list(range(1, 13))
+  first = np.mean([r["event_1/loss"] for r in records[:2]])
+  last = np.mean([r["event_1/loss"] for r in records[-2:]])
+  assert last < 0.9 * first, (first, last)
+  for key in ("object/loss", "object_region/loss", "event_2/loss", "contrastive/loss",
+              "grad_norm", "param_norm", "update_norm", "embedding_cosine", "samples_per_s",
+              "tokens_per_s", "step_time_s", "learning_rate"):
+    assert key in records[0] or key in records[1], key
+  before, after = _params(dirs["train"], 0), _params(dirs["train"], 1)
+  assert before.keys() == after.keys() and len(before) > 20
+  # Weight decay is off, so a leaf moves only if its gradient was non-zero at some step.
+  unchanged = [k for k in before if np.array_equal(before[k], after[k])]
+  assert not unchanged, f"no gradient reached {unchanged}"
+  assert os.path.getsize(os.path.join(dirs["train"], "training.png")) > 1000
+  assert os.listdir(os.path.join(dirs["train"], "tensorboard"))
+
+
+def test_checkpoint_of_other_cluster_labels_is_refused(runs):
+  _, reports = runs
+  assert reports[2]["error_type"] == "CheckpointMismatchError"
+  assert "cluster-label versions" in reports[2]["error"]
+  assert "'v1'" in reports[2]["error"] and "'v2'" in reports[2]["error"]
+
+
+def test_nan_stops_the_run_naming_step_and_term_and_keeps_last_checkpoint(runs):
+  dirs, reports = runs
+  assert reports[3]["error_type"] == "NonFiniteError"
+  assert "['contrastive'] at step 3" in reports[3]["error"]
+  assert "last good checkpoint is step 2" in reports[3]["error"]
+  assert reports[3]["checkpoints"] == ["2"]
+  assert reports[4]["step"] == 4 and reports[4]["error"] is None  # resumed from step 2
+
+
+def test_sigkill_then_sigterm_then_resume_matches_uninterrupted_run(runs, cache, tmp_path):
+  dirs, reports = runs
+  assert reports[5]["step"] == 6
+  workdir = str(tmp_path)
+  train_fixtures.write_clusters(workdir)
+  slow = dict(debug_step_sleep=1.0)
+  checkpoints = os.path.join(workdir, "checkpoints")
+
+  proc = _start(cache, [dict(workdir=workdir, total_steps=6, train=slow)])
+  _wait_until(lambda: os.path.isdir(os.path.join(checkpoints, "2")), proc, "checkpoint 2")
+  proc.send_signal(signal.SIGKILL)
+  proc.communicate(timeout=TIMEOUT)
+  assert proc.returncode == -signal.SIGKILL
+  assert not os.path.isdir(os.path.join(checkpoints, "6"))
+
+  os.remove(os.path.join(workdir, "metrics.jsonl"))
+  proc = _start(cache, [dict(workdir=workdir, total_steps=6, train=slow)])
+  _wait_until(lambda: 3 in _logged_steps(workdir), proc, "step 3")
+  proc.send_signal(signal.SIGTERM)
+  (report,) = _finish(proc)
+  assert report["preempted"] and report["step"] in (3, 4)
+  assert os.path.isdir(os.path.join(checkpoints, str(report["step"])))
+
+  (report,) = _finish(_start(cache, [dict(workdir=workdir, total_steps=6)]))
+  assert report["step"] == 6 and not report["preempted"]
+  reference, resumed = _params(dirs["reference"], 5), _params(workdir, 0)
+  assert reference.keys() == resumed.keys()
+  for key in reference:
+    np.testing.assert_array_equal(resumed[key], reference[key], err_msg=key)
+  assert _data_state(workdir, 0) == _data_state(dirs["reference"], 5)

@@ -1,0 +1,84 @@
+"""A tiny training setup for the train tests: a small demo config and synthetic cluster outputs.
+
+The cluster outputs follow the cluster stage's format (`univit_jax/clustering/labels.py`):
+`clusters/<bank>/{centroids.npy, labels.npy, ids.npy, stats.json}` with a version id. Labels are
+derived from the demo records' ground truth, so a short run can learn them.
+"""
+
+import os
+
+import numpy as np
+
+from univit_jax.clustering import atomic
+from univit_jax.data import demo
+
+import helpers
+
+NUM_EVENTS, NUM_OBJECTS, TOP_K = 16, 32, 3
+BANK_SIZES = dict(object=10, event_1=8, event_2=8)
+
+
+def tiny_config(**train_overrides):
+  """The demo config shrunk: 1- and 2-frame buckets of 16 and 8 examples, 48 records."""
+  c = helpers.load_config("demo")
+  c.data.sources = dict(
+    events=dict(type="demo", kind="events", split="train", num_examples=NUM_EVENTS,
+                num_frames=4),
+    objects=dict(type="demo", kind="objects", split="train", num_examples=NUM_OBJECTS,
+                 frames=(1,)))
+  c.data.frames = (1, 2)
+  c.data.bucket_weights = (1, 1)
+  c.data.tokens_per_batch = 256
+  c.data.augment = False
+  c.data.read_threads = 1
+  c.optim.warmup_steps = 0
+  c.optim.schedule = "constant"
+  c.optim.lr = 2e-3
+  c.total_steps = 6
+  c.loss.bank_weights = dict(object=1.0, event_1=1.0, event_2=1.0)
+  c.loss.event_schedule = ((0.0, (1, 2)),)
+  c.train.log_every = 1
+  c.train.checkpoint_every = 2
+  c.train.progress_bar = False
+  for key, value in train_overrides.items():
+    c.train[key] = value
+  return c
+
+
+def _top_k(first: int, num_classes: int) -> list[int]:
+  return [(first + j) % num_classes for j in range(TOP_K)]
+
+
+def write_clusters(workdir: str, version: str = "v1", width: int = 64, seed: int = 0) -> None:
+  """Writes object / event_1 / event_2 cluster outputs for the sources of `tiny_config`.
+
+  Ids follow the pipeline: sources in name order, so events are ids 0..15, objects 16..47.
+  """
+  rng = np.random.default_rng(seed)
+  events = demo.DemoSource("events", "train", num_examples=NUM_EVENTS, num_frames=4)
+  objects = demo.DemoSource("objects", "train", num_examples=NUM_OBJECTS)
+  rows = {bank: ([], []) for bank in BANK_SIZES}
+  for i in range(NUM_EVENTS):
+    label = int(events[i]["label"])
+    rows["event_1"][0].append((i, 0))
+    rows["event_1"][1].append(_top_k(label, BANK_SIZES["event_1"]))
+    for s in range(2):
+      rows["event_2"][0].append((i, s))
+      rows["event_2"][1].append(_top_k(label + 3 * s, BANK_SIZES["event_2"]))
+  for i in range(NUM_OBJECTS):
+    record = objects[i]
+    classes = [int(c) for c, m in zip(record["box_labels"], record["box_mask"]) if m]
+    rows["object"][0].append((NUM_EVENTS + i, -1))
+    rows["object"][1].append(_top_k(classes[0], BANK_SIZES["object"]))
+    for r, c in enumerate(record["box_labels"]):
+      if record["box_mask"][r]:
+        rows["object"][0].append((NUM_EVENTS + i, r))
+        rows["object"][1].append(_top_k(int(c), BANK_SIZES["object"]))
+  for bank, (ids, labels) in rows.items():
+    out = os.path.join(workdir, "clusters", bank)
+    centroids = rng.normal(size=(BANK_SIZES[bank], width)).astype(np.float32)
+    centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
+    atomic.save_npy(os.path.join(out, "centroids.npy"), centroids)
+    atomic.save_npy(os.path.join(out, "labels.npy"), np.asarray(labels, np.int32))
+    atomic.save_npy(os.path.join(out, "ids.npy"), np.asarray(ids, np.int64))
+    atomic.write_json(os.path.join(out, "stats.json"), dict(bank=bank, version=version))

@@ -1,0 +1,89 @@
+"""Training records: `metrics.jsonl`, TensorBoard events (tensorboardX) and `training.png`.
+
+Only process 0 writes. `metrics.jsonl` has one JSON object per logged step; after a resume the
+records past the restored step (written by the interrupted run) are dropped first, so the file
+describes exactly one history.
+"""
+
+import json
+import os
+from collections.abc import Mapping
+
+import jax
+
+from univit_jax import atomic
+
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "training.png"
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """The records of `workdir/metrics.jsonl` (an empty list when there is none)."""
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+class MetricsLogger:
+  """Appends metrics records to `metrics.jsonl` and TensorBoard scalars to `workdir/tensorboard`.
+
+  Args:
+    workdir: the run's directory.
+    resume_step: the step training resumes from; later records are removed.
+  """
+
+  def __init__(self, workdir: str, resume_step: int):
+    self._enabled = jax.process_index() == 0
+    self._path = os.path.join(workdir, METRICS_FILE)
+    self._writer = None
+    if not self._enabled:
+      return
+    kept = [r for r in read_metrics(workdir) if r["step"] <= resume_step]
+    with atomic.open_atomic(self._path) as f:
+      f.writelines(json.dumps(r) + "\n" for r in kept)
+    from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+    self._writer = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1)
+
+  def write(self, step: int, metrics: Mapping[str, float]) -> None:
+    if not self._enabled:
+      return
+    record = dict(step=int(step), **{k: float(v) for k, v in metrics.items()})
+    with open(self._path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    for name, value in metrics.items():
+      self._writer.add_scalar(name, float(value), int(step))
+    self._writer.flush()
+
+  def close(self) -> None:
+    if self._writer is not None:
+      self._writer.close()
+
+
+def plot_losses(workdir: str) -> str | None:
+  """Draws every `*/loss` term and the total loss against the step into `workdir/training.png`.
+
+  Returns the path, or None when there is nothing to draw (or on processes other than 0).
+  """
+  records = read_metrics(workdir)
+  if jax.process_index() or not records:
+    return None
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=import-outside-toplevel
+  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
+  names = sorted({k for r in records for k in r if k == "loss" or k.endswith("/loss")})
+  figure = Figure(figsize=(8, 5))
+  FigureCanvasAgg(figure)
+  ax = figure.add_subplot()
+  for name in names:
+    points = [(r["step"], r[name]) for r in records if name in r]
+    ax.plot(*zip(*points), label=name, linewidth=2.0 if name == "loss" else 1.0)
+  ax.set_xlabel("step")
+  ax.set_ylabel("loss")
+  ax.set_title("UniViT training losses")
+  ax.legend(fontsize="small")
+  ax.grid(alpha=0.3)
+  path = os.path.join(workdir, PLOT_FILE)
+  with atomic.open_atomic(path, "wb") as f:
+    figure.savefig(f, format="png", dpi=100)
+  return path

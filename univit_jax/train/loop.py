@@ -1,0 +1,312 @@
+"""The `train` mode: the preemption-safe training loop.
+
+  python -m univit_jax.main --config=configs/demo.py --workdir=DIR --mode=train
+
+Reads `clusters/<bank>/` (under `config.train.clusters_workdir`, default DIR) for every bank with
+a positive `config.loss.bank_weights` entry, and writes under DIR:
+  checkpoints/<step>/   Orbax: train state + data-iterator position (async, newest N kept)
+  train_run.json        what the checkpoints belong to: model shape, bank sizes, label versions
+  metrics.jsonl         one record per `log_every` steps; tensorboard/ the same as events
+  training.png          the loss terms against the step (at the end of the run)
+  jax_cache/            the persistent compilation cache (unless configured elsewhere)
+
+Safety: the run resumes from the newest checkpoint (bit-exact on CPU: same state, same batches,
+same per-step randomness); it refuses a checkpoint made for other cluster labels or another model
+or bank shape; SIGTERM saves the current step and returns; SIGKILL loses the steps since the last
+save; a non-finite loss or gradient raises `NonFiniteError` naming the step and term, without
+saving (the step itself leaves the state untouched).
+"""
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+
+from univit_jax import atomic, checkpointing, config_lib, optim, sharding
+from univit_jax.data import pipeline, streams
+from univit_jax.train import labels as labels_lib
+from univit_jax.train import logs
+from univit_jax.train import state as state_lib
+from univit_jax.train import step as step_lib
+
+RUN_FILE = "train_run.json"
+_STEP_INPUTS = ("frames", "positions", "frame_mask", "boxes")
+
+
+class NonFiniteError(RuntimeError):
+  """A step produced a non-finite loss or gradient; the message names the step and term."""
+
+
+class CheckpointMismatchError(ValueError):
+  """The checkpoints in the workdir belong to another model, bank layout or label version."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+  """How `run_train` ended.
+
+  Attributes:
+    step: the step reached (total_steps, or where a SIGTERM stopped the run).
+    preempted: stopped by SIGTERM (after saving `step`).
+    label_versions: bank -> cluster-label version trained on.
+    state: the final train state.
+    data_state: the data iterator's position (grain state).
+  """
+  step: int
+  preempted: bool
+  label_versions: dict[str, str]
+  state: state_lib.TrainState
+  data_state: Any
+
+
+def _compilation_cache(train: ml_collections.ConfigDict, workdir: str) -> None:
+  path = train.compilation_cache_dir or os.path.join(workdir, "jax_cache")
+  if path != "none":
+    jax.config.update("jax_compilation_cache_dir", path)
+
+
+def check_compatible(workdir: str, fingerprint: dict) -> None:
+  """Refuses to resume checkpoints recorded with another model shape, banks or labels.
+
+  Raises:
+    CheckpointMismatchError: naming what differs and how to proceed.
+  """
+  path = os.path.join(workdir, RUN_FILE)
+  if not os.path.exists(path):
+    raise CheckpointMismatchError(
+      f"{workdir}/checkpoints has checkpoints but {path} is missing, so their cluster labels and "
+      "model shape are unknown; train in a new workdir")
+  with open(path) as f:
+    saved = json.load(f)
+  for field, what in (("label_versions", "cluster-label versions"),
+                      ("bank_sizes", "class-bank sizes"), ("model", "model shape")):
+    if saved.get(field) != fingerprint[field]:
+      raise CheckpointMismatchError(
+        f"the checkpoints in {workdir}/checkpoints were made with other {what}: "
+        f"{saved.get(field)} (checkpoint) vs {fingerprint[field]} (now). Refusing to resume; "
+        "use a new workdir (or restore the matching clusters/ and config)")
+
+
+def _nonfinite_message(step: int, metrics: dict[str, Any], last_saved: int | None) -> str:
+  bad = sorted(name[:-len("/loss")] for name, value in metrics.items()
+               if name.endswith("/loss") and not np.isfinite(value))
+  what = (f"loss term(s) {bad}" if bad else
+          "total loss" if not np.isfinite(metrics["loss"]) else "gradient")
+  return (f"non-finite {what} at step {step} (loss={metrics['loss']}, "
+          f"grad_norm={metrics['grad_norm']}); stopped without saving. The last good checkpoint "
+          f"is step {last_saved}" + ("" if last_saved is not None else " (none)"))
+
+
+class _Preemption:
+  """Remembers a SIGTERM so the loop can save and return at the next step boundary."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self) -> "_Preemption":
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame) -> None:
+    del signum, frame
+    self.requested = True
+
+  def agreed(self) -> bool:
+    """Whether any process was asked to stop (all processes must save the same step)."""
+    if jax.process_count() == 1:
+      return self.requested
+    return bool(multihost_utils.process_allgather(np.int32(self.requested)).any())
+
+  def __exit__(self, *exc) -> None:
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+def run_train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
+  """Trains `config.total_steps` steps in `workdir`, resuming from its newest checkpoint.
+
+  Raises:
+    config_lib.ConfigError: invalid config.
+    labels_lib.LabelError: missing or inconsistent cluster outputs.
+    CheckpointMismatchError: checkpoints of another model / banks / label version.
+    NonFiniteError: a non-finite loss or gradient.
+  """
+  if not workdir:
+    raise config_lib.ConfigError("--workdir is required for --mode=train")
+  model_cfg = config_lib.validate(config, jax.device_count())
+  loss_cfg = config_lib.loss_config(config)
+  train, total = config.train, int(config.total_steps)
+  os.makedirs(workdir, exist_ok=True)
+  _compilation_cache(train, workdir)
+
+  names = tuple(name for name, weight in loss_cfg.bank_weights if weight > 0)
+  banks = labels_lib.load_banks(train.clusters_workdir or workdir, names)
+  sizes = {name: bank.num_classes for name, bank in banks.items()}
+  versions = {name: bank.version for name, bank in banks.items()}
+  dim = next(iter(banks.values())).centroids.shape[1]
+  if dim != model_cfg.width:
+    raise labels_lib.LabelError(
+      f"cluster centroids have width {dim} but model.width={model_cfg.width}; the banks must "
+      "live in the embedding space (cluster features of the encoder's width)")
+
+  mesh = sharding.make_mesh(config)
+  rules = tuple(config.sharding_rules)
+  tx = state_lib.make_optimizer(config.optim, total)
+  learning_rate = optim.learning_rate(config.optim, total)
+  graphdef, abstract_params = state_lib.abstract_model(model_cfg, sizes)
+  shardings = state_lib.state_shardings(abstract_params, tx, mesh, rules)
+  abstract = state_lib.abstract_state(model_cfg, sizes, tx, shardings)
+
+  data_cfg = pipeline.DataConfig.from_config(config)
+  batch_multiple = sharding.batch_shards(mesh, rules)
+  batch_sizes = data_cfg.batch_sizes(math.lcm(batch_multiple, jax.process_count()))
+  iterator = iter(pipeline.build_train_dataset(data_cfg, batch_multiple=batch_multiple)
+                  .map(labels_lib.LabelAttacher(banks)))
+
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                    max_to_keep=train.keep_checkpoints)
+  fingerprint = state_lib.fingerprint(config, sizes, versions)
+  try:
+    latest = ckpt.latest_step()
+    if latest is None:
+      state = state_lib.create_state(
+        model_cfg, {n: b.centroids for n, b in banks.items()}, tx, shardings, config.seed)
+      if jax.process_index() == 0:
+        atomic.write_json(os.path.join(workdir, RUN_FILE), fingerprint)
+    else:
+      check_compatible(workdir, fingerprint)
+      state = ckpt.restore(latest, abstract, iterator)
+      logging.info("Resumed from step %d in %s", latest, workdir)
+    run = _Run(config=config, workdir=workdir, banks=banks, graphdef=graphdef, tx=tx,
+               learning_rate=learning_rate, loss_cfg=loss_cfg, abstract=abstract,
+               shardings=shardings, mesh=mesh, rules=rules, data_cfg=data_cfg,
+               batch_sizes=batch_sizes)
+    return _loop(run, state, iterator, ckpt)
+  finally:
+    ckpt.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+  """What the loop needs besides the state, the iterator and the checkpointer."""
+  config: ml_collections.ConfigDict
+  workdir: str
+  banks: dict[str, labels_lib.BankLabels]
+  graphdef: Any
+  tx: Any
+  learning_rate: Any
+  loss_cfg: config_lib.LossConfig
+  abstract: state_lib.TrainState
+  shardings: state_lib.TrainState
+  mesh: jax.sharding.Mesh
+  rules: tuple
+  data_cfg: pipeline.DataConfig
+  batch_sizes: dict[int, int]
+
+
+def _compile_buckets(run: _Run, num_boxes: int | None) -> tuple[dict, dict]:
+  """One compiled step per frame bucket, and the batch keys each step takes."""
+  names = tuple(run.banks)
+  batch_sharding = sharding.batch_sharding(run.mesh, run.rules)
+  compiled, inputs = {}, {}
+  for t in run.data_cfg.frames:
+    spec = step_lib.StepSpec.for_bucket(t, names, num_boxes is not None)
+    size = run.batch_sizes[t]
+    shapes = pipeline.example_shapes(run.data_cfg, t, size, num_boxes is not None)
+    batch = {k: v for k, v in shapes.items() if k in _STEP_INPUTS}
+    for key, (shape, dtype) in labels_lib.label_shapes(run.banks, t, size, num_boxes).items():
+      batch[key] = jax.ShapeDtypeStruct(shape, dtype)
+    inputs[t] = tuple(batch)
+    compiled[t] = step_lib.compile_step(
+      step_lib.make_train_step(run.graphdef, run.tx, run.learning_rate, run.loss_cfg, spec),
+      run.abstract, run.shardings, batch, {k: batch_sharding for k in batch},
+      step_lib.term_weights(run.loss_cfg, 0.0, names), sharding.replicated(run.mesh))
+  return compiled, inputs
+
+
+def _progress_bar(run: _Run, step: int):
+  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+  return tqdm(total=int(run.config.total_steps), initial=step, unit="step", dynamic_ncols=True,
+              disable=not run.config.train.progress_bar or jax.process_index() != 0)
+
+
+def _loop(run: _Run, state: state_lib.TrainState, iterator, ckpt: checkpointing.Checkpointer
+          ) -> TrainResult:
+  config, workdir, data_cfg, loss_cfg = run.config, run.workdir, run.data_cfg, run.loss_cfg
+  names, versions = tuple(run.banks), {n: b.version for n, b in run.banks.items()}
+  train, total = config.train, int(config.total_steps)
+  step = int(jax.device_get(state.step))
+  batch_sharding = sharding.batch_sharding(run.mesh, run.rules)
+  per_frame = streams.tokens_per_frame(data_cfg.image_size, data_cfg.patch_size)
+  logger = logs.MetricsLogger(workdir, step)
+  if step >= total:
+    logger.close()
+    return TrainResult(step=step, preempted=False, label_versions=versions, state=state,
+                       data_state=iterator.get_state())
+
+  # The first batch tells whether batches carry boxes; then every bucket compiles up front.
+  first = next(iterator)
+  start = time.perf_counter()
+  compiled, inputs = _compile_buckets(run, first["boxes"].shape[1] if "boxes" in first else None)
+  logging.info("Compiled %d buckets in %.1fs", len(compiled), time.perf_counter() - start)
+
+  nan_step = np.int32(train.debug_nan_step)
+  preempted = False
+  bar = _progress_bar(run, step)
+  window_start, window_samples, window_tokens, window_steps = time.perf_counter(), 0, 0, 0
+  try:
+    with _Preemption() as preemption:
+      while step < total:
+        if preemption.agreed():
+          if ckpt.latest_step() != step:
+            ckpt.save(step, state, iterator, force=True)
+          logging.warning("SIGTERM: saved step %d; exiting", step)
+          preempted = True
+          break
+        host = first if first is not None else next(iterator)
+        first = None
+        t = host["frames"].shape[1]
+        batch = pipeline.to_global_batch({k: host[k] for k in inputs[t]}, batch_sharding)
+        weights = step_lib.term_weights(loss_cfg, step / total, names)
+        state, metrics = compiled[t](state, batch, weights, nan_step)
+        metrics = jax.device_get(metrics)
+        if not metrics["finite"]:
+          raise NonFiniteError(_nonfinite_message(step, metrics, ckpt.latest_step()))
+        step += 1
+        window_steps += 1
+        window_samples += host["frames"].shape[0] * jax.process_count()
+        window_tokens += host["frames"].shape[0] * t * per_frame * jax.process_count()
+        if step % train.log_every == 0 or step == total:
+          elapsed = time.perf_counter() - window_start
+          record = {k: v for k, v in metrics.items() if k != "finite"}
+          record.update(frames=t, samples_per_s=window_samples / elapsed,
+                        tokens_per_s=window_tokens / elapsed, step_time_s=elapsed / window_steps)
+          logger.write(step, record)
+          if record["embedding_cosine"] > train.collapse_threshold:
+            logging.warning(
+              "Possible collapse at step %d: mean pairwise cosine of embeddings %.3f > "
+              "train.collapse_threshold=%.3f", step, record["embedding_cosine"],
+              train.collapse_threshold)
+          bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
+          window_start, window_samples, window_tokens, window_steps = time.perf_counter(), 0, 0, 0
+        if step % train.checkpoint_every == 0 or step == total:
+          ckpt.save(step, state, iterator, force=True)
+        bar.update(1)
+        if train.debug_step_sleep:
+          time.sleep(train.debug_step_sleep)
+  finally:
+    bar.close()
+    logger.close()
+    ckpt.wait_until_finished()
+  logs.plot_losses(workdir)
+  return TrainResult(step=step, preempted=preempted, label_versions=versions, state=state,
+                     data_state=iterator.get_state())

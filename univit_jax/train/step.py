@@ -1,0 +1,177 @@
+"""The train step: a pure function (state, batch, weights) -> (state, metrics), one per bucket.
+
+Loss terms (each weighted by `config.loss`, see `losses.loss_weights`):
+  object         the image embedding against the object bank (whole-image rows)
+  event_1        the clip embedding against the event_1 bank
+  event_<g>      each segment embedding (g ordered segments, 2 <= g <= T) against event_<g>
+  object_region  each region (box) embedding against the object bank (weighted as `object`)
+  contrastive    the structured contrastive loss: for clips, over [clips; segment-shuffled copies]
+                 with ordered event-transition targets at the bucket's contrast granularity; for
+                 images, over object co-occurrence (region clusters, else the image's labels)
+The weights are an argument (replicated f32 scalars), so the coarse-to-fine curriculum changes
+them without recompiling: each frame bucket compiles exactly once. So is the testing aid
+`nan_step` (the contrastive term becomes NaN at that step; -1 = never).
+
+A step whose loss or gradient is not finite returns the incoming state unchanged (and the metrics
+that say so), so the state in memory is never a bad one.
+"""
+
+import dataclasses
+from collections.abc import Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from univit_jax import config_lib, losses
+from univit_jax.models import heads
+from univit_jax.train import labels as labels_lib
+from univit_jax.train.state import TrainState
+
+Batch = Mapping[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+  """The static shape of one bucket's step.
+
+  Attributes:
+    num_frames: T of the bucket.
+    banks: names of the trained banks.
+    segments: event granularities with segment terms (`labels.segment_granularities`).
+    contrast_granularity: g of the shuffled copies (clips), 0 for the image form.
+    has_boxes: the batches carry boxes (region terms).
+  """
+  num_frames: int
+  banks: tuple[str, ...]
+  segments: tuple[int, ...]
+  contrast_granularity: int
+  has_boxes: bool
+
+  @classmethod
+  def for_bucket(cls, num_frames: int, banks: tuple[str, ...], has_boxes: bool) -> "StepSpec":
+    segments = labels_lib.segment_granularities(dict.fromkeys(banks), num_frames)
+    divisible = [g for g in segments if num_frames % g == 0]
+    return cls(num_frames=num_frames, banks=banks, segments=segments,
+               contrast_granularity=max(divisible, default=0), has_boxes=has_boxes)
+
+
+def term_weights(loss_config: config_lib.LossConfig, progress: float,
+                 banks: tuple[str, ...]) -> dict[str, jax.Array]:
+  """Weights of every term at `progress` (fraction of training done), as f32 scalars."""
+  weights = losses.loss_weights(loss_config, progress)
+  out = {name: weights.get(name, 0.0) for name in banks}
+  out["object_region"] = weights.get(heads.OBJECT_BANK, 0.0)
+  out["contrastive"] = weights["contrastive"]
+  return {name: jnp.float32(w) for name, w in out.items()}
+
+
+def mean_pairwise_cosine(embeddings: jax.Array) -> jax.Array:
+  """Mean cosine over distinct pairs of rows `[B, D]`: near 1 when embeddings collapse."""
+  e = embeddings.astype(jnp.float32)
+  e = e * jax.lax.rsqrt(jnp.maximum(jnp.sum(e * e, -1, keepdims=True), 1e-12))
+  b = e.shape[0]
+  return (jnp.sum(e @ e.T) - jnp.trace(e @ e.T)) / max(b * (b - 1), 1)
+
+
+def _shuffle_frames(x: jax.Array, perm: jax.Array) -> jax.Array:
+  """Reorders the g equal segments of the frame axis (axis 1) of `x [B, T, ...]` by perm [B, g]."""
+  b, t = x.shape[:2]
+  g = perm.shape[1]
+  segments = x.reshape((b, g, t // g) + x.shape[2:])
+  index = perm.reshape((b, g) + (1,) * (segments.ndim - 2))
+  return jnp.take_along_axis(segments, index, axis=1).reshape(x.shape)
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+                    learning_rate: optax.Schedule, loss_config: config_lib.LossConfig,
+                    spec: StepSpec) -> Callable:
+  """The pure step function of one bucket (jit it with `compile_step`)."""
+  disc = loss_config.discrimination
+
+  def loss_fn(params: nnx.State, batch: Batch, rng: jax.Array, step: jax.Array,
+              weights: Mapping[str, jax.Array], nan_step: jax.Array):
+    model = nnx.merge(graphdef, params)
+    encoder = model.encoder
+    emb, aux = encoder(batch["frames"], positions=batch["positions"],
+                       frame_mask=batch["frame_mask"], segments=spec.segments,
+                       boxes=batch["boxes"] if spec.has_boxes else None)
+    centres = {name: model.heads[name].centres[...] for name in spec.banks}
+    keys = iter(jax.random.split(rng, 16))
+    terms = {}
+    for index, name in enumerate(labels_lib.GLOBAL_BANKS):
+      if name in centres:
+        terms[name] = losses.discrimination_loss(
+          emb, batch["labels_global"], batch["global_bank"] == index, centres[name], next(keys),
+          disc)
+    for g in spec.segments:
+      name = heads.event_bank_name(g)
+      valid = batch[f"segments_valid_{g}"] & aux["segment_mask"][g]
+      terms[name] = losses.discrimination_loss(
+        aux["segments"][g], batch[f"labels_segments_{g}"], valid, centres[name], next(keys), disc)
+    if spec.has_boxes and heads.OBJECT_BANK in centres:
+      terms["object_region"] = losses.discrimination_loss(
+        aux["regions"], batch["labels_regions"], batch["regions_valid"],
+        centres[heads.OBJECT_BANK], next(keys), disc)
+
+    if spec.contrast_granularity:
+      g = spec.contrast_granularity
+      clusters = jnp.where(batch[f"segments_valid_{g}"],
+                           batch[f"labels_segments_{g}"][..., 0], -1)
+      perm, order_matters = losses.shuffle_segments(clusters, next(keys))
+      shuffled, _ = encoder(_shuffle_frames(batch["frames"], perm), positions=batch["positions"],
+                            frame_mask=_shuffle_frames(batch["frame_mask"], perm))
+      terms["contrastive"] = losses.structured_contrastive_loss(
+        jnp.concatenate([emb, shuffled]), losses.clip_targets(clusters, perm, order_matters),
+        None, loss_config.temperature)
+    else:
+      if spec.has_boxes:
+        ids, valid = losses.object_sets(batch["labels_regions"], batch["regions_valid"])
+      else:
+        ids = batch["labels_global"][..., None]
+        valid = (batch["labels_global"] >= 0) & (batch["global_bank"] >= 0)[:, None]
+      terms["contrastive"] = losses.structured_contrastive_loss(
+        emb, losses.set_jaccard(ids, valid), None, loss_config.temperature)
+    # Testing aid (`config.train.debug_nan_step`): a runtime input, so it costs no recompile.
+    loss, metrics = terms["contrastive"]
+    loss = jnp.where(step == nan_step, jnp.nan, loss)
+    terms["contrastive"] = (loss, dict(metrics, loss=loss))
+
+    total, metrics = losses.combine_losses(terms, {name: weights[name] for name in terms})
+    metrics["embedding_cosine"] = mean_pairwise_cosine(emb)
+    return total, metrics
+
+  def train_step(state: TrainState, batch: Batch, weights: Mapping[str, jax.Array],
+                 nan_step: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimiser step. `weights`: f32 [] per term; `nan_step`: int32 [] (-1: off)."""
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params, batch, rng, state.step, weights, nan_step)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng)
+    state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
+    metrics.update(
+      grad_norm=grad_norm, param_norm=optax.global_norm(params),
+      update_norm=optax.global_norm(updates), learning_rate=learning_rate(new.step - 1),
+      finite=finite)
+    return state, metrics
+
+  return train_step
+
+
+def compile_step(train_step: Callable, abstract_state: TrainState, state_shardings: TrainState,
+                 abstract_batch: Mapping[str, jax.ShapeDtypeStruct],
+                 batch_shardings: Mapping[str, jax.sharding.NamedSharding],
+                 weights: Mapping[str, jax.Array], replicated: jax.sharding.NamedSharding):
+  """Lowers and compiles the step for one bucket (ahead of its first batch); the state is
+  donated, so its buffers are reused for the new state."""
+  jitted = jax.jit(
+    train_step, in_shardings=(state_shardings, dict(batch_shardings), replicated, replicated),
+    out_shardings=(state_shardings, replicated), donate_argnums=0)
+  abstract_weights = {k: jax.ShapeDtypeStruct((), jnp.float32) for k in weights}
+  return jitted.lower(abstract_state, dict(abstract_batch), abstract_weights,
+                      jax.ShapeDtypeStruct((), jnp.int32)).compile()
