@@ -16,7 +16,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.image_size = 32
   c.data.frames = (1, 2, 4, 8, 16)
   c.data.bucket_weights = (4, 1, 1, 1, 1)
-  c.data.tokens_per_batch = 16 * 16 * 4
+  c.data.tokens_per_batch = 16 * 16 * 8
   # Images of single items and of several objects (with boxes) feed the 1-frame bucket; the event
   # videos (16 frames) feed every bucket.
   c.data.sources = ml_collections.ConfigDict(dict(
@@ -25,4 +25,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     events=dict(type="demo", kind="events", split="train", num_examples=512)))
   c.optim.lr = 1e-3
   c.optim.weight_decay = 0.05
+  # A round trains a handful of steps (seconds to a minute on a laptop CPU once compiled).
+  c.optim.warmup_steps = 5
+  c.total_steps = 40
+  c.train.log_every = 5
+  c.train.checkpoint_every = 20
   return c
