@@ -79,7 +79,8 @@ def plot_losses(workdir: str) -> str | None:
     points = [(r["step"], r[name]) for r in records if name in r]
     ax.plot(*zip(*points), label=name, linewidth=2.0 if name == "loss" else 1.0)
   ax.set_xlabel("step")
-  ax.set_ylabel("loss")
+  ax.set_ylabel("loss (log scale)")
+  ax.set_yscale("log")
   ax.set_title("UniViT training losses")
   ax.legend(fontsize="small")
   ax.grid(alpha=0.3)

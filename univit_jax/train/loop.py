@@ -60,12 +60,14 @@ class TrainResult:
     label_versions: bank -> cluster-label version trained on.
     state: the final train state.
     data_state: the data iterator's position (grain state).
+    compile_s: seconds spent compiling the step of every bucket (0 when nothing was trained).
   """
   step: int
   preempted: bool
   label_versions: dict[str, str]
   state: state_lib.TrainState
   data_state: Any
+  compile_s: float = 0.0
 
 
 def _compilation_cache(train: ml_collections.ConfigDict, workdir: str) -> None:
@@ -104,6 +106,15 @@ def _nonfinite_message(step: int, metrics: dict[str, Any], last_saved: int | Non
   return (f"non-finite {what} at step {step} (loss={metrics['loss']}, "
           f"grad_norm={metrics['grad_norm']}); stopped without saving. The last good checkpoint "
           f"is step {last_saved}" + ("" if last_saved is not None else " (none)"))
+
+
+def _loggable(metrics: dict[str, Any]) -> dict[str, Any]:
+  """The metrics to record: a term with no valid row in this batch (e.g. the object bank in a
+  clip bucket) is left out rather than logged as a misleading 0."""
+  empty = {k[:-len("/valid_rows")] for k, v in metrics.items()
+           if k.endswith("/valid_rows") and v == 0}
+  return {k: v for k, v in metrics.items()
+          if k != "finite" and k.split("/", 1)[0] not in empty}
 
 
 class _Preemption:
@@ -257,7 +268,8 @@ def _loop(run: _Run, state: state_lib.TrainState, iterator, ckpt: checkpointing.
   first = next(iterator)
   start = time.perf_counter()
   compiled, inputs = _compile_buckets(run, first["boxes"].shape[1] if "boxes" in first else None)
-  logging.info("Compiled %d buckets in %.1fs", len(compiled), time.perf_counter() - start)
+  compile_s = time.perf_counter() - start
+  logging.info("Compiled %d buckets in %.1fs", len(compiled), compile_s)
 
   nan_step = np.int32(train.debug_nan_step)
   preempted = False
@@ -287,7 +299,7 @@ def _loop(run: _Run, state: state_lib.TrainState, iterator, ckpt: checkpointing.
         window_tokens += host["frames"].shape[0] * t * per_frame * jax.process_count()
         if step % train.log_every == 0 or step == total:
           elapsed = time.perf_counter() - window_start
-          record = {k: v for k, v in metrics.items() if k != "finite"}
+          record = _loggable(metrics)
           record.update(frames=t, samples_per_s=window_samples / elapsed,
                         tokens_per_s=window_tokens / elapsed, step_time_s=elapsed / window_steps)
           logger.write(step, record)
@@ -309,4 +321,4 @@ def _loop(run: _Run, state: state_lib.TrainState, iterator, ckpt: checkpointing.
     ckpt.wait_until_finished()
   logs.plot_losses(workdir)
   return TrainResult(step=step, preempted=preempted, label_versions=versions, state=state,
-                     data_state=iterator.get_state())
+                     data_state=iterator.get_state(), compile_s=compile_s)

@@ -1,0 +1,120 @@
+"""Training speed of the demo config: compile time per bucket and step time per frame bucket.
+
+  python benchmarks/train_demo.py [--steps=40] [--config_arg=]
+
+Writes random cluster outputs (the cluster stage's file format) for the demo sources into a
+temporary workdir, runs `--mode=train`'s `run_train` for `--steps` steps with a log record every
+step, and reports, per frame bucket, the global batch, the median step time, samples/s and
+tokens/s (the first step of each bucket is dropped), plus the cold compile time of all buckets
+(no persistent cache). Prints a table and writes benchmarks/results/train_demo.json.
+"""
+
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+
+from univit_jax import atomic
+from univit_jax.data import pipeline
+from univit_jax.train import logs, loop
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("steps", 40, "training steps")
+flags.DEFINE_string("config_arg", "", "argument of configs/demo.py")
+flags.DEFINE_integer("clusters", 64, "classes per bank")
+flags.DEFINE_string("out", os.path.join(os.path.dirname(__file__), "results", "train_demo.json"),
+                    "JSON results path")
+
+TOP_K = 10
+
+
+def _demo_config(arg: str):
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                      "demo.py")
+  spec = importlib.util.spec_from_file_location("demo_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg or None)
+
+
+def _write_random_clusters(workdir: str, config, num_clusters: int) -> None:
+  """Random top-k labels for every demo record (ids: sources in name order)."""
+  rng = np.random.default_rng(0)
+  width = config.model.width
+  cfg = pipeline.DataConfig.from_config(config)
+  opened = pipeline.open_sources(cfg)
+  rows = {bank: [] for bank in config.loss.bank_weights}
+  offset = 0
+  for spec in cfg.sources:
+    n = len(opened[spec.name])
+    ids = np.arange(offset, offset + n)
+    offset += n
+    if spec.is_video:
+      for g in (1, 2, 4, 8):
+        rows[f"event_{g}"] += [(i, s) for i in ids for s in range(g)]
+    else:
+      rows["object"] += [(i, s) for i in ids for s in range(-1, cfg.max_boxes)]
+  for bank, ids in rows.items():
+    out = os.path.join(workdir, "clusters", bank)
+    centroids = rng.normal(size=(num_clusters, width)).astype(np.float32)
+    centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
+    labels = np.argsort(rng.random((len(ids), num_clusters)), axis=1)[:, :TOP_K]
+    atomic.save_npy(os.path.join(out, "centroids.npy"), centroids)
+    atomic.save_npy(os.path.join(out, "labels.npy"), labels.astype(np.int32))
+    atomic.save_npy(os.path.join(out, "ids.npy"), np.asarray(ids, np.int64))
+    atomic.write_json(os.path.join(out, "stats.json"), dict(bank=bank, version="random"))
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  config = _demo_config(FLAGS.config_arg)
+  config.total_steps = FLAGS.steps
+  config.train.log_every = 1
+  config.train.checkpoint_every = FLAGS.steps
+  config.train.compilation_cache_dir = "none"
+  config.train.progress_bar = False
+  with tempfile.TemporaryDirectory() as workdir:
+    _write_random_clusters(workdir, config, FLAGS.clusters)
+    start = time.perf_counter()
+    compile_s = loop.run_train(config, workdir).compile_s
+    total = time.perf_counter() - start
+    records = logs.read_metrics(workdir)
+
+  by_bucket: dict[int, list[dict]] = {}
+  for r in records:
+    by_bucket.setdefault(int(r["frames"]), []).append(r)
+  rows = []
+  for t, rs in sorted(by_bucket.items()):
+    timed_rs = rs[1:] or rs
+    step = statistics.median(r["step_time_s"] for r in timed_rs)
+    rows.append(dict(frames=t, steps=len(rs), step_time_s=step,
+                     samples_per_s=statistics.median(r["samples_per_s"] for r in timed_rs),
+                     tokens_per_s=statistics.median(r["tokens_per_s"] for r in timed_rs)))
+  result = dict(
+    config=f"configs/demo.py:{FLAGS.config_arg}", steps=FLAGS.steps,
+    devices=[str(d) for d in jax.devices()], machine=platform.processor() or platform.machine(),
+    cpu_count=os.cpu_count(), load_average=os.getloadavg(), compile_all_buckets_s=compile_s,
+    wall_s=total, buckets=rows,
+    first_losses={k: v for k, v in records[0].items() if k.endswith("/loss") or k == "loss"},
+    last_losses={k: v for k, v in records[-1].items() if k.endswith("/loss") or k == "loss"})
+  print(f"demo training, {FLAGS.steps} steps on {len(jax.devices())} {jax.devices()[0].platform} "
+        f"device(s): compile {compile_s:.1f}s (all buckets, cold), wall {total:.1f}s")
+  print(f"{'frames':>6} {'steps':>5} {'step s':>8} {'samples/s':>10} {'tokens/s':>10}")
+  for r in rows:
+    print(f"{r['frames']:>6} {r['steps']:>5} {r['step_time_s']:>8.3f} {r['samples_per_s']:>10.1f} "
+          f"{r['tokens_per_s']:>10.0f}")
+  os.makedirs(os.path.dirname(FLAGS.out), exist_ok=True)
+  with open(FLAGS.out, "w") as f:
+    json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+  app.run(main)
