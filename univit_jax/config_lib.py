@@ -281,7 +281,7 @@ def default_config(variant: str) -> ml_collections.ConfigDict:
     log_every=50,  # steps between metrics.jsonl / TensorBoard records
     checkpoint_every=1000,  # steps between Orbax checkpoints (and one at the end)
     keep_checkpoints=3,  # newest checkpoints kept
-    collapse_threshold=0.9,  # warn when the mean pairwise cosine of embeddings exceeds this
+    collapse_threshold=0.99,  # warn when the mean pairwise cosine of embeddings exceeds this
     clusters_workdir="",  # where clusters/<bank>/ are read; "" = the run's workdir
     compilation_cache_dir="",  # persistent XLA cache; "" = <workdir>/jax_cache, "none" = off
     progress_bar=True,  # tqdm bar with ETA on the terminal
