@@ -4,6 +4,7 @@
 field of the locked config, so a typo fails at start-up instead of being ignored.
 """
 
+import os
 import sys
 
 from absl import app, flags
@@ -44,6 +45,9 @@ def parse_flags(argv: list[str]) -> list[str]:
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if os.environ.get("UNIVIT_DISTRIBUTED"):
+    import jax
+    jax.distributed.initialize()  # Multi-host: discovers the slice (see launch/).
   config = _CONFIG.value
   if config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/demo.py")
