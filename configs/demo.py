@@ -17,6 +17,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.frames = (1, 2, 4, 8, 16)
   c.data.bucket_weights = (4, 1, 1, 1, 1)
   c.data.tokens_per_batch = 16 * 16 * 8
+  # Images of single items and of several objects (with boxes) feed the 1-frame bucket; the event
+  # videos (16 frames) feed every bucket.
+  c.data.sources = ml_collections.ConfigDict(dict(
+    items=dict(type="demo", kind="items", split="train", num_examples=1024, frames=(1,)),
+    objects=dict(type="demo", kind="objects", split="train", num_examples=1024, frames=(1,)),
+    events=dict(type="demo", kind="events", split="train", num_examples=512)))
   c.optim.lr = 1e-3
   c.optim.weight_decay = 0.05
   return c

@@ -239,6 +239,32 @@ def default_config(variant: str) -> ml_collections.ConfigDict:
   c.data.frames = (1, 2, 4, 8, 16)
   c.data.bucket_weights = (4, 1, 1, 1, 1)
   c.data.tokens_per_batch = 16 * 16 * 4096
+  # Record sources, by name: each a dict with `type` in univit_jax.data.sources.SOURCE_TYPES and
+  # that type's fields (see `univit_jax.data.sources.build_source`), plus optional `frames`, the
+  # buckets it feeds (default: (1,) for images, every bucket for videos).
+  c.data.sources = ml_collections.ConfigDict()
+  c.data.worker_count = 0  # grain worker processes per host (the same on every host)
+  c.data.read_threads = 2  # decoding threads per bucket, in each worker
+  c.data.worker_buffer_size = 2  # batches each worker keeps ready
+  c.data.shuffle_seed = 0
+  c.data.max_boxes = 4  # boxes kept per example when a source has boxes (padded / truncated)
+  # Video frame sampling: "uniform" spreads T frames over the clip, "random_window" takes T frames
+  # `frame_stride` apart from a random start (evaluation: the centred window).
+  c.data.frame_sampling = "uniform"
+  c.data.frame_stride = 2
+  # Augmentation (training only; evaluation resizes and centre-crops): one random resized crop,
+  # flip and colour jitter per clip, the same on every frame.
+  c.data.augment = True
+  c.data.crop_scale = (0.35, 1.0)
+  c.data.crop_ratio = (3 / 4, 4 / 3)
+  c.data.flip = True
+  c.data.color_jitter = 0.4  # strength of brightness / contrast / saturation jitter; 0 = off
+  c.data.mean = (0.485, 0.456, 0.406)  # per-channel, frames scaled to [0, 1] first
+  c.data.std = (0.229, 0.224, 0.225)
+  # Bad input: an unreadable record is replaced by the next one and counted; once
+  # `bad_check_after` records were attempted, more than `max_bad_fraction` bad ones stop the run.
+  c.data.max_bad_fraction = 0.05
+  c.data.bad_check_after = 100
 
   c.mesh = ml_collections.ConfigDict(dict(axes=("data", "fsdp", "model"), shape=(-1, 1, 1)))
   c.sharding_rules = DEFAULT_SHARDING_RULES

@@ -1,0 +1,98 @@
+"""VS2 buckets: batch sizes under the token budget, one frame count per batch, positions, masks."""
+
+import collections
+import itertools
+
+import numpy as np
+import pytest
+from fakes import FakeSource
+
+from univit_jax.data import pipeline, sources, streams, transforms
+from univit_jax.models import rope
+
+
+def test_bucket_batch_sizes_follow_token_budget():
+  sizes = streams.bucket_batch_sizes((1, 2, 4, 8, 16), 16 * 16 * 4, 32, 8)
+  assert sizes == {1: 64, 2: 32, 4: 16, 8: 8, 16: 4}
+  assert streams.bucket_batch_sizes((1, 2), 160, 16, 4, batch_multiple=4) == {1: 8, 2: 4}
+  with pytest.raises(ValueError, match="3-frame bucket"):
+    streams.bucket_batch_sizes((1, 3), 160, 16, 4, batch_multiple=4)
+
+
+def _config(**kw):
+  specs = (sources.SourceSpec("img", "demo", None, (("kind", "objects"),)),
+           sources.SourceSpec("vid", "demo", None, (("kind", "events"),)))
+  defaults = dict(sources=specs, frames=(1, 2, 4), bucket_weights=(2, 1, 1),
+                  tokens_per_batch=16 * 8, image_size=16, patch_size=4,
+                  transform=transforms.TransformConfig(16))
+  return pipeline.DataConfig(**defaults | kw)
+
+
+def _sources():
+  return dict(img=FakeSource(30, boxes=True), vid=FakeSource(12, num_frames=3))
+
+
+def test_batches_have_one_bucket_budget_positions_and_masks():
+  cfg = _config()
+  sizes = cfg.batch_sizes()
+  ds = pipeline.build_train_dataset(cfg, sources=_sources(), process_index=0, process_count=1)
+  seen = collections.Counter()
+  for batch in itertools.islice(iter(ds), 8):
+    b, t = batch["frames"].shape[:2]
+    seen[t] += 1
+    assert b == sizes[t] and batch["frames"].shape == (b, t, 16, 16, 3)
+    assert batch["frames"].dtype == np.float32
+    assert batch["frame_mask"].shape == (b, t) and batch["id"].dtype == np.int64
+    assert batch["label"].dtype == np.int32 and batch["label"].shape == (b,)
+    want = rope.grid_positions(rope.frame_times(t, 64), 4, 4)
+    np.testing.assert_array_equal(batch["positions"], np.broadcast_to(want, (b, t * 16, 3)))
+    np.testing.assert_array_equal(batch["token_mask"], np.repeat(batch["frame_mask"], 16, 1))
+    assert batch["boxes"].shape == (b, 4, 4) and batch["box_mask"].shape == (b, 4)
+    assert "skipped" not in batch
+    if t == 4:
+      # 3-frame clips padded by repeating the last frame, which is masked out.
+      assert (batch["id"] >= 30).all()
+      np.testing.assert_array_equal(batch["frame_mask"], [[True] * 3 + [False]] * b)
+    if t == 1:
+      video = batch["id"] >= 30
+      assert not batch["box_mask"][video].any()
+  # Weights 2:1:1 over 8 steps.
+  assert seen == {1: 4, 2: 2, 4: 2}
+
+
+def test_images_only_feed_their_buckets_and_labels_follow_ids():
+  cfg = _config()
+  ds = pipeline.build_train_dataset(cfg, sources=_sources(), process_index=0, process_count=1)
+  for batch in itertools.islice(iter(ds), 8):
+    t = batch["frames"].shape[1]
+    ids = batch["id"]
+    if t > 1:
+      assert (ids >= 30).all()
+    local = np.where(ids >= 30, ids - 30, ids)
+    np.testing.assert_array_equal(batch["label"], local % 7)
+
+
+def test_a_bucket_without_source_is_rejected():
+  specs = (sources.SourceSpec("img", "demo", None, (("kind", "items"),)),)
+  cfg = _config(sources=specs)
+  with pytest.raises(ValueError, match="no source feeds the 2-frame bucket"):
+    pipeline.build_train_dataset(cfg, sources=dict(img=FakeSource(4)), process_index=0,
+                                 process_count=1)
+
+
+def test_eval_pass_is_deterministic_complete_and_equal_across_hosts():
+  cfg = _config()
+  batches = {}
+  for index in range(4):
+    ds = pipeline.build_eval_dataset(cfg, 2, 8, sources=_sources(), process_index=index,
+                                     process_count=4)
+    batches[index] = list(ds)
+  # 42 records over 4 hosts: 11 slots per host, padded to 6 batches of 2.
+  assert {len(b) for b in batches.values()} == {6}
+  assert all(b["frames"].shape == (2, 2, 16, 16, 3) for v in batches.values() for b in v)
+  ids = np.concatenate([b["id"][b["example_mask"]] for v in batches.values() for b in v])
+  assert sorted(ids.tolist()) == list(range(42))
+  again = list(pipeline.build_eval_dataset(cfg, 2, 8, sources=_sources(), process_index=0,
+                                           process_count=4))
+  for a, b in zip(batches[0], again):
+    np.testing.assert_array_equal(a["frames"], b["frames"])

@@ -1,0 +1,169 @@
+"""Checkpoints: the one module that talks to Orbax (its API moves; only this file should follow).
+
+Training checkpoints (`Checkpointer`) hold two items per step under `directory/<step>/`:
+  state  the train-state pytree (Orbax StandardSave; arrays keep their sharding), and
+  data   the grain iterator position of every host (`process_<i>-of-<n>.json`),
+so a resumed run sees exactly the batches an uninterrupted run would have. Saves are
+asynchronous (`wait_until_finished` before exiting) and the newest `max_to_keep` are kept.
+
+  ckpt = checkpointing.Checkpointer(workdir / "checkpoints", max_to_keep=3)
+  step = ckpt.latest_step()
+  if step is not None:
+    state = ckpt.restore(step, abstract_state, data_iterator)   # data_iterator moved in place
+  ...
+  ckpt.save(step, state, data_iterator)
+  ckpt.wait_until_finished()
+
+Exports (`save_export` / `load_export`) are params-only Orbax checkpoints plus the config as
+JSON, for inference and as the next round's teacher:
+  <path>/params/       the parameter pytree
+  <path>/config.json   written atomically
+"""
+
+import json
+import os
+import tempfile
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+_STATE, _DATA = "state", "data"
+
+
+class Checkpointer:
+  """Saves and restores (train state, data iterator) pairs, asynchronously, keeping the last N.
+
+  Args:
+    directory: where step folders are written (created if missing).
+    max_to_keep: number of newest checkpoints kept; older ones are deleted.
+    save_interval_steps: `save` ignores steps that are not multiples of this (unless forced).
+    async_save: write in a background thread (arrays are copied to host first).
+  """
+
+  def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 3,
+               save_interval_steps: int = 1, async_save: bool = True):
+    self.directory = epath.Path(directory)
+    self._manager = ocp.CheckpointManager(
+      self.directory,
+      options=ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, save_interval_steps=save_interval_steps, create=True,
+        enable_async_checkpointing=async_save),
+      item_names=(_STATE, _DATA))
+
+  def save(self, step: int, state: Any, data_iterator: grain.DatasetIterator | None = None, *,
+           force: bool = False) -> bool:
+    """Starts saving `state` (and the iterator's position) as `step`; True if a save started.
+
+    The iterator state is read now, synchronously, so the caller may keep iterating at once.
+    """
+    items = {_STATE: ocp.args.StandardSave(state)}
+    if data_iterator is not None:
+      items[_DATA] = grain.checkpoint.CheckpointSave(data_iterator)
+    return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+  def restore(self, step: int, abstract_state: Any,
+              data_iterator: grain.DatasetIterator | None = None) -> Any:
+    """Restores the state of `step`; moves `data_iterator` (if given) to the saved position.
+
+    Args:
+      step: a step from `latest_step` / `all_steps`.
+      abstract_state: a pytree of `jax.ShapeDtypeStruct` (with shardings) shaped like the
+        saved state, e.g. from `jax.eval_shape`; arrays are restored onto those shardings.
+      data_iterator: a fresh iterator of the same pipeline (same sources, worker count and host
+        layout); restored in place.
+
+    Raises:
+      FileNotFoundError: no checkpoint for `step`.
+    """
+    if step not in self._manager.all_steps():
+      raise FileNotFoundError(
+        f"no checkpoint for step {step} in {self.directory} (have {self.all_steps()})")
+    items = {_STATE: ocp.args.StandardRestore(abstract_state)}
+    if data_iterator is not None:
+      items[_DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
+    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    return restored[_STATE]
+
+  def latest_step(self) -> int | None:
+    """The newest saved step, or None."""
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def wait_until_finished(self) -> None:
+    """Blocks until pending asynchronous saves are on disk."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    """Waits for pending saves and releases the manager's resources."""
+    self._manager.close()
+
+  def __enter__(self) -> "Checkpointer":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+def _write_atomic(path: epath.Path, text: str) -> None:
+  """Writes a file so readers see either the old or the whole new content."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+  try:
+    with os.fdopen(fd, "w") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    os.unlink(tmp)
+    raise
+
+
+def save_export(path: str | os.PathLike, params: Any, config_json: str) -> None:
+  """Writes a params-only export: `<path>/params/` (Orbax) and `<path>/config.json`.
+
+  Blocks until written. An existing export at `path` is replaced.
+
+  Args:
+    path: export folder.
+    params: the parameter pytree (jax or numpy arrays).
+    config_json: the run's config serialised as JSON (e.g. `config.to_json_best_effort()`).
+
+  Raises:
+    ValueError: if `config_json` is not valid JSON.
+  """
+  json.loads(config_json)
+  path = epath.Path(path)
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(path / "params", params, force=True)
+    checkpointer.wait_until_finished()
+  if jax.process_index() == 0:
+    _write_atomic(path / "config.json", config_json)
+
+
+def load_export(path: str | os.PathLike,
+                abstract_params: Any = None) -> tuple[Any, dict[str, Any]]:
+  """Reads an export written by `save_export`.
+
+  Args:
+    path: export folder.
+    abstract_params: optional pytree of `jax.ShapeDtypeStruct` (with shardings) to restore onto;
+      without it arrays come back as saved, on the default device.
+
+  Returns:
+    (params, config dict).
+
+  Raises:
+    FileNotFoundError: if `path` holds no export.
+  """
+  path = epath.Path(path)
+  if not (path / "params").exists() or not (path / "config.json").exists():
+    raise FileNotFoundError(f"{path} is not an export (needs params/ and config.json)")
+  with ocp.StandardCheckpointer() as checkpointer:
+    params = checkpointer.restore(path / "params", abstract_params)
+  return params, json.loads((path / "config.json").read_text())

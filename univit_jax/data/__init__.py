@@ -1,0 +1,1 @@
+"""Input data: sources, video decoding, transforms, VS2 frame-count streams and the pipeline."""

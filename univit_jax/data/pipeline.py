@@ -1,0 +1,366 @@
+"""The input pipeline: sources -> per-host shard -> shuffle -> decode/augment -> VS2 buckets.
+
+  cfg = pipeline.DataConfig.from_config(config)
+  ds = pipeline.build_train_dataset(cfg)            # grain.IterDataset of host-local batches
+  it = iter(ds)                                     # checkpoint it with univit_jax.checkpointing
+  batch = pipeline.to_global_batch(next(it), batch_sharding)
+
+Training batches are described in `univit_jax.data.streams`; every host emits the same bucket
+(frame count) at the same step. Each host reads the disjoint slice `records[process_index::
+process_count]` of every bucket's records, shuffles it with a seeded per-bucket shuffle and
+repeats it forever; with `worker_count > 0` decoding runs in grain worker processes (the same
+worker count must be used on every host and when resuming). Evaluation batches
+(`build_eval_dataset`) visit every record once, in order, without augmentation, padded so that
+every host yields the same number of batches.
+"""
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from univit_jax.data import sources as sources_lib
+from univit_jax.data import streams
+from univit_jax.data import transforms
+from univit_jax.data import video
+
+
+class BadInputError(RuntimeError):
+  """Too many unreadable records: the data, not the code, needs fixing."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Typed view of `config.data` (plus the two model fields the pipeline needs).
+
+  Attributes:
+    sources: the record sources, sorted by name (their order defines example ids).
+    frames: the frame-count buckets.
+    bucket_weights: mixing weight of each bucket.
+    tokens_per_batch: global token budget per step.
+    image_size: frame side S.
+    patch_size: model patch size (tokens per frame = (S / patch_size)^2).
+    virtual_frames: U-RoPE temporal grid length (`model.rope.virtual_frames`).
+    transform: training transform settings (evaluation turns `augment` off).
+    frame_sampling: "uniform" or "random_window".
+    frame_stride: frame step of "random_window".
+    max_boxes: boxes kept per example when a source has boxes.
+    worker_count: grain worker processes per host (0: decode in the main process).
+    read_threads: threads decoding records of each bucket, per worker (or in the main process);
+      each bucket reads ahead one batch, so memory stays bounded by about one batch per bucket.
+    worker_buffer_size: batches each worker keeps ready.
+    shuffle_seed: seed of shuffling and augmentation.
+    max_bad_fraction: stop once more than this fraction of attempted records were unreadable.
+    bad_check_after: attempted records before the fraction is checked.
+  """
+  sources: tuple[sources_lib.SourceSpec, ...]
+  frames: tuple[int, ...]
+  bucket_weights: tuple[float, ...]
+  tokens_per_batch: int
+  image_size: int
+  patch_size: int
+  virtual_frames: int = 64
+  transform: transforms.TransformConfig | None = None
+  frame_sampling: str = "uniform"
+  frame_stride: int = 2
+  max_boxes: int = 4
+  worker_count: int = 0
+  read_threads: int = 2
+  worker_buffer_size: int = 2
+  shuffle_seed: int = 0
+  max_bad_fraction: float = 0.05
+  bad_check_after: int = 100
+
+  def __post_init__(self):
+    if self.transform is None:
+      object.__setattr__(self, "transform", transforms.TransformConfig(self.image_size))
+    if self.frame_sampling not in video.SAMPLINGS:
+      raise ValueError(
+        f"data.frame_sampling={self.frame_sampling!r}: expected one of {video.SAMPLINGS}")
+    if len(self.bucket_weights) != len(self.frames):
+      raise ValueError(f"data.bucket_weights={self.bucket_weights} needs one weight per bucket "
+                       f"in data.frames={self.frames}")
+    if self.image_size % self.patch_size:
+      raise ValueError(f"data.image_size={self.image_size} is not divisible by "
+                       f"model.patch_size={self.patch_size}")
+    if not 0 <= self.max_bad_fraction <= 1:
+      raise ValueError(f"data.max_bad_fraction={self.max_bad_fraction} must be in [0, 1]")
+    if self.worker_count < 0 or self.read_threads < 1:
+      raise ValueError(f"data.worker_count={self.worker_count} must be >= 0 and "
+                       f"data.read_threads={self.read_threads} >= 1")
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> "DataConfig":
+    """Reads `config.data` (and `config.model.patch_size` / `rope.virtual_frames`).
+
+    Raises:
+      ValueError: naming the offending field.
+    """
+    d = config.data
+    specs = tuple(sources_lib.SourceSpec.from_dict(name, spec.to_dict())
+                  for name, spec in sorted(d.sources.items()))
+    return cls(
+      sources=specs, frames=tuple(d.frames), bucket_weights=tuple(d.bucket_weights),
+      tokens_per_batch=d.tokens_per_batch, image_size=d.image_size,
+      patch_size=config.model.patch_size, virtual_frames=config.model.rope.virtual_frames,
+      transform=transforms.TransformConfig(
+        image_size=d.image_size, augment=d.augment, crop_scale=tuple(d.crop_scale),
+        crop_ratio=tuple(d.crop_ratio), flip=d.flip, color_jitter=d.color_jitter,
+        mean=tuple(d.mean), std=tuple(d.std)),
+      frame_sampling=d.frame_sampling, frame_stride=d.frame_stride, max_boxes=d.max_boxes,
+      worker_count=d.worker_count, read_threads=d.read_threads,
+      worker_buffer_size=d.worker_buffer_size,
+      shuffle_seed=d.shuffle_seed, max_bad_fraction=d.max_bad_fraction,
+      bad_check_after=d.bad_check_after)
+
+  def source_buckets(self, spec: sources_lib.SourceSpec) -> tuple[int, ...]:
+    """The buckets a source feeds: its `frames`, else all (videos) or (1,) (images)."""
+    if spec.frames is not None:
+      return spec.frames
+    return self.frames if spec.is_video else (1,)
+
+  def batch_sizes(self, batch_multiple: int = 1) -> dict[int, int]:
+    """Global batch size per bucket (see `streams.bucket_batch_sizes`)."""
+    return streams.bucket_batch_sizes(
+      self.frames, self.tokens_per_batch, self.image_size, self.patch_size, batch_multiple)
+
+
+def open_sources(cfg: DataConfig) -> dict[str, sources_lib.Source]:
+  """Builds every configured source, by name."""
+  return {spec.name: sources_lib.build_source(spec) for spec in cfg.sources}
+
+
+def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+  index = jax.process_index() if process_index is None else process_index
+  count = jax.process_count() if process_count is None else process_count
+  if not 0 <= index < count:
+    raise ValueError(f"process_index={index} is not in [0, process_count={count})")
+  return index, count
+
+
+def _seed(*parts: int) -> int:
+  return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+def _read_options(cfg: DataConfig, batch_size: int) -> grain.ReadOptions:
+  # grain's default reads 500 records ahead per stream: with 16-frame clips that is gigabytes.
+  return grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=batch_size)
+
+
+class _Layout:
+  """Where each source's records sit in the concatenated index space, and whether boxes exist."""
+
+  def __init__(self, cfg: DataConfig, opened: Mapping[str, sources_lib.Source]):
+    missing = [s.name for s in cfg.sources if s.name not in opened]
+    if missing:
+      raise ValueError(f"no source object for data.sources {missing}")
+    if not cfg.sources:
+      raise ValueError("data.sources is empty: configure at least one source")
+    self.specs = cfg.sources
+    self.sources = [opened[s.name] for s in cfg.sources]
+    for spec, src in zip(self.specs, self.sources):
+      if not len(src):
+        raise ValueError(f"data.sources.{spec.name} has no records")
+    self.offsets = np.cumsum([0] + [len(s) for s in self.sources]).tolist()
+    has_boxes = any("boxes" in src[0] for src in self.sources)
+    self.max_boxes = cfg.max_boxes if has_boxes else 0
+
+  def indices(self, names: Sequence[str]) -> np.ndarray:
+    """Global record indices of the named sources, in source order."""
+    return np.concatenate([
+      np.arange(self.offsets[i], self.offsets[i + 1])
+      for i, spec in enumerate(self.specs) if spec.name in names]).astype(np.int64)
+
+  def ranges(self, names: Sequence[str]) -> grain.MapDataset:
+    """The same indices as a MapDataset (index ranges, no materialised list)."""
+    return grain.MapDataset.concatenate([
+      grain.MapDataset.range(self.offsets[i], self.offsets[i + 1])
+      for i, spec in enumerate(self.specs) if spec.name in names])
+
+
+class BadInputTracker:
+  """Counts and logs records replaced because they were unreadable (runs in the main process).
+
+  Takes a batch, removes its `skipped` list, logs each entry, and raises BadInputError once
+  more than `max_fraction` of the attempted records were bad (checked after `check_after`
+  attempts). Counts restart when the pipeline is rebuilt.
+  """
+
+  def __init__(self, max_fraction: float, check_after: int):
+    self.max_fraction, self.check_after = max_fraction, check_after
+    self.attempted = 0
+    self.bad = 0
+    self.examples: list[str] = []
+
+  def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+    batch = dict(batch)
+    skipped = batch.pop("skipped")
+    self.bad += len(skipped)
+    self.attempted += len(skipped) + len(batch["id"])
+    for entry in skipped:
+      logging.warning("Skipped unreadable record %s", entry)
+      if len(self.examples) < 10:
+        self.examples.append(entry)
+    if self.attempted >= self.check_after and self.bad > self.max_fraction * self.attempted:
+      listed = "\n  ".join(self.examples)
+      raise BadInputError(
+        f"{self.bad} of {self.attempted} records were unreadable, above "
+        f"data.max_bad_fraction={self.max_fraction}. Examples:\n  {listed}")
+    return batch
+
+
+def build_train_dataset(
+    cfg: DataConfig, *, sources: Mapping[str, sources_lib.Source] | None = None,
+    process_index: int | None = None, process_count: int | None = None,
+    batch_multiple: int = 1) -> grain.IterDataset:
+  """The infinite training stream of host-local batches.
+
+  Args:
+    cfg: data settings.
+    sources: already-built sources by name (default: `open_sources(cfg)`).
+    process_index: this host (default `jax.process_index()`).
+    process_count: number of hosts (default `jax.process_count()`).
+    batch_multiple: global batch sizes are multiples of this and of process_count (pass the
+      data-parallel device count).
+
+  Returns:
+    A grain IterDataset; each element is a host-local batch (see `streams`) with
+    `global batch size / process_count` examples.
+
+  Raises:
+    ValueError: a bucket with no source, an empty host shard, or an impossible batch size.
+  """
+  index, count = _process(process_index, process_count)
+  layout = _Layout(cfg, open_sources(cfg) if sources is None else sources)
+  sizes = cfg.batch_sizes(math.lcm(batch_multiple, count))
+  buckets, weights = {}, {}
+  for t, weight in zip(cfg.frames, cfg.bucket_weights):
+    names = [s.name for s in cfg.sources if t in cfg.source_buckets(s)]
+    if not names:
+      raise ValueError(f"no source feeds the {t}-frame bucket of data.frames={cfg.frames}; "
+                       "set a video source or a source's `frames` to include it")
+    records = layout.ranges(names)[index::count]
+    if not len(records):
+      raise ValueError(f"host {index} of {count} gets no record of the {t}-frame bucket "
+                       f"({len(layout.ranges(names))} records)")
+    loader = streams.ExampleLoader(layout.sources, streams.ExampleConfig(
+      num_frames=t, transform=cfg.transform, sampling=cfg.frame_sampling,
+      stride=cfg.frame_stride, max_boxes=layout.max_boxes))
+    key, local = f"frames_{t}", sizes[t] // count
+    buckets[key] = (
+      records.shuffle(seed=_seed(cfg.shuffle_seed, t))
+      .repeat()
+      .random_map(loader, seed=_seed(cfg.shuffle_seed, t, index))
+      .to_iter_dataset(_read_options(cfg, local))
+      .batch(local, drop_remainder=True, batch_fn=streams.BatchBuilder(
+        t, cfg.image_size, cfg.patch_size, cfg.virtual_frames)))
+    weights[key] = float(weight)
+  ds = grain.IterDataset.mix(buckets, weights)
+  if cfg.worker_count:
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+      num_workers=cfg.worker_count, per_worker_buffer_size=cfg.worker_buffer_size))
+  return ds.map(BadInputTracker(cfg.max_bad_fraction, cfg.bad_check_after))
+
+
+class _EvalLoader:
+  """(global index, valid) -> example without augmentation; replaced records count as invalid."""
+
+  def __init__(self, loader: streams.ExampleLoader):
+    self._loader = loader
+
+  def __call__(self, item: tuple[int, bool]) -> dict[str, Any]:
+    index, valid = item
+    example = self._loader(index, None)
+    example["example_mask"] = np.bool_(valid and not example["skipped"])
+    return example
+
+
+def build_eval_dataset(
+    cfg: DataConfig, num_frames: int, batch_size: int, *,
+    source_names: Sequence[str] | None = None,
+    sources: Mapping[str, sources_lib.Source] | None = None,
+    process_index: int | None = None, process_count: int | None = None) -> grain.IterDataset:
+  """One deterministic pass over the records of some sources, as T-frame batches.
+
+  Every host yields the same number of batches: the host shards are padded (with copies of a
+  record marked False in `example_mask`). A record replaced because it was unreadable is also
+  marked False, so each valid example is exactly the record named by its `id`.
+
+  Args:
+    cfg: data settings (`cfg.transform.augment` is ignored: no augmentation).
+    num_frames: T of every batch.
+    batch_size: global batch size (a multiple of process_count).
+    source_names: which sources (default: all).
+    sources, process_index, process_count: as for `build_train_dataset`.
+
+  Returns:
+    A finite grain IterDataset of host-local batches, with `example_mask` bool `[B]` added.
+  """
+  index, count = _process(process_index, process_count)
+  if batch_size % count:
+    raise ValueError(f"eval batch_size={batch_size} is not a multiple of {count} processes")
+  layout = _Layout(cfg, open_sources(cfg) if sources is None else sources)
+  names = [s.name for s in cfg.sources] if source_names is None else list(source_names)
+  unknown = sorted(set(names) - {s.name for s in cfg.sources})
+  if unknown:
+    raise ValueError(f"unknown sources {unknown}; configured: {[s.name for s in cfg.sources]}")
+  indices = layout.indices(names)
+  local = batch_size // count
+  per_host = -(-len(indices) // count)
+  padded = -(-per_host // local) * local
+  shard = indices[index::count]
+  items = [(int(i), True) for i in shard] + [(int(indices[0]), False)] * (padded - len(shard))
+  loader = streams.ExampleLoader(layout.sources, streams.ExampleConfig(
+    num_frames=num_frames, transform=dataclasses.replace(cfg.transform, augment=False),
+    sampling=cfg.frame_sampling, stride=cfg.frame_stride, max_boxes=layout.max_boxes))
+  ds = (grain.MapDataset.source(items).map(_EvalLoader(loader))
+        .to_iter_dataset(_read_options(cfg, local))
+        .batch(local, batch_fn=streams.BatchBuilder(
+          num_frames, cfg.image_size, cfg.patch_size, cfg.virtual_frames)))
+  if cfg.worker_count:
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+      num_workers=cfg.worker_count, per_worker_buffer_size=cfg.worker_buffer_size))
+  return ds.map(BadInputTracker(cfg.max_bad_fraction, cfg.bad_check_after))
+
+
+def to_global_batch(
+    batch: Mapping[str, np.ndarray],
+    sharding: jax.sharding.NamedSharding) -> dict[str, jax.Array]:
+  """Assembles host-local batches into global arrays split along the batch (leading) axis.
+
+  Args:
+    batch: this host's batch; every leaf has the local batch as its leading dimension.
+    sharding: a NamedSharding whose spec names the mesh axes of the batch dimension only (e.g.
+      `P(("data", "fsdp"))`); it applies to leaves of any rank.
+
+  Returns:
+    The same keys as global `jax.Array`s with leading dimension local batch x process count.
+  """
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in batch.items()}
+
+
+def example_shapes(cfg: DataConfig, num_frames: int, batch_size: int,
+                   with_boxes: bool) -> dict[str, jax.ShapeDtypeStruct]:
+  """Shapes and dtypes of a (global) batch of a T-frame bucket, for compiling ahead of data."""
+  s, n = cfg.image_size, num_frames * streams.tokens_per_frame(cfg.image_size, cfg.patch_size)
+  shapes = dict(
+    frames=((batch_size, num_frames, s, s, 3), np.float32),
+    frame_mask=((batch_size, num_frames), np.bool_),
+    positions=((batch_size, n, 3), np.float32),
+    token_mask=((batch_size, n), np.bool_),
+    id=((batch_size,), np.int64), label=((batch_size,), np.int32))
+  if with_boxes:
+    r = cfg.max_boxes
+    shapes.update(boxes=((batch_size, r, 4), np.float32), box_labels=((batch_size, r), np.int32),
+                  box_mask=((batch_size, r), np.bool_))
+  # Without jax_enable_x64 the int64 ids become int32 on the device.
+  return {k: jax.ShapeDtypeStruct(shape, jax.dtypes.canonicalize_dtype(dtype))
+          for k, (shape, dtype) in shapes.items()}
+

@@ -1,0 +1,346 @@
+"""Random-access record sources (grain `RandomAccessDataSource`s) and reading a clip from a record.
+
+A source has `__len__` and `__getitem__(index) -> record`. A record is a dict holding either
+  `frames`: uint8 `[T0, H, W, C]` already in memory (TFDS, demo; an image is T0 = 1), or
+  `path` (str) and `kind` ("video" | "image"), decoded later by `load_clip`,
+plus `label` (int; -1 when unknown) and, for sources with boxes, `boxes` float32 `[R0, 4]`
+(ymin, xmin, ymax, xmax in [0, 1]), `box_labels` int `[R0]` and optionally `box_mask` bool `[R0]`.
+File records stay small so that indexing a source never decodes; decoding happens in the grain
+workers, where a bad file becomes a `BadRecordError` that the stream replaces by another record.
+
+Source specs come from `config.data.sources` (one dict per named source, with a `type` in
+SOURCE_TYPES); `build_source` turns a spec into a source.
+"""
+
+import csv
+import dataclasses
+import json
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+import av
+import numpy as np
+from PIL import Image, ImageOps
+
+from univit_jax.data import video
+
+SOURCE_TYPES = ("tfds", "video_folder", "image_folder", "demo")
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+MANIFEST_COLUMNS = ("path", "label", "start", "end")
+
+
+class BadRecordError(Exception):
+  """A record that cannot be read (missing, truncated, undecodable or empty file)."""
+
+  def __init__(self, where: str, reason: str):
+    super().__init__(f"{where}: {reason}")
+    self.where = where
+    self.reason = reason
+
+
+class Source(Protocol):
+  """What the streams need from a source (grain's `RandomAccessDataSource`)."""
+
+  def __len__(self) -> int: ...
+
+  def __getitem__(self, index: int) -> dict[str, Any]: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceSpec:
+  """One entry of `config.data.sources`.
+
+  Attributes:
+    name: the key in `config.data.sources`.
+    type: one of SOURCE_TYPES.
+    frames: the frame-count buckets this source feeds (None: every bucket for video sources,
+      (1,) for image sources).
+    options: the type's own fields, as sorted (key, value) pairs (hashable).
+  """
+  name: str
+  type: str
+  frames: tuple[int, ...] | None
+  options: tuple[tuple[str, Any], ...]
+
+  @classmethod
+  def from_dict(cls, name: str, spec: Mapping[str, Any]) -> "SourceSpec":
+    """Validates a spec dict; raises ValueError naming the source and field."""
+    spec = dict(spec)
+    kind = spec.pop("type", None)
+    if kind not in SOURCE_TYPES:
+      raise ValueError(f"data.sources.{name}.type={kind!r}: expected one of {SOURCE_TYPES}")
+    frames = spec.pop("frames", None)
+    if frames is not None:
+      frames = tuple(int(t) for t in frames)
+    allowed = _SOURCE_FIELDS[kind]
+    unknown = sorted(set(spec) - set(allowed))
+    if unknown:
+      raise ValueError(
+        f"data.sources.{name}: unknown fields {unknown} for type {kind!r}; "
+        f"expected some of {sorted(allowed)} plus type, frames")
+    missing = sorted(k for k, required in allowed.items() if required and k not in spec)
+    if missing:
+      raise ValueError(f"data.sources.{name}: type {kind!r} needs fields {missing}")
+    options = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in spec.items()))
+    return cls(name=name, type=kind, frames=frames, options=options)
+
+  @property
+  def is_video(self) -> bool:
+    """Whether records are clips; the demo "events" kind is, other demo kinds are images."""
+    if self.type == "video_folder":
+      return True
+    return self.type == "demo" and dict(self.options).get("kind") == "events"
+
+
+# Per type: field -> required.
+_SOURCE_FIELDS = {
+  "tfds": dict(name=True, split=True, data_dir=False, builder_dir=False, image_key=False,
+               label_key=False, boxes_key=False, box_labels_key=False),
+  "video_folder": dict(path=True),
+  "image_folder": dict(path=True),
+  "demo": dict(kind=True, split=True, num_examples=True, image_size=False, num_frames=False,
+               seed=False),
+}
+
+
+def build_source(spec: SourceSpec) -> Source:
+  """Constructs the source a spec describes (may read a manifest or open a TFDS dataset)."""
+  options = dict(spec.options)
+  if spec.type == "tfds":
+    return TfdsSource(**options)
+  if spec.type == "video_folder":
+    return FileSource(read_entries(options["path"], "video"), "video")
+  if spec.type == "image_folder":
+    return FileSource(read_entries(options["path"], "image"), "image")
+  # Imported here so the rest of the pipeline does not depend on the demo module.
+  from univit_jax.data import demo  # pylint: disable=g-import-not-at-top
+  kind, split = options.pop("kind"), options.pop("split")
+  return demo.DemoSource(kind, split, **options)
+
+
+@dataclasses.dataclass(frozen=True)
+class FileEntry:
+  path: str
+  label: int = -1
+  start: float | None = None
+  end: float | None = None
+
+
+class FileSource:
+  """Records naming image or video files; `kind` is "image" or "video"."""
+
+  def __init__(self, entries: Sequence[FileEntry], kind: str):
+    if kind not in ("image", "video"):
+      raise ValueError(f"file source kind {kind!r}: expected 'image' or 'video'")
+    self._entries = tuple(entries)
+    self._kind = kind
+
+  def __len__(self) -> int:
+    return len(self._entries)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    e = self._entries[index]
+    record = dict(path=e.path, kind=self._kind, label=e.label)
+    if e.start is not None:
+      record["start"] = e.start
+    if e.end is not None:
+      record["end"] = e.end
+    return record
+
+  def __repr__(self) -> str:
+    return f"FileSource({len(self)} {self._kind} files)"
+
+
+def read_entries(path: str, kind: str) -> list[FileEntry]:
+  """File entries from a manifest (.csv / .jsonl) or a class-per-folder directory tree.
+
+  Manifest columns: `path` (required; relative paths are relative to the manifest's folder),
+  `label` (int, or class names mapped to their index in sorted order), `start` / `end` (seconds,
+  videos only). A directory tree `root/<class>/<file>` gives labels by sorted class folder; files
+  directly under root get label -1.
+
+  Raises:
+    ValueError: the path does not exist, the manifest has unknown or missing columns, or names
+      missing files; the message lists the offending rows.
+  """
+  if os.path.isdir(path):
+    return _scan_tree(path, VIDEO_EXTENSIONS if kind == "video" else IMAGE_EXTENSIONS)
+  if not os.path.isfile(path):
+    raise ValueError(f"source path {path!r} is neither a manifest file nor a directory")
+  rows = _read_manifest_rows(path)
+  return _manifest_entries(path, rows, kind)
+
+
+def _scan_tree(root: str, extensions: tuple[str, ...]) -> list[FileEntry]:
+  classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+  entries = [FileEntry(os.path.join(root, f)) for f in sorted(os.listdir(root))
+             if f.lower().endswith(extensions)]
+  for label, name in enumerate(classes):
+    folder = os.path.join(root, name)
+    for dirpath, dirnames, filenames in os.walk(folder):
+      dirnames.sort()
+      entries.extend(FileEntry(os.path.join(dirpath, f), label) for f in sorted(filenames)
+                     if f.lower().endswith(extensions))
+  if not entries:
+    raise ValueError(f"no files with extensions {extensions} under {root!r}")
+  return entries
+
+
+def _read_manifest_rows(path: str) -> list[tuple[int, dict[str, Any]]]:
+  """(line number, row dict) pairs of a CSV (with header) or JSONL manifest."""
+  if path.endswith(".jsonl"):
+    rows = []
+    with open(path) as f:
+      for line_no, line in enumerate(f, start=1):
+        if line.strip():
+          try:
+            rows.append((line_no, json.loads(line)))
+          except json.JSONDecodeError as e:
+            raise ValueError(f"manifest {path} line {line_no}: not JSON ({e})") from e
+    return rows
+  if path.endswith(".csv"):
+    with open(path, newline="") as f:
+      reader = csv.DictReader(f)
+      return [(line_no, {k: v for k, v in row.items() if v not in ("", None)})
+              for line_no, row in enumerate(reader, start=2)]
+  raise ValueError(f"manifest {path!r}: expected a .csv or .jsonl file")
+
+
+def _manifest_entries(
+    path: str, rows: list[tuple[int, dict[str, Any]]], kind: str) -> list[FileEntry]:
+  allowed = MANIFEST_COLUMNS if kind == "video" else ("path", "label")
+  base = os.path.dirname(os.path.abspath(path))
+  problems = []
+  for line_no, row in rows:
+    unknown = sorted(set(row) - set(allowed))
+    if unknown:
+      problems.append(f"line {line_no}: unknown columns {unknown} (allowed: {list(allowed)})")
+    elif "path" not in row:
+      problems.append(f"line {line_no}: no path")
+    elif not os.path.isfile(os.path.join(base, str(row["path"]))):
+      problems.append(f"line {line_no}: missing file {row['path']!r}")
+  if not rows:
+    problems.append("no rows")
+  if problems:
+    listed = "\n  ".join(problems[:20])
+    more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+    raise ValueError(f"manifest {path} rejected ({len(problems)} bad rows):\n  {listed}{more}")
+  labels = [row.get("label") for _, row in rows]
+  names = sorted({str(v) for v in labels if v is not None and not _is_int(v)})
+  index = {n: i for i, n in enumerate(names)}
+  entries = []
+  for (_, row), label in zip(rows, labels):
+    if label is None:
+      label = -1
+    elif _is_int(label):
+      label = int(label)
+    else:
+      label = index[str(label)]
+    entries.append(FileEntry(
+      os.path.join(base, str(row["path"])), label,
+      float(row["start"]) if "start" in row else None,
+      float(row["end"]) if "end" in row else None))
+  return entries
+
+
+def _is_int(value: Any) -> bool:
+  try:
+    return float(value) == int(float(value)) and not isinstance(value, bool)
+  except (TypeError, ValueError):
+    return False
+
+
+class TfdsSource:
+  """A TFDS dataset read through `tfds.data_source` (array_record; no TensorFlow needed).
+
+  Some builders (coco/2017 among them) import TensorFlow in their code; for those, give
+  `builder_dir`, the prepared dataset's version folder (e.g. `<data_dir>/coco/2017/1.1.0`): it
+  is then read from its files alone (`tfds.builder_from_directory`), and `name` only names it.
+  Records: `frames` `[1, H, W, C]` from `image_key`, `label` from `label_key` (-1 if absent),
+  and, when `boxes_key` is given (e.g. "objects/bbox" for coco/2017), `boxes` and `box_labels`
+  (`box_labels_key`, e.g. "objects/label"). Nested keys use "/".
+  """
+
+  def __init__(self, name: str, split: str, data_dir: str | None = None,
+               builder_dir: str | None = None, image_key: str = "image",
+               label_key: str | None = "label", boxes_key: str | None = None,
+               box_labels_key: str | None = None):
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    if builder_dir:
+      self._ds = tfds.builder_from_directory(builder_dir).as_data_source(split=split)
+    else:
+      self._ds = tfds.data_source(name, split=split, data_dir=data_dir)
+    self._where = f"tfds:{name}/{split}"
+    self._image_key, self._label_key = image_key, label_key
+    self._boxes_key, self._box_labels_key = boxes_key, box_labels_key
+
+  def __len__(self) -> int:
+    return len(self._ds)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    example = self._ds[index]
+    image = np.asarray(_lookup(example, self._image_key, self._where))
+    label = None
+    if self._label_key:
+      label = _lookup(example, self._label_key, self._where, None)
+    record = dict(frames=image[None], label=-1 if label is None else int(label))
+    if self._boxes_key:
+      boxes = np.asarray(_lookup(example, self._boxes_key, self._where), np.float32)
+      record["boxes"] = boxes.reshape(-1, 4)
+      record["box_labels"] = (
+        np.asarray(_lookup(example, self._box_labels_key, self._where), np.int32)
+        if self._box_labels_key else np.zeros(len(record["boxes"]), np.int32))
+    return record
+
+  def __repr__(self) -> str:
+    return f"TfdsSource({self._where}, {len(self)} records)"
+
+
+def _lookup(example: Mapping[str, Any], key: str, where: str, *default):
+  value = example
+  for part in key.split("/"):
+    if not isinstance(value, Mapping) or part not in value:
+      if default:
+        return default[0]
+      raise BadRecordError(where, f"no feature {key!r}")
+    value = value[part]
+  return value
+
+
+def read_image(path: str) -> np.ndarray:
+  """Decodes an image file to uint8 `[1, H, W, 3]` (EXIF-rotated; gray/alpha/palette -> RGB)."""
+  with Image.open(path) as image:
+    image = ImageOps.exif_transpose(image)
+    return np.asarray(image.convert("RGB"))[None]
+
+
+def load_clip(
+    record: Mapping[str, Any], num_frames: int, sampling: str, stride: int,
+    rng: np.random.Generator | None) -> tuple[np.ndarray, np.ndarray]:
+  """The T frames of a record that feed a T-frame bucket, and their frame mask.
+
+  Returns:
+    frames uint8 `[T, H, W, C]` and frame_mask bool `[T]` (False on frames repeated as padding).
+
+  Raises:
+    BadRecordError: naming the file (or "in-memory record") and why it could not be read.
+  """
+  if "frames" in record:
+    frames = np.asarray(record["frames"])
+    if frames.ndim != 4 or frames.shape[0] < 1:
+      raise BadRecordError("in-memory record", f"frames of shape {frames.shape}, want [T,H,W,C]")
+    indices, mask = video.sample_indices(frames.shape[0], num_frames, sampling, stride, rng)
+    return frames[indices], mask
+  path = record["path"]
+  try:
+    if record["kind"] == "image":
+      frames = read_image(path)
+      indices, mask = video.sample_indices(1, num_frames, sampling, stride, rng)
+      return frames[indices], mask
+    return video.read_clip(path, num_frames, sampling, stride, rng,
+                           record.get("start"), record.get("end"))
+  except (av.FFmpegError, OSError, ValueError, EOFError, Image.DecompressionBombError) as e:
+    # PIL raises OSError for truncated files and UnidentifiedImageError (an OSError) for garbage.
+    raise BadRecordError(path, f"{type(e).__name__}: {e}") from e
