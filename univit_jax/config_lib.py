@@ -274,4 +274,11 @@ def default_config(variant: str) -> ml_collections.ConfigDict:
     schedule="cosine", warmup_steps=1000, end_lr_fraction=0.0))
   c.total_steps = 100_000
   c.summary = ml_collections.ConfigDict(dict(compile=True))
+
+  # Offline clustering (--mode=cluster), see univit_jax/clustering/labels.py. One bank per
+  # granularity: image regions ("object") and clips cut into 1, 2, 4, 8 ordered segments.
+  c.cluster = ml_collections.ConfigDict(dict(
+    num_clusters=dict(object=1_000_000, event_1=100_000, event_2=100_000, event_4=100_000,
+                      event_8=100_000),
+    iterations=20, top_k=10, init="kmeans++", backend="auto", seed=0))
   return c

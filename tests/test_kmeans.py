@@ -1,0 +1,252 @@
+"""Spherical k-means and the cluster stage: recovery, monotone objective, top-k labels, resume
+after SIGKILL, two processes, and named errors for bad input."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from sklearn.metrics import normalized_mutual_info_score
+
+import cluster_worker
+from univit_jax import config_lib
+from univit_jax.clustering import kmeans, labels, store
+
+WORKER = os.path.join(os.path.dirname(__file__), "cluster_worker.py")
+# Small-K settings that still take the ScaNN tree path (tree over 12 centroids, 3 leaves).
+TREE = dict(backend="scann", brute_force_max_k=4, num_leaves=3, leaves_to_search=2)
+BACKENDS = {"exact": dict(backend="exact"), "scann_brute": dict(backend="scann"),
+            "scann_tree": TREE}
+
+
+def _quiet(_):
+  pass
+
+
+@pytest.fixture(scope="module")
+def mixture():
+  return cluster_worker.planted(3000, 12, 24, noise=0.5, seed=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_recovers_planted_clusters_with_monotone_objective(mixture, backend):
+  x, truth = mixture
+  spec = kmeans.ClusterSpec(num_clusters=12, iterations=8, top_k=4, seed=0, block_rows=1000,
+                            **BACKENDS[backend])
+  result = kmeans.spherical_kmeans(kmeans.ArraySource(x), spec, log=_quiet)
+  assert normalized_mutual_info_score(truth, result.labels[:, 0]) >= 0.95
+  assert np.all(np.diff(result.objective) >= -1e-6), result.objective
+  np.testing.assert_allclose(np.linalg.norm(result.centroids, axis=1), 1.0, rtol=1e-5)
+  assert len(result.objective) == spec.iterations + 1 and len(result.empty) == spec.iterations
+  # Top-k labels: sorted by cosine and equal to exact search with the final centroids.
+  sims = x @ result.centroids.T
+  assert np.all(np.diff(result.similarities, axis=1) <= 0)
+  np.testing.assert_allclose(result.similarities, np.take_along_axis(sims, result.labels, 1),
+                             atol=1e-5)
+  exact = np.argsort(-sims, axis=1, kind="stable")[:, :4]
+  if backend == "scann_tree":  # searches 2 of 3 leaves: approximate, but top-1 nearly exact
+    assert np.mean(result.labels[:, 0] == exact[:, 0]) >= 0.97
+  else:
+    np.testing.assert_array_equal(result.labels, exact)
+
+
+def test_backends_agree_and_distortion_never_increases(mixture):
+  # The tree searching all of its leaves is exact: the index, its upserts and the re-scoring
+  # must then reproduce the exact backend.
+  x, _ = mixture
+  x = x[:600]
+  full_tree = dict(TREE, leaves_to_search=TREE["num_leaves"])
+  results = [kmeans.spherical_kmeans(
+    kmeans.ArraySource(x), kmeans.ClusterSpec(num_clusters=12, iterations=5, init="random",
+                                              top_k=3, **options), log=_quiet)
+    for options in (dict(backend="exact"), dict(backend="scann"), full_tree)]
+  for other in results[1:]:
+    np.testing.assert_allclose(other.centroids, results[0].centroids, atol=1e-5)
+    np.testing.assert_array_equal(other.labels, results[0].labels)
+  distortion = 2.0 - 2.0 * np.array(results[0].objective)  # mean squared chord distance
+  assert np.all(np.diff(distortion) <= 1e-6)
+
+
+def test_empty_clusters_are_reseeded_on_worst_rows():
+  # Three tight groups. Two initial centroids sit on the same row of group A, so the second gets
+  # no rows (ties go to the lower id); group C has no centroid near it. The empty cluster must
+  # move onto the worst-served rows (group C) instead of staying a duplicate.
+  rng = np.random.default_rng(0)
+  x = np.concatenate([np.eye(4)[[0]] + 0.01 * rng.standard_normal((50, 4)),
+                      np.eye(4)[[1]] + 0.01 * rng.standard_normal((50, 4)),
+                      np.eye(4)[[2]] + 0.01 * rng.standard_normal((3, 4))]).astype(np.float32)
+  spec = kmeans.ClusterSpec(num_clusters=4, iterations=3, top_k=1, backend="exact")
+  result = kmeans.spherical_kmeans(kmeans.ArraySource(x), spec, log=_quiet,
+                                   init_centroids=kmeans.normalize(x[[0, 0, 60, 61]]))
+  assert result.empty[0] == 1
+  assert not set(result.labels[100:, 0]) & set(result.labels[:100, 0])
+  assert len(set(result.labels[100:, 0])) == 1
+  assert np.all(np.diff(result.objective) >= -1e-6)
+
+
+def test_kmeans_pp_init_picks_distinct_rows(mixture):
+  x, truth = mixture
+  spec = kmeans.ClusterSpec(num_clusters=12, init="kmeans++", seed=1)
+  centroids = kmeans.initial_centroids(kmeans.ArraySource(x), spec)
+  nearest = np.argmax(x @ centroids.T, axis=0)
+  # k-means++ spreads the seeds: most planted clusters receive one.
+  assert len(np.unique(truth[nearest])) >= 10
+
+
+def _write_bank(workdir):
+  subprocess.run([sys.executable, WORKER, "write", str(workdir)], check=True)
+
+
+def _outputs(workdir):
+  out = labels.clusters_dir(str(workdir), cluster_worker.BANK)
+  files = {name: np.load(os.path.join(out, f"{name}.npy"))
+           for name in ("centroids", "labels", "ids")}
+  with open(os.path.join(out, "stats.json")) as f:
+    stats = json.load(f)
+  return files, stats
+
+
+def _assert_same_outputs(a, b, atol=0.0):
+  (files_a, stats_a), (files_b, stats_b) = a, b
+  np.testing.assert_allclose(files_a["centroids"], files_b["centroids"], atol=atol, rtol=0)
+  np.testing.assert_array_equal(files_a["labels"], files_b["labels"])
+  np.testing.assert_array_equal(files_a["ids"], files_b["ids"])
+  for key in ("version", "empty_per_iteration", "sizes", "spec"):
+    assert stats_a[key] == stats_b[key], key
+  np.testing.assert_allclose(stats_a["objective"], stats_b["objective"], atol=max(atol, 1e-12))
+
+
+@pytest.mark.parametrize("backend", ["exact", "scann"])
+def test_stage_resumes_after_sigkill_with_identical_outputs(tmp_path, backend):
+  reference, killed = tmp_path / "reference", tmp_path / "killed"
+  for workdir in (reference, killed):
+    _write_bank(workdir)
+  subprocess.run([sys.executable, WORKER, "cluster", str(reference), "--backend", backend],
+                 check=True, capture_output=True)
+  state = os.path.join(labels.clusters_dir(str(killed), cluster_worker.BANK), "checkpoint",
+                       "state.npz")
+  proc = subprocess.Popen([sys.executable, WORKER, "cluster", str(killed), "--backend", backend,
+                           "--sleep", "0.4"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                          text=True)
+  for line in proc.stdout:
+    if "iteration 3/" in line:
+      break
+  time.sleep(0.2)  # the checkpoint of iteration 3 is written while the worker sleeps
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert os.path.exists(state)
+  with np.load(state) as f:
+    assert 1 <= int(f["iteration"]) < 6
+  assert labels.read_stats(str(killed), cluster_worker.BANK) is None
+  out = subprocess.run([sys.executable, WORKER, "cluster", str(killed), "--backend", backend],
+                       check=True, capture_output=True, text=True).stdout
+  assert "resumed k-means at iteration" in out
+  _assert_same_outputs(_outputs(reference), _outputs(killed))
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("backend", ["exact", "scann"])
+def test_two_processes_match_one(tmp_path, backend):
+  single, double = tmp_path / "single", tmp_path / "double"
+  for workdir in (single, double):
+    _write_bank(workdir)
+  subprocess.run([sys.executable, WORKER, "cluster", str(single), "--backend", backend],
+                 check=True, capture_output=True)
+  port = _free_port()
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  procs = [subprocess.Popen([sys.executable, WORKER, "cluster", str(double), "--backend", backend,
+                             "--process", str(i), "--processes", "2", "--port", str(port)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  logs = [p.communicate(timeout=120)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], logs
+  _assert_same_outputs(_outputs(single), _outputs(double), atol=1e-6)
+  assert _outputs(double)[1]["processes"] == 2
+
+
+def test_stage_outputs_and_stats(tmp_path):
+  _write_bank(tmp_path)
+  spec = kmeans.ClusterSpec(num_clusters=6, iterations=4, top_k=2, backend="exact")
+  stats = labels.run_cluster_stage(str(tmp_path), {cluster_worker.BANK: spec}, log=_quiet)
+  stats = stats[cluster_worker.BANK]
+  loaded = labels.load_clusters(str(tmp_path), cluster_worker.BANK)
+  n = sum(cluster_worker.CHUNK_ROWS)
+  assert loaded["centroids"].shape == (6, cluster_worker.DIM)
+  assert loaded["labels"].shape == (n, 2) and loaded["labels"].dtype == np.int32
+  np.testing.assert_array_equal(
+    loaded["ids"], store.BankReader(str(tmp_path), cluster_worker.BANK).ids())
+  assert stats == loaded["stats"]
+  assert stats["sizes"]["min"] >= 0 and sum(np.bincount(loaded["labels"][:, 0])) == n
+  assert len(stats["objective"]) == 5 and len(stats["empty_per_iteration"]) == 4
+  out = labels.clusters_dir(str(tmp_path), cluster_worker.BANK)
+  with open(os.path.join(out, "sizes.png"), "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  assert not os.path.exists(os.path.join(out, "checkpoint"))
+  # A finished bank with the same version is skipped.
+  lines = []
+  labels.run_cluster_stage(str(tmp_path), {cluster_worker.BANK: spec}, log=lines.append)
+  assert lines == [f"{cluster_worker.BANK}: already clustered (version {stats['version']}), "
+                   "skipping"]
+  # Another spec is another version: the bank is reclustered.
+  other = labels.run_cluster_stage(
+    str(tmp_path), {cluster_worker.BANK: dict(num_clusters=5, iterations=2, top_k=2)},
+    log=_quiet)[cluster_worker.BANK]
+  assert other["version"] != stats["version"]
+  assert labels.load_clusters(str(tmp_path), cluster_worker.BANK)["centroids"].shape[0] == 5
+
+
+def test_specs_from_default_config():
+  config = config_lib.default_config("mu/8")
+  specs = labels.cluster_specs(config)
+  assert set(specs) == {"object", "event_1", "event_2", "event_4", "event_8"}
+  assert specs["object"].num_clusters == 1_000_000 and specs["event_2"].top_k == 10
+  config.cluster.backend = "faiss"
+  with pytest.raises(kmeans.KMeansError, match=r"bank 'event_1': cluster spec backend='faiss'"):
+    labels.cluster_specs(config)
+
+
+def test_k_larger_than_n_names_bank(tmp_path):
+  _write_bank(tmp_path)
+  with pytest.raises(kmeans.KMeansError, match=rf"bank '{cluster_worker.BANK}'.*"
+                     r"num_clusters=1000 is larger than the 400 rows.*meta.json"):
+    labels.run_cluster_stage(str(tmp_path), {cluster_worker.BANK: dict(num_clusters=1000)},
+                             log=_quiet)
+  with pytest.raises(kmeans.KMeansError, match="bank 'x': num_clusters=9 is larger"):
+    kmeans.spherical_kmeans(kmeans.ArraySource(np.ones((4, 2))),
+                            kmeans.ClusterSpec(num_clusters=9, top_k=1), name="x")
+
+
+def test_missing_and_incomplete_banks_name_bank(tmp_path):
+  with pytest.raises(store.FeatureStoreError, match=r"bank 'object'.*features/object/meta.json"):
+    labels.run_cluster_stage(str(tmp_path), {"object": dict(num_clusters=2, top_k=1)}, log=_quiet)
+  writer = store.BankWriter(str(tmp_path), "object", 4, teacher="t")
+  writer.write_chunk(0, np.eye(4), np.arange(4))
+  with pytest.raises(store.FeatureStoreError, match=r"bank 'object'.*not marked complete"):
+    labels.run_cluster_stage(str(tmp_path), {"object": dict(num_clusters=2, top_k=1)}, log=_quiet)
+
+
+@pytest.mark.parametrize("corrupt, message", [
+  (np.array([[np.nan, 1, 0, 0]] * 4, np.float32), "row 0 has NaN or Inf"),
+  (np.zeros((4, 4), np.float32), "row 0 has zero norm"),
+  (np.ones((4, 3), np.float32), "mismatched dims"),
+])
+def test_corrupt_features_name_bank_and_file(tmp_path, corrupt, message):
+  writer = store.BankWriter(str(tmp_path), "object", 4, teacher="t")
+  writer.write_chunk(0, np.eye(4), np.arange(4))
+  writer.write_chunk(1, np.eye(4), np.arange(4, 8))
+  writer.finish()
+  np.save(os.path.join(store.bank_dir(str(tmp_path), "object"), "chunk_00001.npy"), corrupt)
+  with pytest.raises(store.FeatureStoreError,
+                     match=rf"bank 'object'.*chunk_00001\.npy.*{message}"):
+    labels.run_cluster_stage(str(tmp_path), {"object": dict(num_clusters=2, top_k=1)}, log=_quiet)
+  assert not os.path.exists(labels.clusters_dir(str(tmp_path), "object"))

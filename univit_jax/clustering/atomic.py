@@ -1,0 +1,59 @@
+"""Atomic file writes: readers see either the old file or the complete new one, never a part.
+
+Every file that another stage reads (features, centroids, labels, stats) goes through here: the
+bytes go to a temporary file in the destination directory, are fsynced, and `os.replace` swaps it
+in; the directory is fsynced too so the rename itself survives a crash.
+"""
+
+import io
+import json
+import os
+import tempfile
+from typing import Any, Callable, IO
+
+import numpy as np
+
+
+def _fsync_dir(directory: str) -> None:
+  fd = os.open(directory, os.O_RDONLY)
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)
+
+
+def write_with(path: str, write: Callable[[IO[bytes]], None]) -> None:
+  """Calls `write(file)` on a temporary file, then atomically moves it to `path`."""
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      write(f)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+  _fsync_dir(directory)
+
+
+def write_bytes(path: str, data: bytes) -> None:
+  write_with(path, lambda f: f.write(data))
+
+
+def save_npy(path: str, array: np.ndarray) -> None:
+  """Writes `array` as a .npy file atomically (loadable with `np.load(path, mmap_mode="r")`)."""
+  write_with(path, lambda f: np.save(f, np.ascontiguousarray(array), allow_pickle=False))
+
+
+def save_npz(path: str, **arrays: np.ndarray) -> None:
+  buffer = io.BytesIO()
+  np.savez(buffer, **arrays)
+  write_bytes(path, buffer.getvalue())
+
+
+def write_json(path: str, obj: Any) -> None:
+  write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())

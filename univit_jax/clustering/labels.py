@@ -1,0 +1,187 @@
+"""The `cluster` stage: spherical k-means per feature bank, written as centroids and top-k labels.
+
+For each bank `workdir/features/<bank>/` (see `store`) it writes `workdir/clusters/<bank>/`:
+
+  centroids.npy  float32 [K, D] unit centroids (the loss's class centres are initialised from them)
+  labels.npy     int32 [N, top_k] nearest centroids per row, best first, in the store's row order
+  ids.npy        int64 [N, 2] the store's (sample id, sub-index) of each row of labels.npy
+  sizes.png      histogram of cluster sizes (rows whose nearest centroid it is)
+  stats.json     sizes summary, objective and empty clusters per iteration, seconds, spec, and
+                 `version`: a hash of the bank's metadata and the spec that training records
+
+stats.json is written last and marks the bank done: a reader that finds it with the expected
+version finds the other files complete (all files are written atomically, and stats.json is
+deleted before a bank is reclustered). A killed stage resumes from the per-iteration k-means
+checkpoint in `clusters/<bank>/checkpoint/` and writes the same files as an uninterrupted run;
+banks already done with the same version are skipped.
+"""
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import shutil
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from univit_jax.clustering import atomic, kmeans, store
+from univit_jax.clustering.kmeans import ClusterSpec
+
+# Bumped when the stage's outputs change meaning; part of every version id.
+STAGE_FORMAT = 1
+
+
+def clusters_dir(workdir: str, bank: str) -> str:
+  return os.path.join(workdir, "clusters", bank)
+
+
+def cluster_specs(config: ml_collections.ConfigDict) -> dict[str, ClusterSpec]:
+  """One spec per bank from `config.cluster`: `num_clusters` maps bank -> K, and the other
+  fields (iterations, top_k, init, backend, seed) are shared by all banks."""
+  c = config.cluster
+  shared = {f: c[f] for f in ("iterations", "top_k", "init", "backend", "seed")}
+  specs = {bank: ClusterSpec(num_clusters=int(k), **shared) for bank, k in c.num_clusters.items()}
+  for bank, spec in specs.items():
+    spec.validate(bank)
+  return specs
+
+
+def _as_spec(bank: str, spec: ClusterSpec | Mapping[str, Any]) -> ClusterSpec:
+  if isinstance(spec, ClusterSpec):
+    return spec
+  try:
+    return ClusterSpec(**spec)
+  except TypeError as e:
+    raise kmeans.KMeansError(f"bank {bank!r}: bad cluster spec {dict(spec)}: {e}") from e
+
+
+def version_id(reader: store.BankReader, spec: ClusterSpec) -> str:
+  """Hash of what determines the outputs: bank metadata (teacher, dim, chunks) and the spec."""
+  payload = json.dumps(dict(format=STAGE_FORMAT, bank=reader.meta, spec=dataclasses.asdict(spec)),
+                       sort_keys=True)
+  return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def read_stats(workdir: str, bank: str) -> dict | None:
+  """The bank's stats.json, or None if the bank has not been clustered (to completion)."""
+  path = os.path.join(clusters_dir(workdir, bank), "stats.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def _sizes_png(sizes: np.ndarray, bank: str) -> bytes:
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=import-outside-toplevel
+  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
+  figure = Figure(figsize=(6, 4))
+  FigureCanvasAgg(figure)
+  ax = figure.add_subplot()
+  ax.hist(sizes, bins=min(50, max(1, int(sizes.max()) + 1)), log=True)
+  ax.set_xlabel("rows per cluster (nearest centroid)")
+  ax.set_ylabel("clusters")
+  ax.set_title(f"{bank}: K={len(sizes)}, N={int(sizes.sum())}")
+  buffer = io.BytesIO()
+  figure.savefig(buffer, format="png", dpi=100)
+  return buffer.getvalue()
+
+
+def _size_summary(sizes: np.ndarray) -> dict[str, float]:
+  q = np.percentile(sizes, [1, 50, 99])
+  return dict(min=int(sizes.min()), max=int(sizes.max()), mean=float(sizes.mean()),
+              p1=float(q[0]), median=float(q[1]), p99=float(q[2]), empty=int((sizes == 0).sum()))
+
+
+def cluster_bank(workdir: str, bank: str, spec: ClusterSpec,
+                 log: Callable[[str], None] = print) -> dict:
+  """Clusters one bank (resuming or skipping as possible) and returns its stats.
+
+  Raises:
+    store.FeatureStoreError: missing or incomplete bank, mismatched dims, NaN/Inf or zero-norm
+      rows (naming bank and file).
+    kmeans.KMeansError: K larger than the number of rows, or an invalid spec (naming the bank).
+  """
+  spec.validate(bank)
+  reader = store.BankReader(workdir, bank)
+  version = version_id(reader, spec)
+  out = clusters_dir(workdir, bank)
+  stats = read_stats(workdir, bank)
+  if stats is not None and stats.get("version") == version:
+    log(f"{bank}: already clustered (version {version}), skipping")
+    return stats
+  reader.check()
+  if spec.num_clusters > reader.num_rows:
+    raise kmeans.KMeansError(
+      f"bank {bank!r}: num_clusters={spec.num_clusters} is larger than the {reader.num_rows} "
+      f"rows listed in {reader.meta_path}")
+  checkpoint = os.path.join(out, "checkpoint")
+  if jax.process_index() == 0:
+    if stats is not None:
+      os.remove(os.path.join(out, "stats.json"))
+    os.makedirs(checkpoint, exist_ok=True)
+  kmeans.barrier(f"cluster_start_{bank}")
+
+  result = kmeans.spherical_kmeans(reader, spec, name=bank, checkpoint_dir=checkpoint,
+                                   version=version, log=log)
+  part = os.path.join(checkpoint, f"labels_p{jax.process_index():03d}.npy")
+  atomic.save_npy(part, result.labels)
+  kmeans.barrier(f"cluster_labels_{bank}")
+  if jax.process_index() == 0:
+    labels = np.concatenate([
+      np.load(os.path.join(checkpoint, f"labels_p{p:03d}.npy"))
+      for p in range(jax.process_count())])
+    sizes = np.bincount(labels[:, 0], minlength=spec.num_clusters)
+    stats = dict(
+      bank=bank, version=version, teacher=reader.teacher, num_rows=reader.num_rows,
+      dim=reader.dim, spec=dataclasses.asdict(spec), processes=jax.process_count(),
+      objective=result.objective, empty_per_iteration=result.empty,
+      seconds_per_pass=result.seconds, seconds=float(sum(result.seconds)),
+      sizes=_size_summary(sizes))
+    atomic.save_npy(os.path.join(out, "centroids.npy"), result.centroids)
+    atomic.save_npy(os.path.join(out, "ids.npy"), reader.ids())
+    atomic.save_npy(os.path.join(out, "labels.npy"), labels)
+    atomic.write_bytes(os.path.join(out, "sizes.png"), _sizes_png(sizes, bank))
+    atomic.write_json(os.path.join(out, "stats.json"), stats)
+    shutil.rmtree(checkpoint)
+  kmeans.barrier(f"cluster_done_{bank}")
+  stats = read_stats(workdir, bank)
+  log(f"{bank}: done, objective {stats['objective'][-1]:.4f}, {stats['seconds']:.1f}s")
+  return stats
+
+
+def run_cluster_stage(workdir: str, banks: Mapping[str, ClusterSpec | Mapping[str, Any]],
+                      log: Callable[[str], None] = print) -> dict[str, dict]:
+  """`--mode=cluster`: clusters every bank of `workdir` named in `banks`.
+
+  Args:
+    workdir: the run's directory (reads features/<bank>/, writes clusters/<bank>/).
+    banks: bank name -> ClusterSpec, or a mapping of ClusterSpec fields; see `cluster_specs`.
+    log: progress lines.
+
+  Returns:
+    bank -> stats (the content of its stats.json).
+  """
+  specs = {bank: _as_spec(bank, spec) for bank, spec in banks.items()}
+  for bank, spec in specs.items():
+    spec.validate(bank)
+  return {bank: cluster_bank(workdir, bank, spec, log) for bank, spec in specs.items()}
+
+
+def load_clusters(workdir: str, bank: str) -> dict[str, Any]:
+  """The stage's outputs for training: centroids [K, D], labels [N, k], ids [N, 2], stats.
+
+  Raises:
+    FileNotFoundError: if the bank has not been clustered to completion.
+  """
+  stats = read_stats(workdir, bank)
+  out = clusters_dir(workdir, bank)
+  if stats is None:
+    raise FileNotFoundError(
+      f"bank {bank!r}: {os.path.join(out, 'stats.json')} is missing; run --mode=cluster")
+  return dict(stats=stats, **{name: np.load(os.path.join(out, f"{name}.npy"))
+                              for name in ("centroids", "labels", "ids")})
