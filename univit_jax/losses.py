@@ -147,7 +147,7 @@ def _normalize(x: jax.Array) -> jax.Array:
 
 def _cosines(embeddings: jax.Array, centres: jax.Array, classes: jax.Array) -> jax.Array:
   """cos [N, M] between embeddings [N, D] and the sampled centres W[classes], clipped to [-1, 1]."""
-  sampled = _normalize(jnp.take(centres, classes, axis=0))
+  sampled = _normalize(jnp.take(centres, classes, axis=0, mode="clip"))
   return jnp.clip(_normalize(embeddings) @ sampled.T, -1.0, 1.0)
 
 
