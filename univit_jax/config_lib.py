@@ -12,7 +12,7 @@ from typing import Any
 
 import ml_collections
 
-from univit_jax.models import rope, variants
+from univit_jax.models import heads, rope, variants
 
 
 class ConfigError(ValueError):
@@ -281,4 +281,93 @@ def default_config(variant: str) -> ml_collections.ConfigDict:
     num_clusters=dict(object=1_000_000, event_1=100_000, event_2=100_000, event_4=100_000,
                       event_8=100_000),
     iterations=20, top_k=10, init="kmeans++", backend="auto", seed=0))
+
+  # Cluster discrimination (MLCD Eq. 5 with RICE's scale and margin, or the OneVision-Encoder
+  # CosFace-per-slot form) per bank, plus the structured contrastive loss; see losses.py.
+  c.loss = ml_collections.ConfigDict(dict(
+    kind="mlcd", scale=64.0, margin=0.3, sample_ratio=0.1, num_positive_slots=8,
+    filter_threshold=0.75,
+    bank_weights=dict(object=1.0, event_1=1.0, event_2=1.0, event_4=1.0, event_8=1.0),
+    contrastive=dict(weight=1.0, temperature=0.1),
+    # Curriculum, coarse to fine: (training progress from which it applies, active event
+    # granularities).
+    event_schedule=((0.0, (1,)), (0.25, (1, 2)), (0.5, (1, 2, 4)), (0.75, (1, 2, 4, 8)))))
   return c
+
+
+LOSS_KINDS = ("mlcd", "cosface_slot")
+
+
+@dataclasses.dataclass(frozen=True)
+class DiscriminationConfig:
+  """How embeddings are scored against one class-centre bank (`losses.discrimination_loss`)."""
+  kind: str = "mlcd"
+  scale: float = 64.0
+  margin: float = 0.3
+  sample_ratio: float = 0.1
+  num_positive_slots: int = 8
+  filter_threshold: float = 0.75
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  """Typed view of `config.loss`, built by `loss_config`."""
+  discrimination: DiscriminationConfig = DiscriminationConfig()
+  bank_weights: tuple[tuple[str, float], ...] = ()
+  contrastive_weight: float = 1.0
+  temperature: float = 0.1
+  event_schedule: tuple[tuple[float, tuple[int, ...]], ...] = ((0.0, (1,)),)
+
+
+def loss_config(config: ml_collections.ConfigDict) -> LossConfig:
+  """Validated typed view of `config.loss`.
+
+  Raises:
+    ConfigError: naming the field, for unknown kinds, out-of-range values, a malformed schedule,
+      or an event granularity of the schedule without a bank weight.
+  """
+  l = config.loss
+  if l.kind not in LOSS_KINDS:
+    raise ConfigError(f"loss.kind={l.kind!r}: expected one of {LOSS_KINDS}")
+  if l.scale <= 0:
+    raise ConfigError(f"loss.scale={l.scale} must be positive")
+  if not 0 <= l.margin < 1:
+    raise ConfigError(f"loss.margin={l.margin} must be in [0, 1)")
+  if not 0 < l.sample_ratio <= 1:
+    raise ConfigError(f"loss.sample_ratio={l.sample_ratio} must be in (0, 1]")
+  if l.num_positive_slots < 1:
+    raise ConfigError(f"loss.num_positive_slots={l.num_positive_slots} must be positive")
+  if not -1 <= l.filter_threshold <= 1:
+    raise ConfigError(f"loss.filter_threshold={l.filter_threshold} must be a cosine in [-1, 1]")
+  if l.contrastive.weight < 0:
+    raise ConfigError(f"loss.contrastive.weight={l.contrastive.weight} must be >= 0")
+  if l.contrastive.temperature <= 0:
+    raise ConfigError(f"loss.contrastive.temperature={l.contrastive.temperature} must be positive")
+  weights = tuple((str(name), float(w)) for name, w in l.bank_weights.items())
+  for name, w in weights:
+    if w < 0:
+      raise ConfigError(f"loss.bank_weights.{name}={w} must be >= 0")
+  schedule = tuple((float(start), tuple(int(g) for g in gs)) for start, gs in l.event_schedule)
+  starts = [start for start, _ in schedule]
+  if not schedule or starts[0] != 0.0 or any(b <= a for a, b in zip(starts, starts[1:])):
+    raise ConfigError(
+      f"loss.event_schedule={schedule}: needs entries (start, granularities) with strictly "
+      "increasing starts, the first at 0.0")
+  for start, gs in schedule:
+    if not gs or any(g < 1 for g in gs) or start >= 1:
+      raise ConfigError(
+        f"loss.event_schedule entry {(start, gs)}: start must be < 1 and the granularities "
+        "positive and non-empty")
+    missing = [heads.event_bank_name(g) for g in gs
+               if heads.event_bank_name(g) not in dict(weights)]
+    if missing:
+      raise ConfigError(
+        f"loss.event_schedule uses granularities without a weight in loss.bank_weights: "
+        f"{missing}")
+  return LossConfig(
+    discrimination=DiscriminationConfig(
+      kind=l.kind, scale=float(l.scale), margin=float(l.margin),
+      sample_ratio=float(l.sample_ratio), num_positive_slots=int(l.num_positive_slots),
+      filter_threshold=float(l.filter_threshold)),
+    bank_weights=weights, contrastive_weight=float(l.contrastive.weight),
+    temperature=float(l.contrastive.temperature), event_schedule=schedule)
