@@ -23,6 +23,7 @@ import av
 import numpy as np
 from PIL import Image, ImageOps
 
+from univit_jax import config_lib
 from univit_jax.data import video
 
 SOURCE_TYPES = ("tfds", "video_folder", "image_folder", "demo")
@@ -66,23 +67,29 @@ class SourceSpec:
 
   @classmethod
   def from_dict(cls, name: str, spec: Mapping[str, Any]) -> "SourceSpec":
-    """Validates a spec dict; raises ValueError naming the source and field."""
+    """Validates a spec dict.
+
+    Raises:
+      config_lib.ConfigError: naming the source and field.
+    """
     spec = dict(spec)
     kind = spec.pop("type", None)
     if kind not in SOURCE_TYPES:
-      raise ValueError(f"data.sources.{name}.type={kind!r}: expected one of {SOURCE_TYPES}")
+      raise config_lib.ConfigError(
+        f"data.sources.{name}.type={kind!r}: expected one of {SOURCE_TYPES}")
     frames = spec.pop("frames", None)
     if frames is not None:
       frames = tuple(int(t) for t in frames)
     allowed = _SOURCE_FIELDS[kind]
     unknown = sorted(set(spec) - set(allowed))
     if unknown:
-      raise ValueError(
+      raise config_lib.ConfigError(
         f"data.sources.{name}: unknown fields {unknown} for type {kind!r}; "
         f"expected some of {sorted(allowed)} plus type, frames")
     missing = sorted(k for k, required in allowed.items() if required and k not in spec)
     if missing:
-      raise ValueError(f"data.sources.{name}: type {kind!r} needs fields {missing}")
+      raise config_lib.ConfigError(
+        f"data.sources.{name}: type {kind!r} needs fields {missing}")
     options = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in spec.items()))
     return cls(name=name, type=kind, frames=frames, options=options)
 
