@@ -275,6 +275,11 @@ def default_config(variant: str) -> ml_collections.ConfigDict:
   c.total_steps = 100_000
   c.summary = ml_collections.ConfigDict(dict(compile=True))
 
+  # Teacher features for clustering (--mode=extract), see univit_jax/clustering/extract.py.
+  c.extract = ml_collections.ConfigDict(dict(
+    teacher="pixels", pixels_dim=32, pixels_fit_examples=256, batch_size=256, clip_frames=16,
+    granularities=(1, 2, 4, 8), segment_frames=2, proposal_grids=(2, 3)))
+
   # Offline clustering (--mode=cluster), see univit_jax/clustering/labels.py. One bank per
   # granularity: image regions ("object") and clips cut into 1, 2, 4, 8 ordered segments.
   c.cluster = ml_collections.ConfigDict(dict(

@@ -24,7 +24,23 @@ def _summary(config, workdir):
   summary.run(config, workdir)
 
 
-MODES = {"summary": _summary}
+def _extract(config, workdir):
+  from univit_jax.clustering import extract
+  extract.run_extract(config, _require(workdir))
+
+
+def _cluster(config, workdir):
+  from univit_jax.clustering import labels
+  labels.run_cluster_stage(_require(workdir), labels.extracted_specs(config, workdir))
+
+
+def _require(workdir: str | None) -> str:
+  if not workdir:
+    raise app.UsageError("--workdir is required for this mode")
+  return workdir
+
+
+MODES = {"summary": _summary, "extract": _extract, "cluster": _cluster}
 
 
 def parse_flags(argv: list[str]) -> list[str]:
