@@ -145,10 +145,19 @@ def _normalize(x: jax.Array) -> jax.Array:
   return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), _EPS * _EPS))
 
 
-def _cosines(embeddings: jax.Array, centres: jax.Array, classes: jax.Array) -> jax.Array:
-  """cos [N, M] between embeddings [N, D] and the sampled centres W[classes], clipped to [-1, 1]."""
+def _cosines(embeddings: jax.Array, centres: jax.Array, classes: jax.Array,
+             sharding: jax.sharding.Sharding | None) -> jax.Array:
+  """cos [N, M] between embeddings [N, D] and the sampled centres W[classes], clipped to [-1, 1].
+
+  `sharding`, when given, pins the [N, M] cosines (and so the largest intermediates, the logits,
+  and their gradients) to a layout, e.g. rows over ("data", "fsdp") and classes over "model";
+  otherwise GSPMD picks one, which can leave the class axis replicated.
+  """
   sampled = _normalize(jnp.take(centres, classes, axis=0, mode="clip"))
-  return jnp.clip(_normalize(embeddings) @ sampled.T, -1.0, 1.0)
+  cos = _normalize(embeddings) @ sampled.T
+  if sharding is not None:
+    cos = jax.lax.with_sharding_constraint(cos, sharding)
+  return jnp.clip(cos, -1.0, 1.0)
 
 
 def _positive_mask(sample: ClassSample) -> jax.Array:
@@ -212,7 +221,8 @@ def _common_metrics(cos: jax.Array, positive: jax.Array, row_valid: jax.Array,
 
 def mlcd_loss(embeddings: jax.Array, labels: jax.Array, valid: jax.Array | None,
               centres: jax.Array, rng: jax.Array, *, scale: float = 64.0, margin: float = 0.3,
-              sample_ratio: float = 0.1) -> LossOutput:
+              sample_ratio: float = 0.1,
+              logits_sharding: jax.sharding.Sharding | None = None) -> LossOutput:
   """MLCD Eq. 5 with a positive margin (RICE), over partial-FC sampled negatives.
 
     L_n = log(1 + sum_{i in P_n} exp(-s (cos_ni - m))) + log(1 + sum_{j in N'_n} exp(s cos_nj))
@@ -227,6 +237,8 @@ def mlcd_loss(embeddings: jax.Array, labels: jax.Array, valid: jax.Array | None,
     centres: [K, D] the bank.
     rng: PRNG key for the negative sampling.
     scale: s. margin: m. sample_ratio: r.
+    logits_sharding: optional layout of the [N, M] logits, N = the flattened rows (the train
+      step passes the logical axes ("batch", "classes") resolved on its mesh).
 
   Returns:
     (loss, metrics): loss, positive_loss, negative_loss, positive_cos, negative_cos,
@@ -235,7 +247,7 @@ def mlcd_loss(embeddings: jax.Array, labels: jax.Array, valid: jax.Array | None,
   _check_bank(embeddings, centres)
   emb, labels, valid = _flatten(embeddings, labels, valid)
   sample = sample_classes(labels, valid, centres.shape[0], sample_ratio, rng)
-  cos = _cosines(emb, centres, sample.classes)
+  cos = _cosines(emb, centres, sample.classes, logits_sharding)
   positive = _positive_mask(sample)
   row_valid = valid & jnp.any(sample.label_valid, axis=-1)
   positive_loss = _log1p_sum_exp(-scale * (cos - margin), positive)
@@ -259,7 +271,8 @@ def choose_slots(label_valid: jax.Array, num_slots: int, rng: jax.Array) -> jax.
 def cosface_slot_loss(embeddings: jax.Array, labels: jax.Array, valid: jax.Array | None,
                       centres: jax.Array, rng: jax.Array, *, scale: float = 64.0,
                       margin: float = 0.3, sample_ratio: float = 0.1, num_slots: int = 8,
-                      filter_threshold: float = 0.75) -> LossOutput:
+                      filter_threshold: float = 0.75,
+                      logits_sharding: jax.sharding.Sharding | None = None) -> LossOutput:
   """OneVision-Encoder's form: CosFace softmax cross-entropy per sampled label slot.
 
   For each row n and each of S slots drawn from its k labels (target t):
@@ -286,7 +299,7 @@ def cosface_slot_loss(embeddings: jax.Array, labels: jax.Array, valid: jax.Array
   sample_rng, slot_rng = jax.random.split(rng)
   emb, labels, valid = _flatten(embeddings, labels, valid)
   sample = sample_classes(labels, valid, centres.shape[0], sample_ratio, sample_rng)
-  cos = _cosines(emb, centres, sample.classes)
+  cos = _cosines(emb, centres, sample.classes, logits_sharding)
   slots = choose_slots(sample.label_valid, num_slots, slot_rng)
   slot_pos = jnp.take_along_axis(sample.label_pos, slots, axis=1)
   slot_valid = jnp.take_along_axis(sample.label_valid, slots, axis=1)
@@ -306,7 +319,8 @@ def cosface_slot_loss(embeddings: jax.Array, labels: jax.Array, valid: jax.Array
 
 def discrimination_loss(embeddings: jax.Array, labels: jax.Array, valid: jax.Array | None,
                         centres: jax.Array, rng: jax.Array,
-                        config: config_lib.DiscriminationConfig) -> LossOutput:
+                        config: config_lib.DiscriminationConfig,
+                        logits_sharding: jax.sharding.Sharding | None = None) -> LossOutput:
   """One bank's discrimination loss in the configured form (`config.kind`).
 
   The one entry point for the three uses: clip / image embeddings [B, D] with their labels
@@ -316,7 +330,8 @@ def discrimination_loss(embeddings: jax.Array, labels: jax.Array, valid: jax.Arr
   Raises:
     ValueError: for an unknown kind or inconsistent shapes.
   """
-  common = dict(scale=config.scale, margin=config.margin, sample_ratio=config.sample_ratio)
+  common = dict(scale=config.scale, margin=config.margin, sample_ratio=config.sample_ratio,
+                logits_sharding=logits_sharding)
   if config.kind == "mlcd":
     return mlcd_loss(embeddings, labels, valid, centres, rng, **common)
   if config.kind == "cosface_slot":
