@@ -8,6 +8,7 @@ the whole config: `model_config(config)` and friends turn sections into frozen d
 import ast
 import dataclasses
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import ml_collections
@@ -148,13 +149,40 @@ def validate_data(config: ml_collections.ConfigDict) -> None:
       f"data.frames={frames}")
 
 
-def tokens_per_frame(config: ml_collections.ConfigDict) -> int:
-  return (config.data.image_size // config.model.patch_size) ** 2
+def tokens_per_frame(image_size: int, patch_size: int) -> int:
+  """(image_size / patch_size)^2 patch tokens per frame."""
+  return (image_size // patch_size) ** 2
+
+
+def bucket_batch_sizes(
+    frames: Sequence[int], tokens_per_batch: int, image_size: int, patch_size: int,
+    batch_multiple: int = 1) -> dict[int, int]:
+  """Global batch size of each frame-count bucket under a token budget.
+
+  `tokens_per_batch // (T * tokens_per_frame)`, rounded down to a multiple of `batch_multiple`
+  (e.g. the process count, or the data-parallel device count).
+
+  Raises:
+    ConfigError: if some bucket would get no clip, naming the bucket and the budget.
+  """
+  per_frame = tokens_per_frame(image_size, patch_size)
+  sizes = {}
+  for t in frames:
+    size = tokens_per_batch // (t * per_frame) // batch_multiple * batch_multiple
+    if size < 1:
+      raise ConfigError(
+        f"data.tokens_per_batch={tokens_per_batch} leaves no clip for the {t}-frame bucket "
+        f"({t} x {per_frame} tokens, batch a multiple of {batch_multiple}); raise it to at "
+        f"least {t * per_frame * batch_multiple}")
+    sizes[t] = size
+  return sizes
 
 
 def bucket_batch_size(config: ml_collections.ConfigDict, num_frames: int) -> int:
-  """Global batch of the T-frame bucket: the token budget over T x tokens per frame."""
-  return config.data.tokens_per_batch // (num_frames * tokens_per_frame(config))
+  """Global batch of the `num_frames` bucket of `config` (see `bucket_batch_sizes`)."""
+  d = config.data
+  return bucket_batch_sizes(
+    (num_frames,), d.tokens_per_batch, d.image_size, config.model.patch_size)[num_frames]
 
 
 def batch_shards(config: ml_collections.ConfigDict, num_devices: int) -> int:
@@ -178,13 +206,15 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> ModelConfig
   validate_data(config)
   model = model_config(config)
   shards = batch_shards(config, num_devices)
-  for t in config.data.frames:
-    batch = bucket_batch_size(config, t)
+  d = config.data
+  per_frame = tokens_per_frame(d.image_size, config.model.patch_size)
+  for t in d.frames:
+    batch = d.tokens_per_batch // (t * per_frame)
     if batch < 1 or batch % shards:
       raise ConfigError(
-        f"data.tokens_per_batch={config.data.tokens_per_batch} gives a global batch of {batch} "
-        f"for the {t}-frame bucket ({tokens_per_frame(config)} tokens per frame), which must be "
-        f"a positive multiple of the {shards} batch shards of the mesh")
+        f"data.tokens_per_batch={d.tokens_per_batch} gives a global batch of {batch} for the "
+        f"{t}-frame bucket ({per_frame} tokens per frame), which must be a positive multiple "
+        f"of the {shards} batch shards of the mesh")
   return model
 
 

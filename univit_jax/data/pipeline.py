@@ -135,8 +135,8 @@ class DataConfig:
     return self.frames if spec.is_video else (1,)
 
   def batch_sizes(self, batch_multiple: int = 1) -> dict[int, int]:
-    """Global batch size per bucket (see `streams.bucket_batch_sizes`)."""
-    return streams.bucket_batch_sizes(
+    """Global batch size per bucket (see `config_lib.bucket_batch_sizes`)."""
+    return config_lib.bucket_batch_sizes(
       self.frames, self.tokens_per_batch, self.image_size, self.patch_size, batch_multiple)
 
 
@@ -358,7 +358,7 @@ def to_global_batch(
 def example_shapes(cfg: DataConfig, num_frames: int, batch_size: int,
                    with_boxes: bool) -> dict[str, jax.ShapeDtypeStruct]:
   """Shapes and dtypes of a (global) batch of a T-frame bucket, for compiling ahead of data."""
-  s, n = cfg.image_size, num_frames * streams.tokens_per_frame(cfg.image_size, cfg.patch_size)
+  s, n = cfg.image_size, num_frames * config_lib.tokens_per_frame(cfg.image_size, cfg.patch_size)
   shapes = dict(
     frames=((batch_size, num_frames, s, s, 3), np.float32),
     frame_mask=((batch_size, num_frames), np.bool_),
