@@ -406,3 +406,28 @@ def loss_config(config: ml_collections.ConfigDict) -> LossConfig:
       filter_threshold=float(l.filter_threshold)),
     bank_weights=weights, contrastive_weight=float(l.contrastive.weight),
     temperature=float(l.contrastive.temperature), event_schedule=schedule)
+
+
+def pretraining_config(arg: str | None, variant: str, tokens_per_batch: int
+                       ) -> ml_collections.ConfigDict:
+  """The accelerator recipe shared by configs/vit_{s,b,l}.py.
+
+  bf16 compute, scanned layers with dot-saving remat, 224 px frames, FSDP over all devices.
+  `arg` takes `variant=<size>/<patch>` and `runlocal`, which keeps the model but shrinks frames
+  and batches so the config compiles and runs on one CPU.
+  """
+  arg = parse_arg(arg, variant=variant, runlocal=False)
+  c = default_config(arg.variant)
+  c.model.dtype = "bfloat16"
+  c.model.scan = True
+  c.model.remat = "dots"
+  c.data.image_size = 224
+  c.data.tokens_per_batch = tokens_per_batch
+  c.mesh.shape = (1, -1, 1)
+  if arg.runlocal:
+    c.model.dtype = "float32"
+    c.data.image_size = 4 * c.model.patch_size
+    c.data.tokens_per_batch = 16 * 16 * 8
+    c.mesh.shape = (-1, 1, 1)
+  return c
+
