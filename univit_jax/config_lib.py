@@ -303,6 +303,7 @@ def default_config(variant: str) -> ml_collections.ConfigDict:
     lr=1e-3, weight_decay=0.2, b1=0.9, b2=0.999, eps=1e-8, grad_clip_norm=1.0,
     schedule="cosine", warmup_steps=1000, end_lr_fraction=0.0))
   c.total_steps = 100_000
+  c.rounds = 1  # extract -> cluster -> train rounds of --mode=pipeline
   c.summary = ml_collections.ConfigDict(dict(compile=True))
 
   # Teacher features for clustering (--mode=extract), see univit_jax/clustering/extract.py.

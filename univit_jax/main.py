@@ -40,7 +40,12 @@ def _require(workdir: str | None) -> str:
   return workdir
 
 
-MODES = {"summary": _summary, "extract": _extract, "cluster": _cluster}
+def _pipeline(config, workdir):
+  from univit_jax import rounds
+  rounds.run_pipeline(config, _require(workdir))
+
+
+MODES = {"summary": _summary, "extract": _extract, "cluster": _cluster, "pipeline": _pipeline}
 
 
 def parse_flags(argv: list[str]) -> list[str]:
