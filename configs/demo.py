@@ -20,9 +20,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Images of single items and of several objects (with boxes) feed the 1-frame bucket; the event
   # videos (16 frames) feed every bucket.
   c.data.sources = ml_collections.ConfigDict(dict(
-    items=dict(type="demo", kind="items", split="train", num_examples=1024, frames=(1,)),
+    digits=dict(type="demo", kind="items", split="train", num_examples=1024, frames=(1,)),
     objects=dict(type="demo", kind="objects", split="train", num_examples=1024, frames=(1,)),
     events=dict(type="demo", kind="events", split="train", num_examples=512)))
+  c.extract.batch_size = 64
+  c.extract.proposal_grids = (2,)
+  c.cluster.num_clusters = dict(object=64, event_1=32, event_2=32, event_4=32, event_8=32)
   c.optim.lr = 1e-3
   c.optim.weight_decay = 0.05
   # A round trains a handful of steps (seconds to a minute on a laptop CPU once compiled).

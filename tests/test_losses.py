@@ -209,8 +209,9 @@ def test_discrimination_loss_accepts_segments_and_regions():
 # Sharded banks give the single-device result.
 
 
-@pytest.mark.parametrize("kind, mesh_shape", [("mlcd", (2, 2, 2)), ("cosface_slot", (1, 1, 8))])
-def test_sharded_bank_matches_one_device(kind, mesh_shape):
+@pytest.mark.parametrize("kind, mesh_shape, pin_logits", [
+  ("mlcd", (2, 2, 2), True), ("cosface_slot", (1, 1, 8), True), ("mlcd", (1, 1, 8), False)])
+def test_sharded_bank_matches_one_device(kind, mesh_shape, pin_logits):
   mesh = jax.make_mesh(mesh_shape, ("data", "fsdp", "model"), axis_types=(AxisType.Auto,) * 3)
   rng = np.random.default_rng(0)
   emb = rng.normal(size=(8, 2, D)).astype(np.float32)  # [B, g, D] segments
@@ -220,15 +221,19 @@ def test_sharded_bank_matches_one_device(kind, mesh_shape):
   cfg = config_lib.DiscriminationConfig(kind=kind, sample_ratio=0.25, num_positive_slots=2,
                                         scale=64.0)
 
-  def loss_and_grads(e, l, v, w):
-    f = lambda e, w: losses.discrimination_loss(e, l, v, w, jax.random.key(7), cfg)[0]
+  def loss_and_grads(e, l, v, w, logits_sharding=None):
+    f = lambda e, w: losses.discrimination_loss(e, l, v, w, jax.random.key(7), cfg,
+                                                logits_sharding)[0]
     return jax.value_and_grad(f, argnums=(0, 1))(e, w)
 
   one = jax.device_put((emb, labels, valid, bank), jax.devices()[0])
   want_loss, want_grads = jax.jit(loss_and_grads)(*one)
+  # Rows over the batch axes, sampled classes over "model": the logits are split, not copied.
+  logits = NamedSharding(mesh, P(("data", "fsdp"), "model")) if pin_logits else None
   batch = NamedSharding(mesh, P(("data", "fsdp")))
   classes = NamedSharding(mesh, P(("fsdp", "model"), None))
-  sharded = jax.jit(loss_and_grads, in_shardings=(batch, batch, batch, classes),
+  sharded = jax.jit(functools.partial(loss_and_grads, logits_sharding=logits),
+                    in_shardings=(batch, batch, batch, classes),
                     out_shardings=(None, (batch, classes)))
   args = [jax.device_put(x, s) for x, s in zip((emb, labels, valid, bank),
                                                (batch, batch, batch, classes))]

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from fakes import FakeSource
 
+from helpers import load_config
 from univit_jax import checkpointing, config_lib
 from univit_jax.data import pipeline, sources, transforms
 
@@ -137,12 +138,11 @@ def test_to_global_batch_shards_the_batch_axis():
 
 
 def test_data_config_from_demo_config():
-  sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-  from configs import demo  # pylint: disable=g-import-not-at-top
-  cfg = pipeline.DataConfig.from_config(demo.get_config())
-  assert [s.name for s in cfg.sources] == ["events", "items", "objects"]
-  assert cfg.source_buckets(cfg.sources[0]) == (1, 2, 4, 8, 16)
-  assert cfg.source_buckets(cfg.sources[1]) == (1,)
+  cfg = pipeline.DataConfig.from_config(load_config("demo"))
+  assert [s.name for s in cfg.sources] == ["digits", "events", "objects"]
+  digits, events, _ = cfg.sources
+  assert cfg.source_buckets(events) == (1, 2, 4, 8, 16)
+  assert cfg.source_buckets(digits) == (1,)
   c = config_lib.default_config("mu/8")
   c.data.sources.bad = dict(type="nope")
   with pytest.raises(ValueError, match="data.sources.bad.type='nope'"):

@@ -112,3 +112,49 @@ def test_tfds_detection_boxes_under_mock_data():
     assert batch["boxes"].shape == (2, 3, 4) and batch["box_labels"].shape == (2, 3)
     boxes = batch["boxes"][batch["box_mask"]]
     assert ((0 <= boxes) & (boxes <= 1)).all()
+
+
+def test_tfds_prepared_directory_with_boxes(tmp_path):
+  """The coco/2017 route without TensorFlow: read a prepared dataset from its folder."""
+  tfds = pytest.importorskip("tensorflow_datasets")
+
+  class DetectionForTest(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        "image": tfds.features.Image(shape=(None, None, 3)),
+        "objects": tfds.features.Sequence({
+          "bbox": tfds.features.BBoxFeature(),
+          "label": tfds.features.ClassLabel(num_classes=5)})}))
+
+    def _split_generators(self, dl_manager):
+      return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+      for i in range(4):
+        yield i, {"image": Image.fromarray(np.full((20, 30, 3), 40 * i, np.uint8)),
+                  "objects": {"bbox": [tfds.features.BBox(0.1, 0.2, 0.5, 0.6)] * i,
+                              "label": [i] * i}}
+
+  builder = DetectionForTest(data_dir=str(tmp_path), file_format="array_record")
+  builder.download_and_prepare()
+  spec = sources.SourceSpec.from_dict("det", dict(
+    type="tfds", name="detection_for_test", split="train", builder_dir=str(builder.data_dir),
+    label_key=None, boxes_key="objects/bbox", box_labels_key="objects/label"))
+  source = sources.build_source(spec)
+  assert len(source) == 4
+  # TFDS shuffles records when preparing; record i's image value says how many boxes it has.
+  counts = [int(source[i]["frames"][0, 0, 0, 0]) // 40 for i in range(4)]
+  assert sorted(counts) == [0, 1, 2, 3]
+  for i, n in enumerate(counts):
+    assert source[i]["frames"].shape == (1, 20, 30, 3) and source[i]["boxes"].shape == (n, 4)
+  cfg = pipeline.DataConfig(sources=(spec,), frames=(1,), bucket_weights=(1,),
+                            tokens_per_batch=4 * 16, image_size=16, patch_size=4, max_boxes=2,
+                            transform=transforms.TransformConfig(16, augment=False))
+  batch = next(iter(pipeline.build_eval_dataset(cfg, 1, 4, sources={"det": source},
+                                                process_index=0, process_count=1)))
+  kept = [min(n, 2) for n in counts]
+  assert batch["box_mask"].sum(1).tolist() == kept
+  for labels, n, k in zip(batch["box_labels"], counts, kept):
+    assert labels[:k].tolist() == [n] * k

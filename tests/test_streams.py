@@ -7,16 +7,17 @@ import numpy as np
 import pytest
 from fakes import FakeSource
 
-from univit_jax.data import pipeline, sources, streams, transforms
+from univit_jax import config_lib
+from univit_jax.data import pipeline, sources, transforms
 from univit_jax.models import rope
 
 
 def test_bucket_batch_sizes_follow_token_budget():
-  sizes = streams.bucket_batch_sizes((1, 2, 4, 8, 16), 16 * 16 * 4, 32, 8)
+  sizes = config_lib.bucket_batch_sizes((1, 2, 4, 8, 16), 16 * 16 * 4, 32, 8)
   assert sizes == {1: 64, 2: 32, 4: 16, 8: 8, 16: 4}
-  assert streams.bucket_batch_sizes((1, 2), 160, 16, 4, batch_multiple=4) == {1: 8, 2: 4}
+  assert config_lib.bucket_batch_sizes((1, 2), 160, 16, 4, batch_multiple=4) == {1: 8, 2: 4}
   with pytest.raises(ValueError, match="3-frame bucket"):
-    streams.bucket_batch_sizes((1, 3), 160, 16, 4, batch_multiple=4)
+    config_lib.bucket_batch_sizes((1, 3), 160, 16, 4, batch_multiple=4)
 
 
 def _config(**kw):

@@ -8,6 +8,7 @@ the whole config: `model_config(config)` and friends turn sections into frozen d
 import ast
 import dataclasses
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import ml_collections
@@ -148,13 +149,40 @@ def validate_data(config: ml_collections.ConfigDict) -> None:
       f"data.frames={frames}")
 
 
-def tokens_per_frame(config: ml_collections.ConfigDict) -> int:
-  return (config.data.image_size // config.model.patch_size) ** 2
+def tokens_per_frame(image_size: int, patch_size: int) -> int:
+  """(image_size / patch_size)^2 patch tokens per frame."""
+  return (image_size // patch_size) ** 2
+
+
+def bucket_batch_sizes(
+    frames: Sequence[int], tokens_per_batch: int, image_size: int, patch_size: int,
+    batch_multiple: int = 1) -> dict[int, int]:
+  """Global batch size of each frame-count bucket under a token budget.
+
+  `tokens_per_batch // (T * tokens_per_frame)`, rounded down to a multiple of `batch_multiple`
+  (e.g. the process count, or the data-parallel device count).
+
+  Raises:
+    ConfigError: if some bucket would get no clip, naming the bucket and the budget.
+  """
+  per_frame = tokens_per_frame(image_size, patch_size)
+  sizes = {}
+  for t in frames:
+    size = tokens_per_batch // (t * per_frame) // batch_multiple * batch_multiple
+    if size < 1:
+      raise ConfigError(
+        f"data.tokens_per_batch={tokens_per_batch} leaves no clip for the {t}-frame bucket "
+        f"({t} x {per_frame} tokens, batch a multiple of {batch_multiple}); raise it to at "
+        f"least {t * per_frame * batch_multiple}")
+    sizes[t] = size
+  return sizes
 
 
 def bucket_batch_size(config: ml_collections.ConfigDict, num_frames: int) -> int:
-  """Global batch of the T-frame bucket: the token budget over T x tokens per frame."""
-  return config.data.tokens_per_batch // (num_frames * tokens_per_frame(config))
+  """Global batch of the `num_frames` bucket of `config` (see `bucket_batch_sizes`)."""
+  d = config.data
+  return bucket_batch_sizes(
+    (num_frames,), d.tokens_per_batch, d.image_size, config.model.patch_size)[num_frames]
 
 
 def batch_shards(config: ml_collections.ConfigDict, num_devices: int) -> int:
@@ -178,13 +206,15 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> ModelConfig
   validate_data(config)
   model = model_config(config)
   shards = batch_shards(config, num_devices)
-  for t in config.data.frames:
-    batch = bucket_batch_size(config, t)
+  d = config.data
+  per_frame = tokens_per_frame(d.image_size, config.model.patch_size)
+  for t in d.frames:
+    batch = d.tokens_per_batch // (t * per_frame)
     if batch < 1 or batch % shards:
       raise ConfigError(
-        f"data.tokens_per_batch={config.data.tokens_per_batch} gives a global batch of {batch} "
-        f"for the {t}-frame bucket ({tokens_per_frame(config)} tokens per frame), which must be "
-        f"a positive multiple of the {shards} batch shards of the mesh")
+        f"data.tokens_per_batch={d.tokens_per_batch} gives a global batch of {batch} for the "
+        f"{t}-frame bucket ({per_frame} tokens per frame), which must be a positive multiple "
+        f"of the {shards} batch shards of the mesh")
   return model
 
 
@@ -287,7 +317,20 @@ def default_config(variant: str) -> ml_collections.ConfigDict:
     progress_bar=True,  # tqdm bar with ETA on the terminal
     debug_nan_step=-1,  # testing aid: make the contrastive term NaN at this step (-1 = off)
     debug_step_sleep=0.0))  # testing aid: seconds to sleep after each step
+  c.rounds = 1  # extract -> cluster -> train rounds of --mode=pipeline
   c.summary = ml_collections.ConfigDict(dict(compile=True))
+
+  # Teacher features for clustering (--mode=extract), see univit_jax/clustering/extract.py.
+  c.extract = ml_collections.ConfigDict(dict(
+    teacher="pixels", pixels_dim=32, pixels_fit_examples=256, batch_size=256, clip_frames=16,
+    granularities=(1, 2, 4, 8), segment_frames=2, proposal_grids=(2, 3)))
+
+  # Offline clustering (--mode=cluster), see univit_jax/clustering/labels.py. One bank per
+  # granularity: image regions ("object") and clips cut into 1, 2, 4, 8 ordered segments.
+  c.cluster = ml_collections.ConfigDict(dict(
+    num_clusters=dict(object=1_000_000, event_1=100_000, event_2=100_000, event_4=100_000,
+                      event_8=100_000),
+    iterations=20, top_k=10, init="kmeans++", backend="auto", seed=0))
 
   # Cluster discrimination (MLCD Eq. 5 with RICE's scale and margin, or the OneVision-Encoder
   # CosFace-per-slot form) per bank, plus the structured contrastive loss; see losses.py.
@@ -299,13 +342,6 @@ def default_config(variant: str) -> ml_collections.ConfigDict:
     # Curriculum, coarse to fine: (training progress from which it applies, active event
     # granularities).
     event_schedule=((0.0, (1,)), (0.25, (1, 2)), (0.5, (1, 2, 4)), (0.75, (1, 2, 4, 8)))))
-
-  # Offline clustering (--mode=cluster), see univit_jax/clustering/labels.py. One bank per
-  # granularity: image regions ("object") and clips cut into 1, 2, 4, 8 ordered segments.
-  c.cluster = ml_collections.ConfigDict(dict(
-    num_clusters=dict(object=1_000_000, event_1=100_000, event_2=100_000, event_4=100_000,
-                      event_8=100_000),
-    iterations=20, top_k=10, init="kmeans++", backend="auto", seed=0))
   return c
 
 
@@ -385,3 +421,28 @@ def loss_config(config: ml_collections.ConfigDict) -> LossConfig:
       filter_threshold=float(l.filter_threshold)),
     bank_weights=weights, contrastive_weight=float(l.contrastive.weight),
     temperature=float(l.contrastive.temperature), event_schedule=schedule)
+
+
+def pretraining_config(arg: str | None, variant: str, tokens_per_batch: int
+                       ) -> ml_collections.ConfigDict:
+  """The accelerator recipe shared by configs/vit_{s,b,l}.py.
+
+  bf16 compute, scanned layers with dot-saving remat, 224 px frames, FSDP over all devices.
+  `arg` takes `variant=<size>/<patch>` and `runlocal`, which keeps the model but shrinks frames
+  and batches so the config compiles and runs on one CPU.
+  """
+  arg = parse_arg(arg, variant=variant, runlocal=False)
+  c = default_config(arg.variant)
+  c.model.dtype = "bfloat16"
+  c.model.scan = True
+  c.model.remat = "dots"
+  c.data.image_size = 224
+  c.data.tokens_per_batch = tokens_per_batch
+  c.mesh.shape = (1, -1, 1)
+  if arg.runlocal:
+    c.model.dtype = "float32"
+    c.data.image_size = 4 * c.model.patch_size
+    c.data.tokens_per_batch = 16 * 16 * 8
+    c.mesh.shape = (-1, 1, 1)
+  return c
+

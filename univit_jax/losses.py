@@ -12,16 +12,18 @@ all, M static. Two forms, switched by `config.loss.kind`:
 
   mlcd          MLCD Eq. 5 (An et al., arXiv 2407.17331), with the scale s = 64 and positive
                 margin m = 0.3 that RICE (arXiv 2507.20025, Sec. 4.1) uses with it:
-                  L = log(1 + sum_{i in P} exp(-s (cos_i - m))) + log(1 + sum_{j in N'} exp(s cos_j))
+                  L = log(1 + sum_{i in P} exp(-s (cos_i - m)))
+                    + log(1 + sum_{j in N'} exp(s cos_j))
                 N' = the sampled classes that are not positives of this row (other samples'
                 positives included). Averaged over rows.
-  cosface_slot  what OneVision-Encoder's code optimises (`training/fused_partial_fc_v2_multi_res.py`,
-                EvolvingLMMs-Lab/OneVision-Encoder): each step `num_positive_slots` (8) of the k
-                (10) labels are drawn per row; each drawn label is the target of a CosFace softmax
-                cross-entropy over the M sampled classes with logits
-                  s (cos_t - m) for the target, s * (0 if cos_j > 0.75 else cos_j) otherwise
+  cosface_slot  what OneVision-Encoder's code optimises (EvolvingLMMs-Lab/OneVision-Encoder,
+                `training/fused_partial_fc_v2_multi_res.py`): each step `num_positive_slots`
+                (8) of the k (10) labels are drawn per row; each drawn label is the target of a
+                CosFace softmax cross-entropy over the M sampled classes with logits
+                s (cos_t - m) for the target and s * (0 if cos_j > 0.75 else cos_j) otherwise
                 (non-targets above the filter threshold are likely false negatives and are
-                zeroed before scaling). Averaged over (row, slot) pairs.
+                zeroed before scaling; the row's other positives stay in the softmax as
+                non-targets, as in that code). Averaged over (row, slot) pairs.
 
 Both are written with logsumexp-stable forms, so gradients stay finite at s = 64.
 
@@ -32,14 +34,19 @@ Soft-target InfoNCE over the global batch, with targets from the overlap of pseu
 (co-occurrence, `object_sets`); for clips at granularity g, the Jaccard overlap of their sets of
 ordered event transitions (cluster of segment i, cluster of segment i + 1) (`transition_sets`).
 Each clip's segment-shuffled copy (`shuffle_segments`) joins the batch as a hard negative of its
-original (`clip_targets`).
+original (`clip_targets`). A row with no structural partner falls back to the identity as its
+only positive, so it still pushes its negatives away.
 
 Sharding
 --------
 The functions are written on global arrays; under `jax.jit` GSPMD partitions them from the input
 shardings (batch over ("data", "fsdp"), bank classes over ("fsdp", "model")). The class sampling
 draws its randomness for the whole bank at once (`jax.random.uniform` is partitionable), so the
-sampled set, the loss and the gradients do not depend on the mesh.
+sampled set, the loss and the gradients do not depend on the mesh. Pass `logits_sharding`
+(the logical axes ("batch", "classes") resolved on the mesh) to split the [N, M] logits over the
+class axis too; left to itself GSPMD computes them replicated over "model"
+(benchmarks/losses_sharding.py). The bank is never all-gathered: the sampled rows are gathered
+shard-locally and summed, an [M, D] collective.
 """
 
 import math
@@ -83,8 +90,10 @@ class ClassSample(NamedTuple):
 def num_sampled_classes(num_classes: int, num_labels: int, sample_ratio: float) -> int:
   """The static number of sampled classes M = min(K, max(min(n, K), ceil(r K))).
 
-  `num_labels` n (rows x k) bounds the number of distinct positives, so M always has room for
-  all of them; the remainder, at least ceil(r K) - n, are random negatives.
+  `num_labels` n (rows x k, padding included) bounds the number of distinct positives, so M
+  always has room for all of them; the rest of the M are random negatives. With large global
+  batches n exceeds r K (32K rows x 10 labels > 10 % of 1M classes) and M = n: a static shape
+  must hold the worst case, which a dynamic-shape PartialFC does not pay for.
 
   Raises:
     ValueError: for a non-positive K or a ratio outside (0, 1].
@@ -118,8 +127,7 @@ def sample_classes(labels: jax.Array, valid: jax.Array, num_classes: int, sample
     The `ClassSample`.
   """
   labels = labels.astype(jnp.int32)
-  k_total = labels.size
-  m = num_sampled_classes(num_classes, k_total, sample_ratio)
+  m = num_sampled_classes(num_classes, labels.size, sample_ratio)
   in_rows = (labels >= 0) & valid[:, None]
   label_valid = in_rows & (labels < num_classes)
   ids = jnp.where(label_valid, labels, num_classes).reshape(-1)
@@ -145,10 +153,19 @@ def _normalize(x: jax.Array) -> jax.Array:
   return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), _EPS * _EPS))
 
 
-def _cosines(embeddings: jax.Array, centres: jax.Array, classes: jax.Array) -> jax.Array:
-  """cos [N, M] between embeddings [N, D] and the sampled centres W[classes], clipped to [-1, 1]."""
-  sampled = _normalize(jnp.take(centres, classes, axis=0))
-  return jnp.clip(_normalize(embeddings) @ sampled.T, -1.0, 1.0)
+def _cosines(embeddings: jax.Array, centres: jax.Array, classes: jax.Array,
+             sharding: jax.sharding.Sharding | None) -> jax.Array:
+  """cos [N, M] between embeddings [N, D] and the sampled centres W[classes], clipped to [-1, 1].
+
+  `sharding`, when given, pins the [N, M] cosines (and so the largest intermediates, the logits,
+  and their gradients) to a layout, e.g. rows over ("data", "fsdp") and classes over "model";
+  otherwise GSPMD picks one, which can leave the class axis replicated.
+  """
+  sampled = _normalize(jnp.take(centres, classes, axis=0, mode="clip"))
+  cos = _normalize(embeddings) @ sampled.T
+  if sharding is not None:
+    cos = jax.lax.with_sharding_constraint(cos, sharding)
+  return jnp.clip(cos, -1.0, 1.0)
 
 
 def _positive_mask(sample: ClassSample) -> jax.Array:
@@ -212,7 +229,8 @@ def _common_metrics(cos: jax.Array, positive: jax.Array, row_valid: jax.Array,
 
 def mlcd_loss(embeddings: jax.Array, labels: jax.Array, valid: jax.Array | None,
               centres: jax.Array, rng: jax.Array, *, scale: float = 64.0, margin: float = 0.3,
-              sample_ratio: float = 0.1) -> LossOutput:
+              sample_ratio: float = 0.1,
+              logits_sharding: jax.sharding.Sharding | None = None) -> LossOutput:
   """MLCD Eq. 5 with a positive margin (RICE), over partial-FC sampled negatives.
 
     L_n = log(1 + sum_{i in P_n} exp(-s (cos_ni - m))) + log(1 + sum_{j in N'_n} exp(s cos_nj))
@@ -227,6 +245,8 @@ def mlcd_loss(embeddings: jax.Array, labels: jax.Array, valid: jax.Array | None,
     centres: [K, D] the bank.
     rng: PRNG key for the negative sampling.
     scale: s. margin: m. sample_ratio: r.
+    logits_sharding: optional layout of the [N, M] logits, N = the flattened rows (the train
+      step passes the logical axes ("batch", "classes") resolved on its mesh).
 
   Returns:
     (loss, metrics): loss, positive_loss, negative_loss, positive_cos, negative_cos,
@@ -235,7 +255,7 @@ def mlcd_loss(embeddings: jax.Array, labels: jax.Array, valid: jax.Array | None,
   _check_bank(embeddings, centres)
   emb, labels, valid = _flatten(embeddings, labels, valid)
   sample = sample_classes(labels, valid, centres.shape[0], sample_ratio, rng)
-  cos = _cosines(emb, centres, sample.classes)
+  cos = _cosines(emb, centres, sample.classes, logits_sharding)
   positive = _positive_mask(sample)
   row_valid = valid & jnp.any(sample.label_valid, axis=-1)
   positive_loss = _log1p_sum_exp(-scale * (cos - margin), positive)
@@ -259,7 +279,8 @@ def choose_slots(label_valid: jax.Array, num_slots: int, rng: jax.Array) -> jax.
 def cosface_slot_loss(embeddings: jax.Array, labels: jax.Array, valid: jax.Array | None,
                       centres: jax.Array, rng: jax.Array, *, scale: float = 64.0,
                       margin: float = 0.3, sample_ratio: float = 0.1, num_slots: int = 8,
-                      filter_threshold: float = 0.75) -> LossOutput:
+                      filter_threshold: float = 0.75,
+                      logits_sharding: jax.sharding.Sharding | None = None) -> LossOutput:
   """OneVision-Encoder's form: CosFace softmax cross-entropy per sampled label slot.
 
   For each row n and each of S slots drawn from its k labels (target t):
@@ -286,7 +307,7 @@ def cosface_slot_loss(embeddings: jax.Array, labels: jax.Array, valid: jax.Array
   sample_rng, slot_rng = jax.random.split(rng)
   emb, labels, valid = _flatten(embeddings, labels, valid)
   sample = sample_classes(labels, valid, centres.shape[0], sample_ratio, sample_rng)
-  cos = _cosines(emb, centres, sample.classes)
+  cos = _cosines(emb, centres, sample.classes, logits_sharding)
   slots = choose_slots(sample.label_valid, num_slots, slot_rng)
   slot_pos = jnp.take_along_axis(sample.label_pos, slots, axis=1)
   slot_valid = jnp.take_along_axis(sample.label_valid, slots, axis=1)
@@ -306,7 +327,8 @@ def cosface_slot_loss(embeddings: jax.Array, labels: jax.Array, valid: jax.Array
 
 def discrimination_loss(embeddings: jax.Array, labels: jax.Array, valid: jax.Array | None,
                         centres: jax.Array, rng: jax.Array,
-                        config: config_lib.DiscriminationConfig) -> LossOutput:
+                        config: config_lib.DiscriminationConfig,
+                        logits_sharding: jax.sharding.Sharding | None = None) -> LossOutput:
   """One bank's discrimination loss in the configured form (`config.kind`).
 
   The one entry point for the three uses: clip / image embeddings [B, D] with their labels
@@ -316,7 +338,8 @@ def discrimination_loss(embeddings: jax.Array, labels: jax.Array, valid: jax.Arr
   Raises:
     ValueError: for an unknown kind or inconsistent shapes.
   """
-  common = dict(scale=config.scale, margin=config.margin, sample_ratio=config.sample_ratio)
+  common = dict(scale=config.scale, margin=config.margin, sample_ratio=config.sample_ratio,
+                logits_sharding=logits_sharding)
   if config.kind == "mlcd":
     return mlcd_loss(embeddings, labels, valid, centres, rng, **common)
   if config.kind == "cosface_slot":
@@ -340,6 +363,9 @@ def set_jaccard(ids: jax.Array, valid: jax.Array) -> jax.Array:
 
   Returns:
     [B, B] float32 in [0, 1]; 1 for identical non-empty sets, 0 when either set is empty.
+
+  Cost: B^2 S^2 tuple comparisons; XLA fuses the compare into the reduction, so memory is
+  O(B^2) like the contrastive logits themselves.
   """
   s = ids.shape[1]
   same_in_row = jnp.all(ids[:, :, None, :] == ids[:, None, :, :], axis=-1)  # [B, S, S]

@@ -4,6 +4,7 @@
 field of the locked config, so a typo fails at start-up instead of being ignored.
 """
 
+import os
 import sys
 
 from absl import app, flags
@@ -23,10 +24,26 @@ def _summary(config, workdir):
   summary.run(config, workdir)
 
 
+def _extract(config, workdir):
+  from univit_jax.clustering import extract
+  extract.run_extract(config, _require(workdir))
+
+
+def _cluster(config, workdir):
+  from univit_jax.clustering import labels
+  labels.run_cluster_stage(_require(workdir), labels.extracted_specs(config, workdir))
+
+
+def _require(workdir: str | None) -> str:
+  if not workdir:
+    raise app.UsageError("--workdir is required for this mode")
+  return workdir
+
+
 def _train(config, workdir):
   from univit_jax import train
   try:
-    result = train.run_train(config, workdir)
+    result = train.run_train(config, _require(workdir))
   except (train.LabelError, train.CheckpointMismatchError, train.NonFiniteError) as e:
     print(f"Training stopped: {e}", file=sys.stderr)
     sys.exit(1)
@@ -34,7 +51,13 @@ def _train(config, workdir):
   print(f"Training {how} at step {result.step}; cluster labels {result.label_versions}")
 
 
-MODES = {"summary": _summary, "train": _train}
+def _pipeline(config, workdir):
+  from univit_jax import rounds
+  rounds.run_pipeline(config, _require(workdir))
+
+
+MODES = {"summary": _summary, "extract": _extract, "cluster": _cluster, "train": _train,
+         "pipeline": _pipeline}
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -55,6 +78,9 @@ def parse_flags(argv: list[str]) -> list[str]:
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if os.environ.get("UNIVIT_DISTRIBUTED"):
+    import jax
+    jax.distributed.initialize()  # Multi-host: discovers the slice (see launch/).
   config = _CONFIG.value
   if config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/demo.py")

@@ -130,7 +130,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | None) -> dict:
   for t in config.data.frames:
     summary["buckets"][t] = dict(
       global_batch=config_lib.bucket_batch_size(config, t),
-      tokens_per_sample=t * config_lib.tokens_per_frame(config),
+      tokens_per_sample=t * config_lib.tokens_per_frame(
+        config.data.image_size, config.model.patch_size),
       gflops_per_sample=forward_flops(cfg, t, config.data.image_size) / 1e9)
 
   _print_static(summary)

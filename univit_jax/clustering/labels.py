@@ -51,6 +51,23 @@ def cluster_specs(config: ml_collections.ConfigDict) -> dict[str, ClusterSpec]:
   return specs
 
 
+def extracted_specs(config: ml_collections.ConfigDict, workdir: str) -> dict[str, ClusterSpec]:
+  """`cluster_specs` restricted to the banks extraction wrote (a run without videos has no
+  event banks).
+
+  Raises:
+    store.FeatureStoreError: if no configured bank has features in `workdir`.
+  """
+  specs = cluster_specs(config)
+  present = {b: s for b, s in specs.items()
+             if os.path.exists(os.path.join(store.bank_dir(workdir, b), "meta.json"))}
+  if not present:
+    raise store.FeatureStoreError(
+      f"no feature bank of {sorted(specs)} under {os.path.join(workdir, 'features')}; "
+      "run --mode=extract first")
+  return present
+
+
 def _as_spec(bank: str, spec: ClusterSpec | Mapping[str, Any]) -> ClusterSpec:
   if isinstance(spec, ClusterSpec):
     return spec

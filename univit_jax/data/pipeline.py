@@ -25,6 +25,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from univit_jax import config_lib
 from univit_jax.data import sources as sources_lib
 from univit_jax.data import streams
 from univit_jax.data import transforms
@@ -80,27 +81,35 @@ class DataConfig:
   def __post_init__(self):
     if self.transform is None:
       object.__setattr__(self, "transform", transforms.TransformConfig(self.image_size))
+    if self.transform.image_size != self.image_size:
+      raise config_lib.ConfigError(
+        f"transform image_size={self.transform.image_size} differs from "
+        f"data.image_size={self.image_size}")
     if self.frame_sampling not in video.SAMPLINGS:
-      raise ValueError(
+      raise config_lib.ConfigError(
         f"data.frame_sampling={self.frame_sampling!r}: expected one of {video.SAMPLINGS}")
     if len(self.bucket_weights) != len(self.frames):
-      raise ValueError(f"data.bucket_weights={self.bucket_weights} needs one weight per bucket "
-                       f"in data.frames={self.frames}")
+      raise config_lib.ConfigError(
+        f"data.bucket_weights={self.bucket_weights} needs one weight per bucket in "
+        f"data.frames={self.frames}")
     if self.image_size % self.patch_size:
-      raise ValueError(f"data.image_size={self.image_size} is not divisible by "
-                       f"model.patch_size={self.patch_size}")
+      raise config_lib.ConfigError(
+        f"data.image_size={self.image_size} is not divisible by "
+        f"model.patch_size={self.patch_size}")
     if not 0 <= self.max_bad_fraction <= 1:
-      raise ValueError(f"data.max_bad_fraction={self.max_bad_fraction} must be in [0, 1]")
+      raise config_lib.ConfigError(
+        f"data.max_bad_fraction={self.max_bad_fraction} must be in [0, 1]")
     if self.worker_count < 0 or self.read_threads < 1:
-      raise ValueError(f"data.worker_count={self.worker_count} must be >= 0 and "
-                       f"data.read_threads={self.read_threads} >= 1")
+      raise config_lib.ConfigError(
+        f"data.worker_count={self.worker_count} must be >= 0 and "
+        f"data.read_threads={self.read_threads} >= 1")
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> "DataConfig":
     """Reads `config.data` (and `config.model.patch_size` / `rope.virtual_frames`).
 
     Raises:
-      ValueError: naming the offending field.
+      config_lib.ConfigError: naming the offending field.
     """
     d = config.data
     specs = tuple(sources_lib.SourceSpec.from_dict(name, spec.to_dict())
@@ -126,8 +135,8 @@ class DataConfig:
     return self.frames if spec.is_video else (1,)
 
   def batch_sizes(self, batch_multiple: int = 1) -> dict[int, int]:
-    """Global batch size per bucket (see `streams.bucket_batch_sizes`)."""
-    return streams.bucket_batch_sizes(
+    """Global batch size per bucket (see `config_lib.bucket_batch_sizes`)."""
+    return config_lib.bucket_batch_sizes(
       self.frames, self.tokens_per_batch, self.image_size, self.patch_size, batch_multiple)
 
 
@@ -349,7 +358,7 @@ def to_global_batch(
 def example_shapes(cfg: DataConfig, num_frames: int, batch_size: int,
                    with_boxes: bool) -> dict[str, jax.ShapeDtypeStruct]:
   """Shapes and dtypes of a (global) batch of a T-frame bucket, for compiling ahead of data."""
-  s, n = cfg.image_size, num_frames * streams.tokens_per_frame(cfg.image_size, cfg.patch_size)
+  s, n = cfg.image_size, num_frames * config_lib.tokens_per_frame(cfg.image_size, cfg.patch_size)
   shapes = dict(
     frames=((batch_size, num_frames, s, s, 3), np.float32),
     frame_mask=((batch_size, num_frames), np.bool_),

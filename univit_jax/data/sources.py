@@ -23,6 +23,7 @@ import av
 import numpy as np
 from PIL import Image, ImageOps
 
+from univit_jax import config_lib
 from univit_jax.data import video
 
 SOURCE_TYPES = ("tfds", "video_folder", "image_folder", "demo")
@@ -66,23 +67,29 @@ class SourceSpec:
 
   @classmethod
   def from_dict(cls, name: str, spec: Mapping[str, Any]) -> "SourceSpec":
-    """Validates a spec dict; raises ValueError naming the source and field."""
+    """Validates a spec dict.
+
+    Raises:
+      config_lib.ConfigError: naming the source and field.
+    """
     spec = dict(spec)
     kind = spec.pop("type", None)
     if kind not in SOURCE_TYPES:
-      raise ValueError(f"data.sources.{name}.type={kind!r}: expected one of {SOURCE_TYPES}")
+      raise config_lib.ConfigError(
+        f"data.sources.{name}.type={kind!r}: expected one of {SOURCE_TYPES}")
     frames = spec.pop("frames", None)
     if frames is not None:
       frames = tuple(int(t) for t in frames)
     allowed = _SOURCE_FIELDS[kind]
     unknown = sorted(set(spec) - set(allowed))
     if unknown:
-      raise ValueError(
+      raise config_lib.ConfigError(
         f"data.sources.{name}: unknown fields {unknown} for type {kind!r}; "
         f"expected some of {sorted(allowed)} plus type, frames")
     missing = sorted(k for k, required in allowed.items() if required and k not in spec)
     if missing:
-      raise ValueError(f"data.sources.{name}: type {kind!r} needs fields {missing}")
+      raise config_lib.ConfigError(
+        f"data.sources.{name}: type {kind!r} needs fields {missing}")
     options = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in spec.items()))
     return cls(name=name, type=kind, frames=frames, options=options)
 
@@ -96,8 +103,8 @@ class SourceSpec:
 
 # Per type: field -> required.
 _SOURCE_FIELDS = {
-  "tfds": dict(name=True, split=True, data_dir=False, image_key=False, label_key=False,
-               boxes_key=False, box_labels_key=False),
+  "tfds": dict(name=True, split=True, data_dir=False, builder_dir=False, image_key=False,
+               label_key=False, boxes_key=False, box_labels_key=False),
   "video_folder": dict(path=True),
   "image_folder": dict(path=True),
   "demo": dict(kind=True, split=True, num_examples=True, image_size=False, num_frames=False,
@@ -255,16 +262,23 @@ def _is_int(value: Any) -> bool:
 class TfdsSource:
   """A TFDS dataset read through `tfds.data_source` (array_record; no TensorFlow needed).
 
+  Some builders (coco/2017 among them) import TensorFlow in their code; for those, give
+  `builder_dir`, the prepared dataset's version folder (e.g. `<data_dir>/coco/2017/1.1.0`): it
+  is then read from its files alone (`tfds.builder_from_directory`), and `name` only names it.
   Records: `frames` `[1, H, W, C]` from `image_key`, `label` from `label_key` (-1 if absent),
   and, when `boxes_key` is given (e.g. "objects/bbox" for coco/2017), `boxes` and `box_labels`
   (`box_labels_key`, e.g. "objects/label"). Nested keys use "/".
   """
 
   def __init__(self, name: str, split: str, data_dir: str | None = None,
-               image_key: str = "image", label_key: str | None = "label",
-               boxes_key: str | None = None, box_labels_key: str | None = None):
+               builder_dir: str | None = None, image_key: str = "image",
+               label_key: str | None = "label", boxes_key: str | None = None,
+               box_labels_key: str | None = None):
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    self._ds = tfds.data_source(name, split=split, data_dir=data_dir)
+    if builder_dir:
+      self._ds = tfds.builder_from_directory(builder_dir).as_data_source(split=split)
+    else:
+      self._ds = tfds.data_source(name, split=split, data_dir=data_dir)
     self._where = f"tfds:{name}/{split}"
     self._image_key, self._label_key = image_key, label_key
     self._boxes_key, self._box_labels_key = boxes_key, box_labels_key

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from univit_jax import config_lib
 from univit_jax.data import sources as sources_lib
 from univit_jax.data import transforms
 from univit_jax.models import rope
@@ -34,35 +35,6 @@ from univit_jax.models import rope
 # A record whose decode fails is replaced by the next record of the same source; after this many
 # failures in a row the source is deemed broken.
 MAX_CONSECUTIVE_BAD = 16
-
-
-def tokens_per_frame(image_size: int, patch_size: int) -> int:
-  """(image_size / patch_size)^2 patch tokens per frame."""
-  return (image_size // patch_size) ** 2
-
-
-def bucket_batch_sizes(
-    frames: Sequence[int], tokens_per_batch: int, image_size: int, patch_size: int,
-    batch_multiple: int = 1) -> dict[int, int]:
-  """Global batch size of each frame-count bucket under a token budget.
-
-  `tokens_per_batch // (T * tokens_per_frame)`, rounded down to a multiple of `batch_multiple`
-  (e.g. the process count, or the data-parallel device count).
-
-  Raises:
-    ValueError: if some bucket would get no clip, naming the bucket and the budget.
-  """
-  per_frame = tokens_per_frame(image_size, patch_size)
-  sizes = {}
-  for t in frames:
-    size = tokens_per_batch // (t * per_frame) // batch_multiple * batch_multiple
-    if size < 1:
-      raise ValueError(
-        f"data.tokens_per_batch={tokens_per_batch} leaves no clip for the {t}-frame bucket "
-        f"({t} x {per_frame} tokens, batch a multiple of {batch_multiple}); raise it to at "
-        f"least {t * per_frame * batch_multiple}")
-    sizes[t] = size
-  return sizes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,7 +130,7 @@ class BatchBuilder:
 
   def __init__(self, num_frames: int, image_size: int, patch_size: int, virtual_frames: int):
     self._positions = bucket_positions(num_frames, image_size, patch_size, virtual_frames)
-    self._patches = tokens_per_frame(image_size, patch_size)
+    self._patches = config_lib.tokens_per_frame(image_size, patch_size)
 
   def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     batch = {k: np.stack([e[k] for e in examples]) for k in examples[0] if k != "skipped"}

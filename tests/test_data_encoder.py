@@ -1,0 +1,51 @@
+"""The encoder consumes the pipeline's batches of every VS² bucket as they come, sharded."""
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from helpers import load_config
+from univit_jax import config_lib, sharding
+from univit_jax.data import pipeline
+from univit_jax.models import vit
+
+
+def test_encoder_consumes_a_batch_of_each_bucket():
+  config = load_config("demo")
+  config.mesh.shape = (8, 1, 1)
+  config.data.sources.digits.num_examples = 64
+  config.data.sources.objects.num_examples = 64
+  config.data.sources.events.num_examples = 32
+  cfg = config_lib.validate(config, jax.device_count())
+  mesh = sharding.make_mesh(config)
+  data_cfg = pipeline.DataConfig.from_config(config)
+  dataset = pipeline.build_train_dataset(data_cfg, batch_multiple=8)
+  graphdef, abstract = vit.abstract_encoder(cfg)
+  shardings = sharding.tree_shardings(abstract, mesh, config.sharding_rules)
+  _, params = vit.init_encoder(cfg, 0, shardings)
+  batch_sharding = NamedSharding(mesh, P(("data", "fsdp")))
+
+  @jax.jit
+  def forward(params, batch):
+    embedding, aux = nnx.merge(graphdef, params)(
+      batch["frames"], positions=batch["positions"], frame_mask=batch["frame_mask"],
+      segments=(2,), boxes=batch["boxes"])
+    return embedding, aux["token_mask"], aux["regions"]
+
+  seen = {}
+  for batch in dataset:
+    t = batch["frames"].shape[1]
+    if t in seen:
+      continue
+    assert batch["frames"].shape[0] == config_lib.bucket_batch_size(config, t)
+    global_batch = pipeline.to_global_batch(batch, batch_sharding)
+    embedding, token_mask, regions = forward(params, global_batch)
+    np.testing.assert_array_equal(token_mask, batch["token_mask"])
+    assert embedding.shape == (batch["frames"].shape[0], 64)
+    assert regions.shape[:2] == batch["boxes"].shape[:2]
+    assert np.isfinite(np.asarray(embedding)).all()
+    seen[t] = True
+    if len(seen) == len(config.data.frames):
+      break
+  assert sorted(seen) == [1, 2, 4, 8, 16]

@@ -1,0 +1,131 @@
+"""Teacher-feature extraction: feature definitions, the stage on demo data, resume after a kill."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from helpers import ROOT, load_config
+from univit_jax.clustering import extract, store
+
+
+def test_event_features_have_the_documented_shapes():
+  rng = np.random.default_rng(0)
+  frames = rng.normal(size=(3, 16, 5)).astype(np.float32)
+  for g in (1, 2, 4, 8):
+    feats = np.asarray(extract.event_features(jnp.asarray(frames), g, 2))
+    assert feats.shape == (3, g, 10)
+    np.testing.assert_allclose(np.linalg.norm(feats, axis=-1), 1.0, rtol=1e-5)
+  # Segment s of g = 4 concatenates the normalised frames 4s and 4s + 3, in time order.
+  unit = frames / np.linalg.norm(frames, axis=-1, keepdims=True)
+  expected = np.concatenate([unit[:, 4], unit[:, 7]], axis=-1) / np.sqrt(2)
+  np.testing.assert_allclose(np.asarray(extract.event_features(jnp.asarray(frames), 4, 2))[:, 1],
+                             expected, rtol=1e-5)
+  np.testing.assert_array_equal(extract.segment_frame_indices(16, 8, 2)[3], [6, 7])
+  np.testing.assert_array_equal(extract.segment_frame_indices(4, 8, 2)[5], [2, 2])
+
+
+def test_region_features_pool_exactly_the_tokens_inside_their_boxes():
+  """A fake teacher's token encodes its patch position, so the pooled mean is checkable."""
+  gh = gw = 4
+  rows, cols = np.meshgrid(np.arange(gh), np.arange(gw), indexing="ij")
+  onehot = np.eye(gh * gw, dtype=np.float32)  # token p = e_p
+  tokens = jnp.asarray(onehot[None])
+  boxes = jnp.asarray([[[0.0, 0.0, 0.5, 0.5], [0.5, 0.25, 1.0, 1.0], [0.1, 0.1, 0.12, 0.12]]])
+  feats = np.asarray(extract.region_features(tokens, boxes, (gh, gw)))
+  inside = [(rows < 2) & (cols < 2), (rows >= 2) & (cols >= 1), (rows == 0) & (cols == 0)]
+  for r, mask in enumerate(inside):
+    expected = mask.reshape(-1).astype(np.float32)
+    np.testing.assert_allclose(feats[0, r], expected / np.linalg.norm(expected), atol=1e-6)
+
+
+def test_proposals_only_for_images_without_boxes():
+  batch = dict(frames=np.zeros((2, 1, 8, 8, 3)), boxes=np.zeros((2, 4, 4), np.float32),
+               box_mask=np.array([[True, False, False, False], [False] * 4]))
+  batch["boxes"][0, 0] = [0.1, 0.2, 0.3, 0.4]
+  proposals = extract.grid_proposals((2,))
+  boxes, valid = extract.object_boxes(batch, proposals)
+  np.testing.assert_array_equal(valid, [[True, False, False, False], [True] * 4])
+  np.testing.assert_allclose(boxes[0, 0], [0.1, 0.2, 0.3, 0.4])
+  np.testing.assert_allclose(boxes[1], proposals)
+
+
+def small_demo(num_images=48, num_clips=24):
+  config = load_config("demo")
+  config.mesh.shape = (-1, 1, 1)
+  config.data.sources.digits.num_examples = num_images
+  config.data.sources.objects.num_examples = num_images
+  config.data.sources.events.num_examples = num_clips
+  config.extract.batch_size = 8
+  config.extract.pixels_fit_examples = 32
+  config.extract.pixels_dim = 16
+  return config
+
+
+def read_bank(workdir, bank):
+  reader = store.BankReader(str(workdir), bank)
+  return np.concatenate(list(reader.rows(0, reader.num_rows))), reader.ids()
+
+
+def test_demo_extraction_writes_every_bank(tmp_path):
+  config = small_demo()
+  teachers = extract.run_extract(config, str(tmp_path))
+  assert sorted(teachers) == ["event_1", "event_2", "event_4", "event_8", "object"]
+  feats, ids = read_bank(tmp_path, "object")
+  assert feats.shape[1] == 16
+  images = np.unique(ids[:, 0])
+  assert len(images) == 96 and (ids[:, 1] == -1).sum() == 96  # one global row per image
+  assert ((ids[:, 1] >= 0).sum()) >= 96  # at least one region each
+  for g in (1, 2, 4, 8):
+    feats, ids = read_bank(tmp_path, f"event_{g}")
+    assert feats.shape == (24 * g, 2 * 16)
+    np.testing.assert_array_equal(ids[:g, 1], np.arange(g))
+  # A second run finds every bank complete and does nothing.
+  before = os.path.getmtime(tmp_path / "features" / "object" / "meta.json")
+  extract.run_extract(config, str(tmp_path))
+  assert os.path.getmtime(tmp_path / "features" / "object" / "meta.json") == before
+
+
+def test_extraction_resumes_after_sigkill(tmp_path):
+  args = ["--config=configs/demo.py", "--mode=extract", "--config.extract.batch_size=8",
+          "--config.data.sources.digits.num_examples=96",
+          "--config.data.sources.objects.num_examples=96",
+          "--config.data.sources.events.num_examples=16",
+          "--config.extract.pixels_fit_examples=32", "--config.extract.pixels_dim=16"]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+             JAX_PLATFORMS="cpu")
+
+  def run(workdir):
+    return subprocess.Popen([sys.executable, "-m", "univit_jax.main", *args,
+                             f"--workdir={workdir}"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+  killed = tmp_path / "killed"
+  proc = run(killed)
+  first_chunk = killed / "features" / "object" / "chunk_00002.npy"
+  deadline = time.time() + 240
+  while not first_chunk.exists() and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.01)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  meta = store.BankReader(str(killed), "object", require_complete=False).meta
+  assert not meta["complete"] and len(meta["chunks"]) < 24, "the kill came too late"
+  assert run(killed).wait(timeout=300) == 0
+  whole = tmp_path / "whole"
+  assert run(whole).wait(timeout=300) == 0
+  for bank in ("object", "event_1", "event_8"):
+    for a, b in zip(read_bank(killed, bank), read_bank(whole, bank)):
+      np.testing.assert_array_equal(a, b)
+
+
+def test_bad_extract_config_names_the_field():
+  config = small_demo()
+  config.extract.granularities = (1, 32)
+  from univit_jax import config_lib
+  with pytest.raises(config_lib.ConfigError, match="extract.granularities"):
+    extract.ExtractConfig.from_config(config)

@@ -1,0 +1,400 @@
+"""`--mode=extract`: teacher features of the training data, streamed into the feature store.
+
+Banks (see `store.py` for the on-disk layout; rows are `(example id, sub-index)`):
+
+  object    images: one row per region, sub-index r, the mean of the teacher's patch tokens whose
+            centre lies inside box r (boxes from the dataset when it has them, else multi-scale
+            grid proposals), L2-normalised; plus one global row per image, sub-index -1, the
+            teacher's (L2-normalised) image embedding.
+  event_<g> clips of `clip_frames` frames cut into g ordered segments (g in `granularities`):
+            one row per segment s: the per-frame L2-normalised teacher embeddings of
+            `segment_frames` frames spread over the segment, concatenated, L2-normalised again.
+
+The teacher is an exported UniViT encoder (any earlier round's) applied frame by frame, or, with
+no teacher yet, the `pixels` bootstrap: PCA of downsampled frames (the frame embedding) and of
+downsampled patches (the tokens), fitted on a sample of the training frames.
+
+Extraction is jitted and sharded over the mesh (a global batch per step), and resumable: batch i
+of a bank's sources is chunk i of the bank, so a killed run skips the chunks already committed.
+Process 0 writes the store; every process takes part in the sharded forward passes.
+"""
+
+import dataclasses
+import hashlib
+import logging
+from collections.abc import Callable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tqdm
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from univit_jax import checkpointing, config_lib, sharding
+from univit_jax.clustering import store
+from univit_jax.data import pipeline
+from univit_jax.models import masks, vit
+
+OBJECT_BANK = "object"
+GLOBAL_ROW = -1
+
+
+def event_bank(granularity: int) -> str:
+  return f"event_{granularity}"
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtractConfig:
+  """Typed view of `config.extract`.
+
+  Attributes:
+    teacher: "pixels" for the PCA bootstrap, else the folder of an exported encoder.
+    pixels_dim: PCA components of the pixels teacher (its feature width).
+    pixels_fit_examples: training examples whose frames fit the PCA.
+    batch_size: global examples per extraction step.
+    clip_frames: frames sampled (uniformly) from each clip.
+    granularities: segment counts g of the event banks.
+    segment_frames: frames per segment in an event feature.
+    proposal_grids: n for the n x n grid boxes proposed when an image has no boxes.
+  """
+  teacher: str = "pixels"
+  pixels_dim: int = 32
+  pixels_fit_examples: int = 256
+  batch_size: int = 64
+  clip_frames: int = 16
+  granularities: tuple[int, ...] = (1, 2, 4, 8)
+  segment_frames: int = 2
+  proposal_grids: tuple[int, ...] = (2,)
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> "ExtractConfig":
+    e = config.extract
+    cfg = cls(teacher=e.teacher, pixels_dim=e.pixels_dim,
+              pixels_fit_examples=e.pixels_fit_examples, batch_size=e.batch_size,
+              clip_frames=e.clip_frames, granularities=tuple(e.granularities),
+              segment_frames=e.segment_frames, proposal_grids=tuple(e.proposal_grids))
+    for g in cfg.granularities:
+      if g < 1 or g > cfg.clip_frames:
+        raise config_lib.ConfigError(
+          f"extract.granularities={cfg.granularities}: each must be in [1, extract.clip_frames="
+          f"{cfg.clip_frames}]")
+    if cfg.segment_frames < 1 or cfg.pixels_dim < 1 or cfg.batch_size < 1:
+      raise config_lib.ConfigError(
+        f"extract.segment_frames={cfg.segment_frames}, extract.pixels_dim={cfg.pixels_dim} and "
+        f"extract.batch_size={cfg.batch_size} must be >= 1")
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Feature definitions (pure, jittable).
+
+
+def region_features(tokens: jax.Array, boxes: jax.Array, grid: tuple[int, int]) -> jax.Array:
+  """Mean of the patch tokens inside each box, L2-normalised.
+
+  Args:
+    tokens: `[B, gh * gw, D]` one frame's patch tokens.
+    boxes: `[B, R, 4]` (ymin, xmin, ymax, xmax) in [0, 1].
+    grid: (gh, gw).
+
+  Returns:
+    `[B, R, D]` float32.
+  """
+  inside = masks.box_patch_masks(boxes, *grid).astype(jnp.float32)  # [B, R, P]
+  pooled = jnp.einsum("brp,bpd->brd", inside, tokens.astype(jnp.float32))
+  return _l2(pooled / inside.sum(-1, keepdims=True))
+
+
+def segment_frame_indices(num_frames: int, num_segments: int, per_segment: int) -> np.ndarray:
+  """`[g, F]` frame indices: F frames spread evenly over each of g ordered segments."""
+  out = np.zeros((num_segments, per_segment), np.int32)
+  for s, frames in enumerate(masks.segment_frame_masks(num_frames, num_segments)):
+    members = np.flatnonzero(frames)
+    out[s] = members[np.round(np.linspace(0, len(members) - 1, per_segment)).astype(int)]
+  return out
+
+
+def event_features(frame_embeddings: jax.Array, num_segments: int, per_segment: int
+                   ) -> jax.Array:
+  """Event features `[B, g, F * D]` from per-frame teacher embeddings `[B, T, D]`.
+
+  Per-frame L2 normalisation, F frames per segment concatenated in time order, L2 normalisation
+  again (OneVision-Encoder's "normalise, concatenate, normalise").
+  """
+  b, t, d = frame_embeddings.shape
+  index = segment_frame_indices(t, num_segments, per_segment)
+  frames = _l2(frame_embeddings.astype(jnp.float32))[:, index]  # [B, g, F, D]
+  return _l2(frames.reshape(b, num_segments, per_segment * d))
+
+
+def grid_proposals(grids: Sequence[int]) -> np.ndarray:
+  """Multi-scale proposals `[R, 4]`: the cells of n x n grids over the frame, for n in grids."""
+  boxes = [(i / n, j / n, (i + 1) / n, (j + 1) / n)
+           for n in grids for i in range(n) for j in range(n)]
+  return np.asarray(boxes, np.float32).reshape(-1, 4)
+
+
+def object_boxes(batch: dict, proposals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Per image: its dataset boxes when it has any, else the proposals. `[B, R, 4]`, `[B, R]`."""
+  b = batch["frames"].shape[0]
+  r = max(proposals.shape[0], batch["boxes"].shape[1] if "boxes" in batch else 0)
+  boxes = np.zeros((b, r, 4), np.float32)
+  valid = np.zeros((b, r), bool)
+  for i in range(b):
+    own = batch["box_mask"][i] if "box_mask" in batch else np.zeros(0, bool)
+    if own.any():
+      n = own.shape[0]
+      boxes[i, :n], valid[i, :n] = batch["boxes"][i], own
+    else:
+      n = proposals.shape[0]
+      boxes[i, :n], valid[i, :n] = proposals, True
+  return boxes, valid
+
+
+def _l2(x: jax.Array) -> jax.Array:
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# Teachers: frames [B, T, H, W, C] -> (patch tokens [B, T, P, D], frame embeddings [B, T, D]).
+
+
+@dataclasses.dataclass(frozen=True)
+class Teacher:
+  """A frame-wise feature function and the identity recorded in the store."""
+  name: str
+  dim: int
+  patch_size: int
+  apply: Callable[[jax.Array], tuple[jax.Array, jax.Array]]
+
+
+def _pca(x: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
+  """Mean `[F]` and the top `dim` principal directions `[F, dim]` of rows `x [N, F]`."""
+  x = x.astype(np.float64)
+  mean = x.mean(0)
+  _, _, vt = np.linalg.svd(x - mean, full_matrices=False)
+  if vt.shape[0] < dim:
+    raise config_lib.ConfigError(
+      f"extract.pixels_dim={dim} exceeds the {vt.shape[0]} principal components the fitting "
+      "sample supports; lower it or raise extract.pixels_fit_examples")
+  return mean.astype(np.float32), vt[:dim].T.astype(np.float32)
+
+
+def _downsample(frames: jax.Array, size: int) -> jax.Array:
+  """Average-pools `[..., H, W, C]` to `[..., size, size, C]` (H, W multiples of size)."""
+  *lead, h, w, c = frames.shape
+  x = frames.reshape(*lead, size, h // size, size, w // size, c)
+  return x.mean(axis=(-4, -2))
+
+
+def pixels_teacher(sample_frames: np.ndarray, dim: int, patch_size: int, seed: int) -> Teacher:
+  """The bootstrap teacher: PCA of 8 x 8 downsampled frames, and of 4 x 4 downsampled patches.
+
+  Args:
+    sample_frames: `[N, H, W, C]` training frames to fit the two PCAs on.
+    dim: output width of both.
+    patch_size: the encoder's patch, so tokens lie on the same grid as the student's.
+    seed: recorded in the teacher's name (fitting itself is deterministic).
+  """
+  n, h, w, c = sample_frames.shape
+  pool = min(4, patch_size)
+  frame_size = 8 if h % 8 == 0 and w % 8 == 0 else 1
+  frame_mean, frame_proj = _pca(
+    np.asarray(_downsample(sample_frames, frame_size)).reshape(n, -1), dim)
+  patches = sample_frames.reshape(n, h // patch_size, patch_size, w // patch_size, patch_size, c)
+  patches = patches.transpose(0, 1, 3, 2, 4, 5).reshape(-1, patch_size, patch_size, c)
+  patch_mean, patch_proj = _pca(np.asarray(_downsample(patches, pool)).reshape(
+    patches.shape[0], -1), dim)
+
+  def apply(frames: jax.Array) -> tuple[jax.Array, jax.Array]:
+    b, t, h, w, c = frames.shape
+    flat = _downsample(frames, frame_size).reshape(b, t, -1)
+    embeddings = (flat - frame_mean) @ frame_proj
+    p = patch_size
+    patches = frames.reshape(b, t, h // p, p, w // p, p, c).transpose(0, 1, 2, 4, 3, 5, 6)
+    small = _downsample(patches, pool).reshape(b, t, (h // p) * (w // p), -1)
+    return (small - patch_mean) @ patch_proj, embeddings
+
+  digest = hashlib.sha1(b"".join(a.tobytes() for a in (
+    frame_mean, frame_proj, patch_mean, patch_proj))).hexdigest()[:12]
+  return Teacher(name=f"pixels-pca{dim}-{digest}-seed{seed}", dim=dim, patch_size=patch_size,
+                 apply=apply)
+
+
+def encoder_teacher(export_dir: str, mesh: jax.sharding.Mesh) -> Teacher:
+  """An exported UniViT encoder applied to every frame as an image (T = 1)."""
+  _, exported = checkpointing.load_export(export_dir)
+  config = ml_collections.ConfigDict(exported)
+  cfg = config_lib.model_config(config)
+  graphdef, abstract = vit.abstract_encoder(cfg)
+  shardings = sharding.tree_shardings(abstract, mesh, config.sharding_rules)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, shardings)
+  params, _ = checkpointing.load_export(export_dir, abstract)
+
+  def apply(frames: jax.Array) -> tuple[jax.Array, jax.Array]:
+    b, t = frames.shape[:2]
+    embedding, aux = nnx.merge(graphdef, params)(frames.reshape(b * t, 1, *frames.shape[2:]))
+    tokens = aux["tokens"].astype(jnp.float32)
+    return tokens.reshape(b, t, tokens.shape[1], -1), embedding.reshape(b, t, -1)
+
+  with open(f"{export_dir}/config.json", "rb") as f:
+    digest = hashlib.sha1(f.read()).hexdigest()[:12]
+  return Teacher(name=f"univit:{export_dir}:{digest}", dim=cfg.width, patch_size=cfg.patch_size,
+                 apply=apply)
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage.
+
+
+def _gather(x: jax.Array) -> np.ndarray:
+  """The whole global array on every host, as NumPy."""
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def _batches(data_cfg: pipeline.DataConfig, names: Sequence[str], num_frames: int,
+             batch_size: int) -> tuple[int, Iterator[dict]]:
+  if not names:
+    return 0, iter(())
+  opened = pipeline.open_sources(data_cfg)
+  count = sum(len(opened[n]) for n in names)
+  per_host = batch_size // jax.process_count()
+  num_batches = -(-(-(-count // jax.process_count())) // per_host)
+  ds = pipeline.build_eval_dataset(
+    dataclasses.replace(data_cfg, frame_sampling="uniform"), num_frames, batch_size,
+    source_names=names, sources=opened)
+  return num_batches, iter(ds)
+
+
+def fit_pixels_teacher(config: ml_collections.ConfigDict, cfg: ExtractConfig,
+                       data_cfg: pipeline.DataConfig) -> Teacher:
+  """Fits the pixels teacher on frames of the first `pixels_fit_examples` training records."""
+  names = [s.name for s in data_cfg.sources]
+  ds = pipeline.build_eval_dataset(data_cfg, 1, jax.process_count(), source_names=names,
+                                   process_index=0, process_count=1)
+  frames = []
+  for batch in ds:
+    frames.append(batch["frames"][:, 0][batch["example_mask"]])
+    if sum(len(f) for f in frames) >= cfg.pixels_fit_examples:
+      break
+  sample = np.concatenate(frames)[:cfg.pixels_fit_examples]
+  return pixels_teacher(sample, cfg.pixels_dim, config.model.patch_size, config.seed)
+
+
+def make_teacher(config: ml_collections.ConfigDict, cfg: ExtractConfig,
+                 data_cfg: pipeline.DataConfig, mesh: jax.sharding.Mesh) -> Teacher:
+  if cfg.teacher == "pixels":
+    return fit_pixels_teacher(config, cfg, data_cfg)
+  return encoder_teacher(cfg.teacher, mesh)
+
+
+def run_extract(config: ml_collections.ConfigDict, workdir: str,
+                teacher: Teacher | None = None) -> dict[str, str]:
+  """Writes every bank's features into `<workdir>/features/`; skips complete banks and chunks.
+
+  Args:
+    config: the run config (`extract`, `data`, `model`, `mesh`, `sharding_rules`).
+    workdir: the run folder.
+    teacher: overrides `config.extract.teacher` (tests pass fake teachers).
+
+  Returns:
+    The teacher name recorded for each bank.
+  """
+  cfg = ExtractConfig.from_config(config)
+  data_cfg = pipeline.DataConfig.from_config(config)
+  mesh = sharding.make_mesh(config)
+  image_sources = [s.name for s in data_cfg.sources if not s.is_video]
+  video_sources = [s.name for s in data_cfg.sources if s.is_video]
+  banks = ([OBJECT_BANK] if image_sources else []) + (
+    [event_bank(g) for g in cfg.granularities] if video_sources else [])
+  if all(_complete(workdir, b) for b in banks):
+    logging.info("extract: banks %s are complete; nothing to do", banks)
+    return {b: store.BankReader(workdir, b).meta["teacher"] for b in banks}
+  teacher = teacher or make_teacher(config, cfg, data_cfg, mesh)
+  batch_sharding = sharding.batch_sharding(mesh, config.sharding_rules)
+  grid = (data_cfg.image_size // teacher.patch_size,) * 2
+  proposals = grid_proposals(cfg.proposal_grids)
+
+  @jax.jit
+  def object_step(frames, boxes):
+    tokens, embeddings = teacher.apply(frames)
+    return _l2(embeddings[:, 0]), region_features(tokens[:, 0], boxes, grid)
+
+  @jax.jit
+  def event_step(frames):
+    _, embeddings = teacher.apply(frames)
+    return {g: event_features(embeddings, g, cfg.segment_frames) for g in cfg.granularities}
+
+  def object_rows(batch, outputs):
+    global_rows, regions = outputs
+    ids, keep = batch["id"], batch["example_mask"]
+    feats, row_ids = [global_rows[keep]], [np.stack([ids[keep], np.full(keep.sum(), -1)], 1)]
+    valid = batch["_region_valid"] & keep[:, None]
+    b_idx, r_idx = np.nonzero(valid)
+    feats.append(regions[b_idx, r_idx])
+    row_ids.append(np.stack([ids[b_idx], r_idx], 1))
+    return {OBJECT_BANK: (np.concatenate(feats), np.concatenate(row_ids))}
+
+  def event_rows(batch, outputs):
+    ids, keep = batch["id"][batch["example_mask"]], batch["example_mask"]
+    rows = {}
+    for g, feats in outputs.items():
+      segs = np.arange(g)
+      rows[event_bank(g)] = (feats[keep].reshape(-1, feats.shape[-1]),
+                             np.stack([np.repeat(ids, g), np.tile(segs, len(ids))], 1))
+    return rows
+
+  def run_group(names, num_frames, bank_names, dim, step, to_rows):
+    writers = {b: store.BankWriter(workdir, b, dim, teacher.name) for b in bank_names}
+    if all(w.complete for w in writers.values()):
+      return
+    total, batches = _batches(data_cfg, names, num_frames, cfg.batch_size)
+    for index, batch in enumerate(tqdm.tqdm(
+        batches, total=total, desc=f"extract {'+'.join(bank_names)}", unit="batch",
+        disable=jax.process_index() != 0)):
+      if all(w.has_chunk(index) for w in writers.values()):
+        continue
+      batch = dict(batch)
+      if num_frames == 1:
+        boxes, batch["_region_valid"] = object_boxes(batch, proposals)
+        inputs = pipeline.to_global_batch(dict(frames=batch["frames"], boxes=boxes),
+                                          batch_sharding)
+        outputs = jax.tree.map(_gather, step(inputs["frames"], inputs["boxes"]))
+      else:
+        frames = pipeline.to_global_batch(dict(frames=batch["frames"]), batch_sharding)["frames"]
+        outputs = jax.tree.map(_gather, step(frames))
+      batch = {k: _gather_host(v) for k, v in batch.items()}
+      if jax.process_index() == 0:
+        for bank, (features, ids) in to_rows(batch, outputs).items():
+          writers[bank].write_chunk(index, features, ids)
+    if jax.process_index() == 0:
+      for w in writers.values():
+        w.finish()
+
+  if image_sources:
+    run_group(image_sources, 1, [OBJECT_BANK], teacher.dim, object_step, object_rows)
+  if video_sources:
+    run_group(video_sources, cfg.clip_frames, [event_bank(g) for g in cfg.granularities],
+              cfg.segment_frames * teacher.dim, event_step, event_rows)
+  multihost_utils.sync_global_devices("extract done")
+  return {b: teacher.name for b in banks}
+
+
+def _gather_host(x: np.ndarray) -> np.ndarray:
+  """Concatenates a host-local array over processes (batch order matches the global arrays)."""
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  return np.asarray(multihost_utils.process_allgather(np.asarray(x)))\
+    .reshape(-1, *np.shape(x)[1:])
+
+
+def _complete(workdir: str, bank: str) -> bool:
+  try:
+    return store.BankReader(workdir, bank).meta.get("complete", False)
+  except store.FeatureStoreError:
+    return False

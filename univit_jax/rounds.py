@@ -1,0 +1,111 @@
+"""`--mode=pipeline`: rounds of extract -> cluster -> train, each round's encoder exported.
+
+Round 1 extracts features with `config.extract.teacher` (the `pixels` bootstrap or a given
+export); round r > 1 uses round r - 1's exported encoder. Each round lives in
+`<workdir>/round_<r>/` (features/, clusters/, checkpoints/, metrics, export/), and every stage
+skips what is already complete there, so rerunning the same command after a crash or a SIGTERM
+continues where it stopped.
+"""
+
+import json
+import os
+from collections.abc import Callable
+
+import ml_collections
+
+from univit_jax import atomic, checkpointing
+from univit_jax.clustering import extract, labels
+
+EXPORT = "export"
+
+
+def round_dir(workdir: str, r: int) -> str:
+  return os.path.join(workdir, f"round_{r}")
+
+
+def export_dir(folder: str) -> str:
+  return os.path.join(folder, EXPORT)
+
+
+def is_exported(folder: str) -> bool:
+  return os.path.exists(os.path.join(export_dir(folder), "config.json"))
+
+
+def round_config(config: ml_collections.ConfigDict, workdir: str, r: int
+                 ) -> ml_collections.ConfigDict:
+  """`config` with round r's teacher: round r - 1's export for r > 1."""
+  if r == 1:
+    return config
+  c = config.copy_and_resolve_references()
+  with c.unlocked():
+    c.extract.teacher = export_dir(round_dir(workdir, r - 1))
+  return c
+
+
+def export_encoder(config: ml_collections.ConfigDict, folder: str, encoder_params) -> str:
+  """Writes the encoder's parameters and the config to `<folder>/export/` (see `load_encoder`)."""
+  path = export_dir(folder)
+  checkpointing.save_export(path, encoder_params, config.to_json_best_effort())
+  return path
+
+
+def run_pipeline(config: ml_collections.ConfigDict, workdir: str,
+                 log: Callable[[str], None] = print) -> dict:
+  """Runs `config.rounds` rounds in `workdir`; returns a summary (also in pipeline.json)."""
+  from univit_jax import train  # Heavy; only this mode and `train` need it.
+
+  summary = dict(workdir=workdir, rounds=[])
+  for r in range(1, config.rounds + 1):
+    folder, cfg = round_dir(workdir, r), round_config(config, workdir, r)
+    if is_exported(folder):
+      log(f"round {r}: complete ({export_dir(folder)})")
+    else:
+      log(f"round {r}: extract with teacher {cfg.extract.teacher!r}")
+      extract.run_extract(cfg, folder)
+      log(f"round {r}: cluster")
+      labels.run_cluster_stage(folder, labels.extracted_specs(cfg, folder), log=log)
+      log(f"round {r}: train {cfg.total_steps} steps")
+      result = train.run_train(cfg, folder)
+      if result.preempted:
+        log(f"round {r}: stopped by SIGTERM at step {result.step}; rerun to continue")
+        summary["preempted"] = True
+        return summary
+      export_encoder(cfg, folder, result.state.params["encoder"])
+    summary["rounds"].append(_round_summary(folder))
+  summary["export"] = export_dir(round_dir(workdir, config.rounds))
+  atomic.write_json(os.path.join(workdir, "pipeline.json"), summary)
+  _print_summary(summary, log)
+  return summary
+
+
+def _round_summary(folder: str) -> dict:
+  clusters = {}
+  for bank in sorted(os.listdir(os.path.join(folder, "clusters"))):
+    stats = labels.read_stats(folder, bank)
+    if stats:
+      clusters[bank] = dict(k=stats["spec"]["num_clusters"], objective=stats["objective"][-1],
+                            version=stats["version"])
+  metrics = []
+  path = os.path.join(folder, "metrics.jsonl")
+  if os.path.exists(path):
+    with open(path) as f:
+      metrics = [json.loads(line) for line in f if line.strip()]
+  losses = {k: v for k, v in (metrics[-1] if metrics else {}).items() if "loss" in k}
+  first = {k: v for k, v in (metrics[0] if metrics else {}).items() if "loss" in k}
+  return dict(folder=folder, clusters=clusters, first_losses=first, last_losses=losses,
+              plot=os.path.join(folder, "training.png"), export=export_dir(folder))
+
+
+def _print_summary(summary: dict, log: Callable[[str], None]) -> None:
+  log("")
+  log(f"UniViT pipeline: {len(summary['rounds'])} round(s) in {summary['workdir']}")
+  for r, info in enumerate(summary["rounds"], 1):
+    log(f"round {r}:")
+    for bank, c in info["clusters"].items():
+      log(f"  clusters {bank:<8} K={c['k']}, mean cosine to centroid {c['objective']:.3f}")
+    for key, value in info["last_losses"].items():
+      before = info["first_losses"].get(key)
+      start = f"{before:.4f} -> " if isinstance(before, (int, float)) else ""
+      log(f"  {key:<32} {start}{value:.4f}")
+    log(f"  training curves {info['plot']}")
+  log(f"encoder export: {summary['export']}")
