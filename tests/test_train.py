@@ -6,6 +6,7 @@ compilation cache shared by the whole module, so only the first run compiles.
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import helpers
 import train_fixtures
 from univit_jax import config_lib, sharding
 from univit_jax.train import labels as labels_lib
+from univit_jax.train import loop
 from univit_jax.train import state as state_lib
 
 WORKER = os.path.join(helpers.ROOT, "tests", "train_worker.py")
@@ -132,7 +134,7 @@ def test_state_is_born_sharded_with_banks_from_centroids():
   mesh = sharding.make_mesh(config)
   _, abstract = state_lib.abstract_model(cfg, {n: 8 for n in centroids})
   shardings = state_lib.state_shardings(abstract, tx, mesh, config.sharding_rules)
-  state = state_lib.create_state(cfg, centroids, tx, shardings, seed=0)
+  state = state_lib.create_state(cfg, {n: 8 for n in centroids}, centroids, tx, shardings, 0)
   centres = state.params["heads"]["banks"]["object"]["centres"][...]
   np.testing.assert_array_equal(np.asarray(centres), centroids["object"])
   assert centres.sharding.spec == P(("fsdp", "model"), None)
@@ -213,3 +215,22 @@ def test_sigkill_then_sigterm_then_resume_matches_uninterrupted_run(runs, cache,
   for key in reference:
     np.testing.assert_array_equal(resumed[key], reference[key], err_msg=key)
   assert _data_state(workdir, 0) == _data_state(dirs["reference"], 5)
+
+
+def test_train_mode_without_cluster_outputs_fails_with_one_clear_line(tmp_path):
+  result = helpers.run_main("--config=configs/demo.py", f"--workdir={tmp_path}", "--mode=train")
+  assert result.returncode == 1, result.stderr[-2000:]
+  assert re.search(r"Training stopped: bank '\w+': cannot read cluster outputs", result.stderr)
+  assert "run --mode=cluster" in result.stderr
+
+
+def test_banks_start_from_centroids_only_from_an_encoder_teacher_of_the_same_width():
+  bank = lambda width, teacher: labels_lib.BankLabels(  # noqa: E731
+    name="b", centroids=np.ones((4, width), np.float32), keys=np.zeros(0, np.int64),
+    labels=np.zeros((0, 2), np.int32), version="x", teacher=teacher)
+  banks = dict(object=bank(32, "round_1/export"), event_1=bank(64, "round_1/export"),
+               event_2=bank(64, "pixels-pca64-ab12"))
+  assert set(loop.initial_centroids(banks, 64, "auto")) == {"event_1"}
+  assert loop.initial_centroids(banks, 64, "random") == {}
+  with pytest.raises(config_lib.ConfigError, match="train.bank_init"):
+    loop.initial_centroids(banks, 64, "kmeans")

@@ -313,6 +313,9 @@ def default_config(variant: str) -> ml_collections.ConfigDict:
     keep_checkpoints=3,  # newest checkpoints kept
     collapse_threshold=0.99,  # warn when the mean pairwise cosine of embeddings exceeds this
     clusters_workdir="",  # where clusters/<bank>/ are read; "" = the run's workdir
+    # "auto": banks start from their k-means centroids when these have the encoder's width
+    # (else N(0, 0.01)); "random": always N(0, 0.01).
+    bank_init="auto",
     compilation_cache_dir="",  # persistent XLA cache; "" = <workdir>/jax_cache, "none" = off
     progress_bar=True,  # tqdm bar with ETA on the terminal
     debug_nan_step=-1,  # testing aid: make the contrastive term NaN at this step (-1 = off)

@@ -22,7 +22,6 @@ k is the largest top-k over the banks; banks with fewer labels are padded with -
 """
 
 import dataclasses
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -49,12 +48,14 @@ class BankLabels:
     keys: int64 [N] sorted combined keys id * _SUB_SPAN + sub + 1.
     labels: int32 [N, k] in key order.
     version: the cluster stage's version id of these outputs.
+    teacher: the feature extractor named in stats.json ("" when not recorded).
   """
   name: str
   centroids: np.ndarray
   keys: np.ndarray
   labels: np.ndarray
   version: str
+  teacher: str = ""
 
   @property
   def num_classes(self) -> int:
@@ -109,23 +110,19 @@ def load_bank(clusters_workdir: str, bank: str) -> BankLabels:
   if np.any(keys[1:] == keys[:-1]):
     raise LabelError(f"bank {bank!r}: ids.npy in {where} lists a (id, sub) row twice")
   return BankLabels(name=bank, centroids=centroids.astype(np.float32), keys=keys,
-                    labels=labels[order].astype(np.int32), version=str(version))
+                    labels=labels[order].astype(np.int32), version=str(version),
+                    teacher=str(out["stats"].get("teacher", "")))
 
 
 def load_banks(clusters_workdir: str, names: Sequence[str]) -> dict[str, BankLabels]:
-  """Every named bank (see `load_bank`); all must share the centroid width D.
+  """Every named bank (see `load_bank`).
 
   Raises:
-    LabelError: as `load_bank`, or for banks of different widths.
+    LabelError: as `load_bank`, or when no bank is named.
   """
   if not names:
     raise LabelError("no bank to train on: give some bank a positive loss.bank_weights entry")
-  banks = {name: load_bank(clusters_workdir, name) for name in names}
-  dims = {name: b.centroids.shape[1] for name, b in banks.items()}
-  if len(set(dims.values())) != 1:
-    raise LabelError(f"banks have different centroid widths {dims} under "
-                     f"{os.path.join(clusters_workdir, 'clusters')}")
-  return banks
+  return {name: load_bank(clusters_workdir, name) for name in names}
 
 
 def segment_granularities(banks: Mapping[str, Any], num_frames: int) -> tuple[int, ...]:

@@ -22,6 +22,7 @@ import json
 import math
 import os
 import signal
+import threading
 import time
 from typing import Any
 
@@ -32,7 +33,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from univit_jax import atomic, checkpointing, config_lib, optim, sharding
-from univit_jax.data import pipeline, streams
+from univit_jax.data import pipeline
 from univit_jax.train import labels as labels_lib
 from univit_jax.train import logs
 from univit_jax.train import state as state_lib
@@ -74,6 +75,33 @@ def _compilation_cache(train: ml_collections.ConfigDict, workdir: str) -> None:
   path = train.compilation_cache_dir or os.path.join(workdir, "jax_cache")
   if path != "none":
     jax.config.update("jax_compilation_cache_dir", path)
+
+
+BANK_INITS = ("auto", "random")
+
+
+def initial_centroids(banks: dict[str, labels_lib.BankLabels], width: int, mode: str
+                      ) -> dict[str, np.ndarray]:
+  """The banks initialised from their k-means centroids (`train.bank_init`).
+
+  "auto": every bank whose centroids have the encoder's width and come from an encoder teacher;
+  a bank clustered in another feature space (the `pixels` bootstrap, or a width that differs,
+  e.g. concatenated segment features) starts from N(0, 0.01) instead. "random": none.
+
+  Raises:
+    config_lib.ConfigError: for an unknown mode.
+  """
+  if mode not in BANK_INITS:
+    raise config_lib.ConfigError(f"train.bank_init={mode!r}: expected one of {BANK_INITS}")
+  chosen = {} if mode == "random" else {
+    name: bank.centroids for name, bank in banks.items()
+    if bank.centroids.shape[1] == width and not bank.teacher.startswith("pixels")}
+  for name, bank in banks.items():
+    logging.info("Bank %s: %d classes, initialised from %s", name, bank.num_classes,
+                 "its k-means centroids" if name in chosen else
+                 f"N(0, 0.01) (centroids: width {bank.centroids.shape[1]}, teacher "
+                 f"{bank.teacher or 'unknown'}; encoder width {width})")
+  return chosen
 
 
 def check_compatible(workdir: str, fingerprint: dict) -> None:
@@ -125,7 +153,9 @@ class _Preemption:
     self._previous = None
 
   def __enter__(self) -> "_Preemption":
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    # Python delivers signals to the main thread only; elsewhere SIGTERM keeps its old handler.
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
     return self
 
   def _handle(self, signum, frame) -> None:
@@ -139,7 +169,8 @@ class _Preemption:
     return bool(multihost_utils.process_allgather(np.int32(self.requested)).any())
 
   def __exit__(self, *exc) -> None:
-    signal.signal(signal.SIGTERM, self._previous)
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
 
 
 def run_train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
@@ -163,11 +194,7 @@ def run_train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
   banks = labels_lib.load_banks(train.clusters_workdir or workdir, names)
   sizes = {name: bank.num_classes for name, bank in banks.items()}
   versions = {name: bank.version for name, bank in banks.items()}
-  dim = next(iter(banks.values())).centroids.shape[1]
-  if dim != model_cfg.width:
-    raise labels_lib.LabelError(
-      f"cluster centroids have width {dim} but model.width={model_cfg.width}; the banks must "
-      "live in the embedding space (cluster features of the encoder's width)")
+  initial = initial_centroids(banks, model_cfg.width, train.bank_init)
 
   mesh = sharding.make_mesh(config)
   rules = tuple(config.sharding_rules)
@@ -189,8 +216,7 @@ def run_train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
   try:
     latest = ckpt.latest_step()
     if latest is None:
-      state = state_lib.create_state(
-        model_cfg, {n: b.centroids for n, b in banks.items()}, tx, shardings, config.seed)
+      state = state_lib.create_state(model_cfg, sizes, initial, tx, shardings, config.seed)
       if jax.process_index() == 0:
         atomic.write_json(os.path.join(workdir, RUN_FILE), fingerprint)
     else:
@@ -257,7 +283,7 @@ def _loop(run: _Run, state: state_lib.TrainState, iterator, ckpt: checkpointing.
   train, total = config.train, int(config.total_steps)
   step = int(jax.device_get(state.step))
   batch_sharding = sharding.batch_sharding(run.mesh, run.rules)
-  per_frame = streams.tokens_per_frame(data_cfg.image_size, data_cfg.patch_size)
+  per_frame = config_lib.tokens_per_frame(data_cfg.image_size, data_cfg.patch_size)
   logger = logs.MetricsLogger(workdir, step)
   if step >= total:
     logger.close()

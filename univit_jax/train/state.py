@@ -121,19 +121,27 @@ def abstract_state(cfg: config_lib.ModelConfig, bank_sizes: Mapping[str, int],
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), sub), shardings, shapes)
 
 
-def create_state(cfg: config_lib.ModelConfig, centroids: Mapping[str, np.ndarray],
-                 tx: optax.GradientTransformation, shardings: TrainState, seed: int
-                 ) -> TrainState:
-  """A fresh state, born sharded inside jit; banks start from the k-means centroids.
+def create_state(cfg: config_lib.ModelConfig, bank_sizes: Mapping[str, int],
+                 centroids: Mapping[str, np.ndarray], tx: optax.GradientTransformation,
+                 shardings: TrainState, seed: int) -> TrainState:
+  """A fresh state, born sharded inside jit.
 
-  The centroids are read on the host and copied shard by shard onto the bank sharding
-  (`jax.make_array_from_callback`), never embedded in the compiled program as constants.
+  Banks named in `centroids` start from those k-means centroids [K, width]; the others keep the
+  random N(0, 0.01) initialisation of `heads.ClassBank`. The centroids are read on the host and
+  copied shard by shard onto the bank sharding (`jax.make_array_from_callback`), never embedded
+  in the compiled program as constants.
+
+  Raises:
+    ValueError: centroids of a bank whose shape is not [bank size, model width].
   """
-  sizes = {name: int(c.shape[0]) for name, c in centroids.items()}
+  for name, c in centroids.items():
+    if c.shape != (bank_sizes[name], cfg.width):
+      raise ValueError(f"bank {name!r}: centroids {c.shape} do not match the bank "
+                       f"({bank_sizes[name]}, {cfg.width})")
 
   def create(banks: dict[str, jax.Array]) -> TrainState:
     with nnx.use_eager_sharding(False):
-      params = nnx.split(Model(cfg, sizes, rngs=nnx.Rngs(seed)))[1]
+      params = nnx.split(Model(cfg, bank_sizes, rngs=nnx.Rngs(seed)))[1]
     for name, centres in banks.items():
       params["heads"]["banks"][name]["centres"].set_value(centres.astype(cfg.param_dtype))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
