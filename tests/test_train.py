@@ -234,3 +234,11 @@ def test_banks_start_from_centroids_only_from_an_encoder_teacher_of_the_same_wid
   assert loop.initial_centroids(banks, 64, "random") == {}
   with pytest.raises(config_lib.ConfigError, match="train.bank_init"):
     loop.initial_centroids(banks, 64, "kmeans")
+
+
+@pytest.mark.parametrize("field,value", [("log_every", 0), ("checkpoint_every", -1),
+                                         ("keep_checkpoints", 0), ("bank_init", "kmeans")])
+def test_bad_train_settings_are_refused_naming_the_field(tmp_path, field, value):
+  config = train_fixtures.tiny_config(**{field: value})
+  with pytest.raises(config_lib.ConfigError, match=f"train.{field}="):
+    loop.run_train(config, str(tmp_path))

@@ -104,6 +104,24 @@ def initial_centroids(banks: dict[str, labels_lib.BankLabels], width: int, mode:
   return chosen
 
 
+def validate_train(config: ml_collections.ConfigDict) -> None:
+  """Checks `config.train` and `total_steps`.
+
+  Raises:
+    config_lib.ConfigError: naming the field.
+  """
+  t = config.train
+  if config.total_steps < 0:
+    raise config_lib.ConfigError(f"total_steps={config.total_steps} must be >= 0")
+  for field in ("log_every", "checkpoint_every", "keep_checkpoints"):
+    if t[field] < 1:
+      raise config_lib.ConfigError(f"train.{field}={t[field]} must be a positive integer")
+  if t.debug_step_sleep < 0:
+    raise config_lib.ConfigError(f"train.debug_step_sleep={t.debug_step_sleep} must be >= 0")
+  if t.bank_init not in BANK_INITS:
+    raise config_lib.ConfigError(f"train.bank_init={t.bank_init!r}: expected one of {BANK_INITS}")
+
+
 def check_compatible(workdir: str, fingerprint: dict) -> None:
   """Refuses to resume checkpoints recorded with another model shape, banks or labels.
 
@@ -186,6 +204,7 @@ def run_train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     raise config_lib.ConfigError("--workdir is required for --mode=train")
   model_cfg = config_lib.validate(config, jax.device_count())
   loss_cfg = config_lib.loss_config(config)
+  validate_train(config)
   train, total = config.train, int(config.total_steps)
   os.makedirs(workdir, exist_ok=True)
   _compilation_cache(train, workdir)
