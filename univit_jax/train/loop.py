@@ -31,6 +31,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
+from jax.experimental.compilation_cache import compilation_cache
 
 from univit_jax import atomic, checkpointing, config_lib, optim, sharding
 from univit_jax.data import pipeline
@@ -72,9 +73,16 @@ class TrainResult:
 
 
 def _compilation_cache(train: ml_collections.ConfigDict, workdir: str) -> None:
+  """Points the persistent compilation cache at `train.compilation_cache_dir` (or DIR/jax_cache).
+
+  JAX decides once per process whether the cache is used, at the first compile; an earlier stage
+  in the same process (extraction in --mode=pipeline) may have compiled already, so the decision
+  is reset when the folder changes.
+  """
   path = train.compilation_cache_dir or os.path.join(workdir, "jax_cache")
-  if path != "none":
+  if path != "none" and jax.config.jax_compilation_cache_dir != path:
     jax.config.update("jax_compilation_cache_dir", path)
+    compilation_cache.reset_cache()
 
 
 BANK_INITS = ("auto", "random")
