@@ -332,9 +332,11 @@ def _loop(run: _Run, state: state_lib.TrainState, iterator, ckpt: checkpointing.
     with _Preemption() as preemption:
       while step < total:
         if preemption.agreed():
-          if ckpt.latest_step() != step:
+          # Before this process's first step the iterator is one batch ahead (`first`), and the
+          # step is either saved already (a resume) or 0 (nothing to keep): save nothing then.
+          if first is None and ckpt.latest_step() != step:
             ckpt.save(step, state, iterator, force=True)
-          logging.warning("SIGTERM: saved step %d; exiting", step)
+          logging.warning("SIGTERM at step %d: checkpoint saved; exiting", step)
           preempted = True
           break
         host = first if first is not None else next(iterator)
