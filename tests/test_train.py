@@ -12,13 +12,13 @@ import subprocess
 import sys
 import time
 
+import helpers
 import jax
 import numpy as np
 import pytest
+import train_fixtures
 from jax.sharding import PartitionSpec as P
 
-import helpers
-import train_fixtures
 from univit_jax import config_lib, sharding
 from univit_jax.train import labels as labels_lib
 from univit_jax.train import loop
@@ -96,7 +96,7 @@ def runs(tmp_path_factory, cache):
 
 
 def test_label_attacher_looks_up_rows_by_id_and_sub():
-  bank = lambda name, ids, labels: labels_lib.BankLabels(  # noqa: E731
+  bank = lambda name, ids, labels: labels_lib.BankLabels(
     name=name, centroids=np.zeros((9, 4), np.float32),
     keys=np.array([i * labels_lib._SUB_SPAN + s + 1 for i, s in ids], np.int64),
     labels=np.array(labels, np.int32), version="x")
@@ -151,7 +151,8 @@ def test_state_is_born_sharded_with_banks_from_centroids():
 def test_training_lowers_discrimination_loss_and_reaches_every_parameter(runs):
   dirs, reports = runs
   assert reports[1]["step"] == 12 and reports[1]["error"] is None
-  records = [json.loads(line) for line in open(os.path.join(dirs["train"], "metrics.jsonl"))]
+  with open(os.path.join(dirs["train"], "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]
   assert [r["step"] for r in records] == list(range(1, 13))
   first = np.mean([r["event_1/loss"] for r in records[:2]])
   last = np.mean([r["event_1/loss"] for r in records[-2:]])
@@ -170,19 +171,21 @@ def test_training_lowers_discrimination_loss_and_reaches_every_parameter(runs):
 
 
 def test_checkpoint_of_other_cluster_labels_is_refused(runs):
-  _, reports = runs
+  reports = runs[1]
   assert reports[2]["error_type"] == "CheckpointMismatchError"
   assert "cluster-label versions" in reports[2]["error"]
   assert "'v1'" in reports[2]["error"] and "'v2'" in reports[2]["error"]
 
 
 def test_nan_stops_the_run_naming_step_and_term_and_keeps_last_checkpoint(runs):
-  dirs, reports = runs
+  reports = runs[1]
   assert reports[3]["error_type"] == "NonFiniteError"
   assert "['contrastive'] at step 3" in reports[3]["error"]
   assert "last good checkpoint is step 2" in reports[3]["error"]
   assert reports[3]["checkpoints"] == ["2"]
-  assert reports[4]["step"] == 4 and reports[4]["error"] is None  # resumed from step 2
+  # The checkpoint restores: the rerun (NaN off) resumes from step 2 and saves step 4.
+  assert reports[4]["step"] == 4 and reports[4]["error"] is None
+  assert reports[4]["checkpoints"] == ["2", "4"]
 
 
 def test_sigkill_then_sigterm_then_resume_matches_uninterrupted_run(runs, cache, tmp_path):
@@ -225,7 +228,7 @@ def test_train_mode_without_cluster_outputs_fails_with_one_clear_line(tmp_path):
 
 
 def test_banks_start_from_centroids_only_from_an_encoder_teacher_of_the_same_width():
-  bank = lambda width, teacher: labels_lib.BankLabels(  # noqa: E731
+  bank = lambda width, teacher: labels_lib.BankLabels(
     name="b", centroids=np.ones((4, width), np.float32), keys=np.zeros(0, np.int64),
     labels=np.zeros((0, 2), np.int32), version="x", teacher=teacher)
   banks = dict(object=bank(32, "round_1/export"), event_1=bank(64, "round_1/export"),

@@ -7,12 +7,11 @@ derived from the demo records' ground truth, so a short run can learn them.
 
 import os
 
+import helpers
 import numpy as np
 
 from univit_jax.clustering import atomic
 from univit_jax.data import demo
-
-import helpers
 
 NUM_EVENTS, NUM_OBJECTS, TOP_K = 16, 32, 3
 BANK_SIZES = dict(object=10, event_1=8, event_2=8)

@@ -4,8 +4,7 @@
   result = train.run_train(config, workdir)
 """
 
-from univit_jax.train.loop import (CheckpointMismatchError, NonFiniteError, TrainResult,
-                                   run_train)
 from univit_jax.train.labels import LabelError
+from univit_jax.train.loop import CheckpointMismatchError, NonFiniteError, TrainResult, run_train
 
 __all__ = ["CheckpointMismatchError", "LabelError", "NonFiniteError", "TrainResult", "run_train"]

@@ -24,7 +24,7 @@ import os
 import signal
 import threading
 import time
-from typing import Any
+from typing import Any, Self
 
 import jax
 import ml_collections
@@ -178,7 +178,7 @@ class _Preemption:
     self.requested = False
     self._previous = None
 
-  def __enter__(self) -> "_Preemption":
+  def __enter__(self) -> Self:
     # Python delivers signals to the main thread only; elsewhere SIGTERM keeps its old handler.
     if threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, self._handle)
