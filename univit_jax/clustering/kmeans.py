@@ -457,7 +457,6 @@ def spherical_kmeans(source: RowSource, spec: ClusterSpec, *, name: str = "featu
     KMeansError: for K larger than N or an invalid spec, naming the bank.
   """
   _check_size(source, spec, name)
-  k = spec.num_clusters
   start, stop = shard_bounds(source.num_rows, jax.process_count(), jax.process_index())
   restored = _load_checkpoint(checkpoint_dir, version) if checkpoint_dir else None
   scann_index = None
@@ -479,40 +478,19 @@ def spherical_kmeans(source: RowSource, spec: ClusterSpec, *, name: str = "featu
 
   for iteration in range(iteration, spec.iterations):
     t0 = time.perf_counter()
-    if iteration == 0 or not spec.uses_tree() or spec.backend == "exact":
-      assigner = (ScannAssigner(centroids, None) if spec.backend == "scann" and not
-                  spec.uses_tree() else ExactAssigner(centroids))
-    else:
+    if iteration > 0 and spec.uses_tree():
       if scann_index is None:  # trained once, on the centroids after the first iteration
         scann_index = ScannAssigner(centroids, spec.tree_shape())
-      scann_index.update(centroids)
       assigner = scann_index
-    sums = np.zeros((k, source.dim), np.float64)
-    counts = np.zeros(k, np.int64)
-    total = np.zeros(1, np.float64)
-    worst_sims, worst_rows = np.zeros(0, np.float32), np.zeros(0, np.int64)
-    pool = min(RESEED_POOL, k)
-    for lo, x in _blocks(source, start, stop, spec.block_rows):
-      ids, sims = assigner.search(x, 1)
-      ids, sims = ids[:, 0], sims[:, 0]
-      local = slice(lo - start, lo - start + len(x))
-      if assigner.approximate and iteration > 0:
-        prev = assign[local]
-        prev_sims = np.einsum("nd,nd->n", x, centroids[prev])
-        better = prev_sims > sims
-        ids, sims = np.where(better, prev, ids), np.where(better, prev_sims, sims)
-      assign[local] = ids
-      sums_of, block_sums = _cluster_sums(x, ids)
-      sums[sums_of] += block_sums
-      counts += np.bincount(ids, minlength=k)
-      total += sims.astype(np.float64).sum()
-      worst_sims = np.concatenate([worst_sims, sims])
-      worst_rows = np.concatenate([worst_rows, np.arange(lo, lo + len(x))])
-      keep = np.lexsort((worst_rows, worst_sims))[:pool]
-      worst_sims, worst_rows = worst_sims[keep], worst_rows[keep]
+    elif spec.backend == "scann":
+      assigner = ScannAssigner(centroids, None)
+    else:
+      assigner = ExactAssigner(centroids)
+    sums, counts, total, worst_sims, worst_rows = _assign_pass(
+      source, (start, stop), spec.block_rows, assigner, centroids, assign, iteration > 0)
     sums, counts = _sum_across_processes(sums), _sum_across_processes(counts)
     objective.append(float(_sum_across_processes(total)[0]) / source.num_rows)
-    centroids = _update_centroids(source, centroids, sums, counts, worst_sims, worst_rows, pool)
+    centroids = _update_centroids(source, centroids, sums, counts, worst_sims, worst_rows)
     empty.append(int((counts == 0).sum()))
     seconds.append(time.perf_counter() - t0)
     log(f"{name}: iteration {iteration + 1}/{spec.iterations} objective {objective[-1]:.6f} "
@@ -552,6 +530,43 @@ def spherical_kmeans(source: RowSource, spec: ClusterSpec, *, name: str = "featu
                       row_range=(start, stop), objective=objective, empty=empty, seconds=seconds)
 
 
+def _assign_pass(source: RowSource, row_range: tuple[int, int], block_rows: int, assigner,
+                 centroids: np.ndarray, assign: np.ndarray, keep_previous: bool):
+  """One Lloyd assignment pass over this process's rows; updates `assign` [n_local] in place.
+
+  With an approximate assigner and `keep_previous`, a row keeps its previous centroid unless the
+  search found a better one (so the objective cannot drop).
+
+  Returns:
+    (sums float64 [K, D], counts int64 [K], total cosine float64 [1], and the cosines and global
+    rows of the (up to RESEED_POOL) worst-served rows, worst first) of this process.
+  """
+  k, dim = centroids.shape
+  start, stop = row_range
+  sums, counts = np.zeros((k, dim), np.float64), np.zeros(k, np.int64)
+  total = np.zeros(1, np.float64)
+  worst_sims, worst_rows = np.zeros(0, np.float32), np.zeros(0, np.int64)
+  for lo, x in _blocks(source, start, stop, block_rows):
+    ids, sims = assigner.search(x, 1)
+    ids, sims = ids[:, 0], sims[:, 0]
+    local = slice(lo - start, lo - start + len(x))
+    if assigner.approximate and keep_previous:
+      prev = assign[local]
+      prev_sims = np.einsum("nd,nd->n", x, centroids[prev])
+      better = prev_sims > sims
+      ids, sims = np.where(better, prev, ids), np.where(better, prev_sims, sims)
+    assign[local] = ids
+    sums_of, block_sums = _cluster_sums(x, ids)
+    sums[sums_of] += block_sums
+    counts += np.bincount(ids, minlength=k)
+    total += sims.astype(np.float64).sum()
+    worst_sims = np.concatenate([worst_sims, sims])
+    worst_rows = np.concatenate([worst_rows, np.arange(lo, lo + len(x))])
+    keep = np.lexsort((worst_rows, worst_sims))[:min(RESEED_POOL, k)]
+    worst_sims, worst_rows = worst_sims[keep], worst_rows[keep]
+  return sums, counts, total, worst_sims, worst_rows
+
+
 def _cluster_sums(x: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """(clusters present in ids, float64 [len(clusters), D] sums of their rows of x).
 
@@ -568,14 +583,15 @@ def _cluster_sums(x: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarra
 
 
 def _update_centroids(source: RowSource, centroids: np.ndarray, sums: np.ndarray,
-                      counts: np.ndarray, worst_sims: np.ndarray, worst_rows: np.ndarray,
-                      pool: int) -> np.ndarray:
+                      counts: np.ndarray, worst_sims: np.ndarray,
+                      worst_rows: np.ndarray) -> np.ndarray:
   """Normalised sums; empty clusters moved onto the globally worst-served rows."""
   new = centroids.copy()
   filled = counts > 0
   new[filled] = normalize(sums[filled])
   empties = np.flatnonzero(~filled)
   if empties.size:
+    pool = min(RESEED_POOL, len(centroids))
     sims = _gather_across_processes(np.pad(worst_sims, (0, pool - len(worst_sims)),
                                            constant_values=np.inf))
     rows = _gather_across_processes(np.pad(worst_rows, (0, pool - len(worst_rows)),
