@@ -266,13 +266,13 @@ class ScannAssigner:
         builder = builder.tree(num_leaves=leaves, num_leaves_to_search=search,
                                training_sample_size=len(self.centroids), spherical=True,
                                random_init=False)
-      searcher = builder.score_brute_force().build().searcher
-    self.searcher = searcher
+      searcher = builder.score_brute_force().build()
+    self.searcher = searcher  # scann_ops_pybind.ScannSearcher (built without docids)
 
   def save(self, directory: str) -> None:
     """Serializes the index (with its current centroids) into a new `directory`, fsynced."""
     os.makedirs(directory)
-    self.searcher.serialize(directory, True)
+    self.searcher.serialize(directory, relative_path=True)
     atomic.fsync_tree(directory)
 
   @classmethod
@@ -280,18 +280,21 @@ class ScannAssigner:
            tree_shape: tuple[int, int]) -> "ScannAssigner":
     """The index saved by `save`; `centroids` must be the ones it held then."""
     import scann  # pylint: disable=import-outside-toplevel
-    return cls(centroids, tree_shape, scann.scann_ops_pybind.load_searcher(directory).searcher)
+    return cls(centroids, tree_shape, scann.scann_ops_pybind.load_searcher(directory))
 
   def update(self, centroids: np.ndarray) -> None:
     changed = np.flatnonzero((centroids != self.centroids).any(axis=1))
     if changed.size:
-      self.searcher.upsert(changed.tolist(), np.ascontiguousarray(centroids[changed]), 1024)
+      # The pybind searcher's upsert takes row indices (the wrapper's needs docids).
+      self.searcher.searcher.upsert(changed.tolist(), np.ascontiguousarray(centroids[changed]),
+                                    1024)
       self.centroids = np.array(centroids, dtype=np.float32)
       self._exact = None
 
   def search(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    leaves = self.tree_shape[1] if self.tree_shape else -1
-    ids, sims = self.searcher.search_batched(np.ascontiguousarray(x), k, -1, leaves, True, 256)
+    leaves = self.tree_shape[1] if self.tree_shape else None
+    ids, sims = self.searcher.search_batched_parallel(
+      np.ascontiguousarray(x), final_num_neighbors=k, leaves_to_search=leaves, batch_size=256)
     ids = ids.astype(np.int32)
     # Searched leaves holding fewer than k centroids leave NaN slots: search those rows exactly.
     short = np.isnan(sims).any(axis=1)
