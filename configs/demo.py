@@ -2,6 +2,10 @@
 
   python -m univit_jax.main --config=configs/demo.py --workdir=/tmp/univit_demo
 
+Two rounds of extract -> cluster -> train on the embedded demo data (MNIST digits composed into
+single items, multi-object images and multi-event clips), round 1 from the pixels bootstrap
+teacher, round 2 from round 1's encoder; then a summary of losses, clusters and outputs.
+
 `runlocal` is accepted for symmetry with the other configs (the demo is already local-sized).
 """
 
@@ -13,6 +17,8 @@ from univit_jax import config_lib
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   arg = config_lib.parse_arg(arg, variant="mu/8", runlocal=False)
   c = config_lib.default_config(arg.variant)
+  c.mode = "pipeline"
+  c.rounds = 2
   c.data.image_size = 32
   c.data.frames = (1, 2, 4, 8, 16)
   c.data.bucket_weights = (4, 1, 1, 1, 1)

@@ -85,6 +85,14 @@ def tree_shardings(abstract_tree, mesh: Mesh, rules: Rules):
     one, abstract_tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def sharded_shapes(abstract_tree, shardings):
+  """`jax.ShapeDtypeStruct`s of `abstract_tree` carrying `shardings`, a prefix tree of it (one
+  NamedSharding per nnx.Variable, as `tree_shardings` returns): what a restore lands onto."""
+  return jax.tree.map(
+    lambda s, sub: jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), sub), shardings, abstract_tree)
+
+
 def batch_sharding(mesh: Mesh, rules: Rules, ndim: int = 1) -> NamedSharding:
   """Sharding of an array whose leading axis is the batch."""
   return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules))

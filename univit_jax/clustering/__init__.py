@@ -1,1 +1,10 @@
-"""Offline clustering: the teacher-feature store, spherical k-means and the `cluster` stage."""
+"""Offline clustering: the teacher-feature store, spherical k-means and the `cluster` stage.
+
+  store.py    workdir/features/<bank>/: chunked float32 features + (sample, sub-index) ids,
+              written atomically and resumably by `BankWriter`, streamed by `BankReader`.
+  kmeans.py   `spherical_kmeans(source, ClusterSpec)`: exact JAX or ScaNN assignment, streamed
+              updates, checkpoints, multi-process reduction.
+  labels.py   `run_cluster_stage(workdir, banks)` for --mode=cluster: centroids, top-k labels,
+              stats.json and sizes.png per bank; `cluster_specs(config)` reads config.cluster.
+  atomic.py   temp file + fsync + os.replace writes.
+"""

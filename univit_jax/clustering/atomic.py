@@ -22,6 +22,20 @@ def _fsync_dir(directory: str) -> None:
     os.close(fd)
 
 
+def fsync_tree(directory: str) -> None:
+  """fsyncs every file under `directory` and the directories themselves (for files written by
+  libraries that do not sync, before a commit record points at them)."""
+  for root, _, files in os.walk(directory):
+    for name in files:
+      fd = os.open(os.path.join(root, name), os.O_RDONLY)
+      try:
+        os.fsync(fd)
+      finally:
+        os.close(fd)
+    _fsync_dir(root)
+  _fsync_dir(os.path.dirname(os.path.abspath(directory)))
+
+
 def write_with(path: str, write: Callable[[IO[bytes]], None]) -> None:
   """Calls `write(file)` on a temporary file, then atomically moves it to `path`."""
   directory = os.path.dirname(os.path.abspath(path))

@@ -230,9 +230,7 @@ def encoder_teacher(export_dir: str, mesh: jax.sharding.Mesh) -> Teacher:
   cfg = config_lib.model_config(config)
   graphdef, abstract = vit.abstract_encoder(cfg)
   shardings = sharding.tree_shardings(abstract, mesh, config.sharding_rules)
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract, shardings)
-  params, _ = checkpointing.load_export(export_dir, abstract)
+  params, _ = checkpointing.load_export(export_dir, sharding.sharded_shapes(abstract, shardings))
 
   def apply(frames: jax.Array) -> tuple[jax.Array, jax.Array]:
     b, t = frames.shape[:2]

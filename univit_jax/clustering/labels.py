@@ -94,8 +94,10 @@ def read_stats(workdir: str, bank: str) -> dict | None:
 
 
 def _sizes_png(sizes: np.ndarray, bank: str) -> bytes:
-  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=import-outside-toplevel
-  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
+  """The cluster-size histogram as PNG bytes (Agg canvas: no display, no pyplot global state)."""
+  # pylint: disable=import-outside-toplevel  # matplotlib is slow to import; only this needs it
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
   figure = Figure(figsize=(6, 4))
   FigureCanvasAgg(figure)
   ax = figure.add_subplot()

@@ -115,10 +115,7 @@ def abstract_state(cfg: config_lib.ModelConfig, bank_sizes: Mapping[str, int],
     step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
     opt_state=jax.eval_shape(tx.init, params),
     rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
-  # `shardings` is a prefix of the state (one NamedSharding per nnx.Variable).
-  return jax.tree.map(
-    lambda s, sub: jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), sub), shardings, shapes)
+  return sharding.sharded_shapes(shapes, shardings)
 
 
 def create_state(cfg: config_lib.ModelConfig, bank_sizes: Mapping[str, int],
