@@ -10,7 +10,7 @@ import os
 import helpers
 import numpy as np
 
-from univit_jax.clustering import atomic
+from univit_jax import atomic
 from univit_jax.data import demo
 
 NUM_EVENTS, NUM_OBJECTS, TOP_K = 16, 32, 3

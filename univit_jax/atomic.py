@@ -1,10 +1,12 @@
-"""Atomic file writes: a reader sees the old file or the whole new one, never a partial one.
+"""Atomic file writes: readers see either the old file or the complete new one, never a part.
 
-Each writer fills a temporary file in the destination's folder, fsyncs it, then renames it over
-the destination (`os.replace` is atomic on POSIX within one file system).
+Every file that another stage reads (features, centroids, labels, stats, exports, metrics) goes
+through here: the bytes go to a temporary file in the destination folder, are fsynced, and
+`os.replace` swaps it in; the folder is fsynced too so the rename itself survives a crash.
 """
 
 import contextlib
+import io
 import json
 import os
 import tempfile
@@ -14,12 +16,20 @@ from typing import IO, Any
 import numpy as np
 
 
+def _fsync_dir(directory: str) -> None:
+  fd = os.open(directory, os.O_RDONLY)
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)
+
+
 @contextlib.contextmanager
 def open_atomic(path: str, mode: str = "w") -> Iterator[IO]:
   """Opens a temporary file that replaces `path` when the block exits without error."""
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
   try:
     with os.fdopen(fd, mode) as f:
       yield f
@@ -27,16 +37,42 @@ def open_atomic(path: str, mode: str = "w") -> Iterator[IO]:
       os.fsync(f.fileno())
     os.replace(tmp, path)
   except BaseException:
-    with contextlib.suppress(FileNotFoundError):
+    if os.path.exists(tmp):
       os.remove(tmp)
     raise
+  _fsync_dir(directory)
 
 
-def write_json(path: str, obj: Any) -> None:
-  with open_atomic(path) as f:
-    json.dump(obj, f, indent=1, default=str)
+def fsync_tree(directory: str) -> None:
+  """fsyncs every file under `directory` and the directories themselves (for files written by
+  libraries that do not sync, before a commit record points at them)."""
+  for root, _, files in os.walk(directory):
+    for name in files:
+      fd = os.open(os.path.join(root, name), os.O_RDONLY)
+      try:
+        os.fsync(fd)
+      finally:
+        os.close(fd)
+    _fsync_dir(root)
+  _fsync_dir(os.path.dirname(os.path.abspath(directory)))
+
+
+def write_bytes(path: str, data: bytes) -> None:
+  with open_atomic(path, "wb") as f:
+    f.write(data)
 
 
 def save_npy(path: str, array: np.ndarray) -> None:
+  """Writes `array` as a .npy file atomically (loadable with `np.load(path, mmap_mode="r")`)."""
   with open_atomic(path, "wb") as f:
-    np.save(f, array)
+    np.save(f, np.ascontiguousarray(array), allow_pickle=False)
+
+
+def save_npz(path: str, **arrays: np.ndarray) -> None:
+  buffer = io.BytesIO()
+  np.savez(buffer, **arrays)
+  write_bytes(path, buffer.getvalue())
+
+
+def write_json(path: str, obj: Any) -> None:
+  write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())

@@ -22,13 +22,14 @@ JSON, for inference and as the next round's teacher:
 
 import json
 import os
-import tempfile
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+
+from univit_jax import atomic
 
 _STATE, _DATA = "state", "data"
 
@@ -109,21 +110,6 @@ class Checkpointer:
     self.close()
 
 
-def _write_atomic(path: epath.Path, text: str) -> None:
-  """Writes a file so readers see either the old or the whole new content."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-  try:
-    with os.fdopen(fd, "w") as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
-
-
 def save_export(path: str | os.PathLike, params: Any, config_json: str) -> None:
   """Writes a params-only export: `<path>/params/` (Orbax) and `<path>/config.json`.
 
@@ -143,7 +129,7 @@ def save_export(path: str | os.PathLike, params: Any, config_json: str) -> None:
     checkpointer.save(path / "params", params, force=True)
     checkpointer.wait_until_finished()
   if jax.process_index() == 0:
-    _write_atomic(path / "config.json", config_json)
+    atomic.write_bytes(str(path / "config.json"), config_json.encode())
 
 
 def load_export(path: str | os.PathLike,

@@ -50,7 +50,7 @@ import numpy as np
 import scipy.sparse
 from jax.experimental import multihost_utils
 
-from univit_jax.clustering import atomic
+from univit_jax import atomic
 
 INITS = ("kmeans++", "random")
 BACKENDS = ("auto", "scann", "exact")

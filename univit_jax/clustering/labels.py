@@ -29,7 +29,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from univit_jax.clustering import atomic, kmeans, store
+from univit_jax import atomic
+from univit_jax.clustering import kmeans, store
 from univit_jax.clustering.kmeans import ClusterSpec
 
 # Bumped when the stage's outputs change meaning; part of every version id.

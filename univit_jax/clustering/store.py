@@ -20,7 +20,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from univit_jax.clustering import atomic
+from univit_jax import atomic
 
 FORMAT_VERSION = 1
 # Rows with an L2 norm at or below this cannot be put on the sphere.
