@@ -7,14 +7,14 @@ skips what is already complete there, so rerunning the same command after a cras
 continues where it stopped.
 """
 
-import json
 import os
 from collections.abc import Callable
 
 import ml_collections
 
-from univit_jax import atomic, checkpointing
+from univit_jax import atomic, checkpointing, train
 from univit_jax.clustering import extract, labels
+from univit_jax.train import logs as train_logs
 
 EXPORT = "export"
 
@@ -52,8 +52,6 @@ def export_encoder(config: ml_collections.ConfigDict, folder: str, encoder_param
 def run_pipeline(config: ml_collections.ConfigDict, workdir: str,
                  log: Callable[[str], None] = print) -> dict:
   """Runs `config.rounds` rounds in `workdir`; returns a summary (also in pipeline.json)."""
-  from univit_jax import train  # Heavy; only this mode and `train` need it.
-
   summary = dict(workdir=workdir, rounds=[])
   for r in range(1, config.rounds + 1):
     folder, cfg = round_dir(workdir, r), round_config(config, workdir, r)
@@ -85,14 +83,15 @@ def _round_summary(folder: str) -> dict:
     if stats:
       clusters[bank] = dict(k=stats["spec"]["num_clusters"], objective=stats["objective"][-1],
                             version=stats["version"])
-  metrics = []
-  path = os.path.join(folder, "metrics.jsonl")
-  if os.path.exists(path):
-    with open(path) as f:
-      metrics = [json.loads(line) for line in f if line.strip()]
-  losses = {k: v for k, v in (metrics[-1] if metrics else {}).items() if "loss" in k}
-  first = {k: v for k, v in (metrics[0] if metrics else {}).items() if "loss" in k}
-  return dict(folder=folder, clusters=clusters, first_losses=first, last_losses=losses,
+  records = train_logs.read_metrics(folder)
+  terms = sorted(k for k in set().union(*records) if k.endswith("/loss")) if records else []
+  # Each term's first and last logged value (the curriculum switches terms on over time).
+  first = {k: next(r[k] for r in records if k in r) for k in terms}
+  last = {k: next(r[k] for r in reversed(records) if k in r) for k in terms}
+  cosines = [r["embedding_cosine"] for r in records if "embedding_cosine" in r]
+  return dict(folder=folder, clusters=clusters, first_losses=first, last_losses=last,
+              total_loss=records[-1].get("loss") if records else None,
+              embedding_cosine=(cosines[0], cosines[-1]) if cosines else None,
               plot=os.path.join(folder, "training.png"), export=export_dir(folder))
 
 
@@ -104,8 +103,9 @@ def _print_summary(summary: dict, log: Callable[[str], None]) -> None:
     for bank, c in info["clusters"].items():
       log(f"  clusters {bank:<8} K={c['k']}, mean cosine to centroid {c['objective']:.3f}")
     for key, value in info["last_losses"].items():
-      before = info["first_losses"].get(key)
-      start = f"{before:.4f} -> " if isinstance(before, (int, float)) else ""
-      log(f"  {key:<32} {start}{value:.4f}")
+      log(f"  {key:<22} {info['first_losses'][key]:9.4f} -> {value:.4f}")
+    if info["embedding_cosine"]:
+      log("  mean pairwise cosine of embeddings {:.3f} -> {:.3f} (near 1: collapse)".format(
+        *info["embedding_cosine"]))
     log(f"  training curves {info['plot']}")
   log(f"encoder export: {summary['export']}")
