@@ -6,5 +6,6 @@
               updates, checkpoints, multi-process reduction.
   labels.py   `run_cluster_stage(workdir, banks)` for --mode=cluster: centroids, top-k labels,
               stats.json and sizes.png per bank; `cluster_specs(config)` reads config.cluster.
-  atomic.py   temp file + fsync + os.replace writes.
+  extract.py  `run_extract(config, workdir)` for --mode=extract: teacher features of object
+              regions and ordered clip segments into the store.
 """
