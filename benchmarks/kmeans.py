@@ -7,9 +7,10 @@ Same data, same initial centroids (K random rows), same number of iterations, in
 
 Per method it reports seconds per iteration, the final objective (mean cosine of each row to its
 nearest final centroid, evaluated exactly for every method), and for ours the assignment recall of
-the final (tree) pass against exact search with the same centroids (top-1, and top-10 overlap). Ratios
-are faiss / ours and exact / ours seconds per iteration. faiss-cpu is a benchmark-only dependency
-(requirements-bench.txt). Results go to benchmarks/results/kmeans.json.
+the final (tree) pass against exact search with the same centroids (top-1, and top-10 overlap).
+Ratios are faiss / ours and exact / ours seconds per iteration. faiss-cpu is a benchmark-only
+dependency (requirements-bench.txt). Results are merged into benchmarks/results/kmeans.json (rows
+keyed by data, N, D, K); `--summarize` reprints that file.
 """
 
 import argparse
