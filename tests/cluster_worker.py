@@ -60,7 +60,8 @@ def cluster(workdir: str, backend: str, sleep: float, iterations: int) -> None:
     time.sleep(sleep)
 
   spec = dict(num_clusters=CLUSTERS + 2, iterations=iterations, top_k=3, backend=backend,
-              seed=3, brute_force_max_k=4, num_leaves=3, leaves_to_search=1, block_rows=64)
+              seed=3, brute_force_max_k=4, num_leaves=3, leaves_to_search=1, block_rows=64,
+              exact_labels=False)
   labels.run_cluster_stage(workdir, {BANK: spec}, log=log)
 
 

@@ -21,7 +21,7 @@ WORKER = os.path.join(os.path.dirname(__file__), "cluster_worker.py")
 # Small-K settings that still take the ScaNN tree path (tree over 12 centroids, 3 leaves).
 TREE = dict(backend="scann", brute_force_max_k=4, num_leaves=3, leaves_to_search=2)
 BACKENDS = {"exact": dict(backend="exact"), "scann_brute": dict(backend="scann"),
-            "scann_tree": TREE}
+            "scann_tree": TREE, "scann_tree_labels": dict(TREE, exact_labels=False)}
 
 
 def _quiet(_):
@@ -49,7 +49,7 @@ def test_recovers_planted_clusters_with_monotone_objective(mixture, backend):
   np.testing.assert_allclose(result.similarities, np.take_along_axis(sims, result.labels, 1),
                              atol=1e-5)
   exact = np.argsort(-sims, axis=1, kind="stable")[:, :4]
-  if backend == "scann_tree":  # searches 2 of 3 leaves: approximate, but top-1 nearly exact
+  if backend == "scann_tree_labels":  # 2 of 3 leaves: approximate, but top-1 nearly exact
     assert np.mean(result.labels[:, 0] == exact[:, 0]) >= 0.97
   else:
     np.testing.assert_array_equal(result.labels, exact)
@@ -60,7 +60,7 @@ def test_backends_agree_and_distortion_never_increases(mixture):
   # must then reproduce the exact backend.
   x, _ = mixture
   x = x[:600]
-  full_tree = dict(TREE, leaves_to_search=TREE["num_leaves"])
+  full_tree = dict(TREE, leaves_to_search=TREE["num_leaves"], exact_labels=False)
   results = [kmeans.spherical_kmeans(
     kmeans.ArraySource(x), kmeans.ClusterSpec(num_clusters=12, iterations=5, init="random",
                                               top_k=3, **options), log=_quiet)
@@ -116,7 +116,7 @@ def _assert_same_outputs(a, b, atol=0.0):
   np.testing.assert_allclose(files_a["centroids"], files_b["centroids"], atol=atol, rtol=0)
   np.testing.assert_array_equal(files_a["labels"], files_b["labels"])
   np.testing.assert_array_equal(files_a["ids"], files_b["ids"])
-  for key in ("version", "empty_per_iteration", "sizes", "spec"):
+  for key in ("version", "empty_per_iteration", "sizes", "config"):
     assert stats_a[key] == stats_b[key], key
   np.testing.assert_allclose(stats_a["objective"], stats_b["objective"], atol=max(atol, 1e-12))
 

@@ -6,8 +6,9 @@ For each bank `workdir/features/<bank>/` (see `store`) it writes `workdir/cluste
   labels.npy     int32 [N, top_k] nearest centroids per row, best first, in the store's row order
   ids.npy        int64 [N, 2] the store's (sample id, sub-index) of each row of labels.npy
   sizes.png      histogram of cluster sizes (rows whose nearest centroid it is)
-  stats.json     sizes summary, objective and empty clusters per iteration, seconds, spec, and
-                 `version`: a hash of the bank's metadata and the spec that training records
+  stats.json     sizes summary, objective and empty clusters per iteration, seconds, the
+                 ClusterSpec (`config`), and `version`: a hash of the bank's metadata and the
+                 spec, which training records
 
 stats.json is written last and marks the bank done: a reader that finds it with the expected
 version finds the other files complete (all files are written atomically, and stats.json is
@@ -134,11 +135,11 @@ def cluster_bank(workdir: str, bank: str, spec: ClusterSpec,
   if stats is not None and stats.get("version") == version:
     log(f"{bank}: already clustered (version {version}), skipping")
     return stats
-  reader.check()
   if spec.num_clusters > reader.num_rows:
     raise kmeans.KMeansError(
       f"bank {bank!r}: num_clusters={spec.num_clusters} is larger than the {reader.num_rows} "
       f"rows listed in {reader.meta_path}")
+  reader.check()
   checkpoint = os.path.join(out, "checkpoint")
   if jax.process_index() == 0:
     if stats is not None:
@@ -158,7 +159,7 @@ def cluster_bank(workdir: str, bank: str, spec: ClusterSpec,
     sizes = np.bincount(labels[:, 0], minlength=spec.num_clusters)
     stats = dict(
       bank=bank, version=version, teacher=reader.teacher, num_rows=reader.num_rows,
-      dim=reader.dim, spec=dataclasses.asdict(spec), processes=jax.process_count(),
+      dim=reader.dim, config=dataclasses.asdict(spec), processes=jax.process_count(),
       objective=result.objective, empty_per_iteration=result.empty,
       seconds_per_pass=result.seconds, seconds=float(sum(result.seconds)),
       sizes=_size_summary(sizes))
