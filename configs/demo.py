@@ -40,6 +40,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # discrimination terms collapse them onto it; scoring batch-centred embeddings removes that
   # trivial solution (docs/training.md, "Embedding collapse").
   c.loss.center_embeddings = True
+  # A cosine scale for tens of classes, not a million: s = 64 (RICE) makes the loss so sharply
+  # convex in the cosines that any variation not yet following the labels is removed before it
+  # can be learned; AdaCos's fixed scale sqrt(2) ln(K - 1) is 4.9-5.9 for K = 32-64.
+  c.loss.scale = 8.0
   c.optim.lr = 1e-3
   c.optim.weight_decay = 0.05
   # A round trains a handful of steps (seconds to a minute on a laptop CPU once compiled).
