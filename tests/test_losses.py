@@ -401,6 +401,8 @@ def test_loss_config_weights_and_combination():
   config = config_lib.default_config("mu/8")
   cfg = config_lib.loss_config(config)
   assert cfg.discrimination == config_lib.DiscriminationConfig()
+  config.loss.center_embeddings = True
+  assert config_lib.loss_config(config).discrimination.center_embeddings
   assert cfg.event_schedule == SCHEDULE
   weights = losses.loss_weights(cfg, 0.3)
   assert weights == dict(object=1.0, event_1=1.0, event_2=1.0, event_4=0.0, event_8=0.0,
