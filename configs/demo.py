@@ -32,6 +32,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.extract.batch_size = 64
   c.extract.proposal_grids = (2,)
   c.cluster.num_clusters = dict(object=64, event_1=32, event_2=32, event_4=32, event_8=32)
+  # 3 positives per row (MLCD's 10 are 1e-5 of a million classes; 10 of 32 would be a third of
+  # the bank, and every row would be pulled towards the same mean direction).
+  c.cluster.top_k = 3
+  # Digits on dark canvases: most tokens of every frame are the same background, so a fresh
+  # encoder's embeddings share one large component (pairwise cosine ~0.97) and the
+  # discrimination terms collapse them onto it; scoring batch-centred embeddings removes that
+  # trivial solution (docs/training.md, "Embedding collapse").
+  c.loss.center_embeddings = True
+  # A cosine scale for tens of classes, not a million: s = 64 (RICE) makes the loss so sharply
+  # convex in the cosines that any variation not yet following the labels is removed before it
+  # can be learned; AdaCos's fixed scale sqrt(2) ln(K - 1) is 4.9-5.9 for K = 32-64.
+  c.loss.scale = 8.0
   c.optim.lr = 1e-3
   c.optim.weight_decay = 0.05
   # A round trains a handful of steps (seconds to a minute on a laptop CPU once compiled).

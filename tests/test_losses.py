@@ -401,6 +401,8 @@ def test_loss_config_weights_and_combination():
   config = config_lib.default_config("mu/8")
   cfg = config_lib.loss_config(config)
   assert cfg.discrimination == config_lib.DiscriminationConfig()
+  config.loss.center_embeddings = True
+  assert config_lib.loss_config(config).discrimination.center_embeddings
   assert cfg.event_schedule == SCHEDULE
   weights = losses.loss_weights(cfg, 0.3)
   assert weights == dict(object=1.0, event_1=1.0, event_2=1.0, event_4=0.0, event_8=0.0,
@@ -428,3 +430,33 @@ def test_loss_config_rejects_bad_values(field, value, message):
   config.loss[field] = value
   with pytest.raises(config_lib.ConfigError, match=message):
     config_lib.loss_config(config)
+
+
+@pytest.mark.parametrize("kind", ["mlcd", "cosface_slot"])
+def test_centred_discrimination_ignores_the_shared_component(kind):
+  # Embeddings that differ by a small per-row part on top of a large common vector (a fresh
+  # encoder on mostly-background frames): uncentred, the common part sets every cosine and gets
+  # gradient; centred over the valid rows, the loss and the gradient depend on the differences
+  # only, so the encoder cannot lower the loss by growing what all samples share (collapse).
+  rng = np.random.default_rng(0)
+  bank = rng.normal(size=(K, D)).astype(np.float32)
+  labels = rng.integers(0, K, size=(6, 2, KTOP)).astype(np.int32)
+  valid = np.array([[True, True], [True, False], [True, True], [False, False], [True, True],
+                    [True, True]])
+  small = 0.1 * rng.normal(size=(6, 2, D)).astype(np.float32)
+  shared = 10.0 * rng.normal(size=(D,)).astype(np.float32)
+  centred = config_lib.DiscriminationConfig(kind=kind, num_positive_slots=2, center_embeddings=True)
+  plain = config_lib.DiscriminationConfig(kind=kind, num_positive_slots=2)
+
+  def loss(e, cfg):
+    return losses.discrimination_loss(e, labels, valid, bank, jax.random.key(0), cfg)[0]
+
+  value_and_grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+  base, grad = value_and_grad(small, centred)
+  shifted, shifted_grad = value_and_grad(small + shared, centred)
+  np.testing.assert_allclose(shifted, base, rtol=1e-5)
+  np.testing.assert_allclose(shifted_grad, grad, rtol=1e-3, atol=1e-3)
+  np.testing.assert_allclose(np.sum(grad[valid], axis=0), 0.0, atol=1e-3)
+  assert abs(float(value_and_grad(small + shared, plain)[0]) - float(base)) > 1.0
+  got = losses.center_rows(small + shared, valid)
+  np.testing.assert_allclose(np.mean(np.asarray(got)[valid], axis=0), 0.0, atol=1e-5)

@@ -340,6 +340,11 @@ def default_config(variant: str) -> ml_collections.ConfigDict:
   c.loss = ml_collections.ConfigDict(dict(
     kind="mlcd", scale=64.0, margin=0.3, sample_ratio=0.1, num_positive_slots=8,
     filter_threshold=0.75,
+    # Score batch-centred embeddings (e - mean of the batch's valid rows) against the banks: the
+    # discrimination terms then cannot lower their loss by growing the component that every
+    # sample shares, which otherwise collapses encoders whose inputs share most of their content
+    # (docs/training.md, "Embedding collapse"). Off in the papers' recipe.
+    center_embeddings=False,
     bank_weights=dict(object=1.0, event_1=1.0, event_2=1.0, event_4=1.0, event_8=1.0),
     contrastive=dict(weight=1.0, temperature=0.1),
     # Curriculum, coarse to fine: (training progress from which it applies, active event
@@ -360,6 +365,7 @@ class DiscriminationConfig:
   sample_ratio: float = 0.1
   num_positive_slots: int = 8
   filter_threshold: float = 0.75
+  center_embeddings: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -421,7 +427,8 @@ def loss_config(config: ml_collections.ConfigDict) -> LossConfig:
     discrimination=DiscriminationConfig(
       kind=l.kind, scale=float(l.scale), margin=float(l.margin),
       sample_ratio=float(l.sample_ratio), num_positive_slots=int(l.num_positive_slots),
-      filter_threshold=float(l.filter_threshold)),
+      filter_threshold=float(l.filter_threshold),
+      center_embeddings=bool(l.center_embeddings)),
     bank_weights=weights, contrastive_weight=float(l.contrastive.weight),
     temperature=float(l.contrastive.temperature), event_schedule=schedule)
 

@@ -325,6 +325,22 @@ def cosface_slot_loss(embeddings: jax.Array, labels: jax.Array, valid: jax.Array
   return loss, metrics
 
 
+def center_rows(embeddings: jax.Array, valid: jax.Array | None) -> jax.Array:
+  """Subtracts the mean of the valid rows: `[..., D]` -> `[..., D]` float32.
+
+  The mean runs over every leading axis (the global batch, and segments or regions), weighted by
+  `valid [...]` (None: all rows); gradients flow through it, so the parameters that only move the
+  component every row shares get no gradient from a loss on the result. Invalid rows are shifted
+  too (the loss ignores them). With no valid row nothing is subtracted.
+  """
+  x = embeddings.astype(jnp.float32)
+  weight = (jnp.ones(x.shape[:-1], jnp.float32) if valid is None
+            else valid.astype(jnp.float32))[..., None]
+  axes = tuple(range(x.ndim - 1))
+  mean = jnp.sum(x * weight, axis=axes) / jnp.maximum(jnp.sum(weight), 1.0)
+  return x - mean
+
+
 def discrimination_loss(embeddings: jax.Array, labels: jax.Array, valid: jax.Array | None,
                         centres: jax.Array, rng: jax.Array,
                         config: config_lib.DiscriminationConfig,
@@ -333,13 +349,17 @@ def discrimination_loss(embeddings: jax.Array, labels: jax.Array, valid: jax.Arr
 
   The one entry point for the three uses: clip / image embeddings [B, D] with their labels
   [B, k]; segment embeddings [B, g, D] with per-segment labels [B, g, k]; region embeddings
-  [B, R, D] with region labels [B, R, k] and a region mask [B, R].
+  [B, R, D] with region labels [B, R, k] and a region mask [B, R]. With
+  `config.center_embeddings` the embeddings are centred over their valid rows first
+  (`center_rows`).
 
   Raises:
     ValueError: for an unknown kind or inconsistent shapes.
   """
   common = dict(scale=config.scale, margin=config.margin, sample_ratio=config.sample_ratio,
                 logits_sharding=logits_sharding)
+  if config.center_embeddings:
+    embeddings = center_rows(embeddings, valid)
   if config.kind == "mlcd":
     return mlcd_loss(embeddings, labels, valid, centres, rng, **common)
   if config.kind == "cosface_slot":
