@@ -81,7 +81,7 @@ def _round_summary(folder: str) -> dict:
   for bank in sorted(os.listdir(os.path.join(folder, "clusters"))):
     stats = labels.read_stats(folder, bank)
     if stats:
-      clusters[bank] = dict(k=stats["spec"]["num_clusters"], objective=stats["objective"][-1],
+      clusters[bank] = dict(k=stats["config"]["num_clusters"], objective=stats["objective"][-1],
                             version=stats["version"])
   records = train_logs.read_metrics(folder)
   terms = sorted(k for k in set().union(*records) if k.endswith("/loss")) if records else []
