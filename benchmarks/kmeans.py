@@ -2,8 +2,8 @@
 
 Same data, same initial centroids (K random rows), same number of iterations, in one process:
 
-  /work/main/.venv/bin/python benchmarks/kmeans.py          # N=200k, D=256, K 1k/16k/65k
-  /work/main/.venv/bin/python benchmarks/kmeans.py --n=20000 --k=1024 --iterations=3   # quick
+  python benchmarks/kmeans.py          # N=200k, D=256, K 1k/16k/65k
+  python benchmarks/kmeans.py --n=20000 --k=1024 --iterations=3   # quick
 
 Per method it reports seconds per iteration, the final objective (mean cosine of each row to its
 nearest final centroid, evaluated exactly for every method), and for ours the assignment recall of
