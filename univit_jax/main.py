@@ -1,13 +1,14 @@
 """The entry point: `python -m univit_jax.main --config=configs/<name>.py[:args] --workdir=DIR`.
 
 `--mode` picks the stage (default: the config's own `mode`); `--config.a.b=value` overrides any
-field of the locked config, so a typo fails at start-up instead of being ignored.
+field of the locked config, so a typo fails at start-up instead of being ignored. Library INFO
+logs are hidden unless `--verbosity=0` is given.
 """
 
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from univit_jax import config_lib
@@ -78,6 +79,9 @@ def parse_flags(argv: list[str]) -> list[str]:
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    # Orbax and JAX log every checkpoint operation at INFO; stages report progress themselves.
+    logging.set_verbosity(logging.WARNING)
   if os.environ.get("UNIVIT_DISTRIBUTED"):
     import jax
     jax.distributed.initialize()  # Multi-host: discovers the slice (see launch/).

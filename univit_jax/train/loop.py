@@ -249,7 +249,8 @@ def run_train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     else:
       check_compatible(workdir, fingerprint)
       state = ckpt.restore(latest, abstract, iterator)
-      logging.info("Resumed from step %d in %s", latest, workdir)
+      if jax.process_index() == 0:
+        print(f"Resumed from step {latest} in {workdir}", flush=True)
     run = _Run(config=config, workdir=workdir, banks=banks, graphdef=graphdef, tx=tx,
                learning_rate=learning_rate, loss_cfg=loss_cfg, abstract=abstract,
                shardings=shardings, mesh=mesh, rules=rules, data_cfg=data_cfg,
