@@ -22,6 +22,7 @@ Process 0 writes the store; every process takes part in the sharded forward pass
 import dataclasses
 import hashlib
 import logging
+import math
 from collections.abc import Callable, Iterator, Sequence
 
 import jax
@@ -255,14 +256,24 @@ def _gather(x: jax.Array) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+def _gather_host(x: np.ndarray) -> np.ndarray:
+  """Concatenates a host-local array over processes (batch order matches the global arrays)."""
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  gathered = multihost_utils.process_allgather(np.asarray(x))
+  return np.asarray(gathered).reshape(-1, *np.shape(x)[1:])
+
+
 def _batches(data_cfg: pipeline.DataConfig, names: Sequence[str], num_frames: int,
              batch_size: int) -> tuple[int, Iterator[dict]]:
+  """The number of host-local batches of one pass over `names`, and the batches."""
   if not names:
     return 0, iter(())
   opened = pipeline.open_sources(data_cfg)
   count = sum(len(opened[n]) for n in names)
   per_host = batch_size // jax.process_count()
-  num_batches = -(-(-(-count // jax.process_count())) // per_host)
+  per_process = math.ceil(count / jax.process_count())
+  num_batches = math.ceil(per_process / per_host)
   ds = pipeline.build_eval_dataset(
     dataclasses.replace(data_cfg, frame_sampling="uniform"), num_frames, batch_size,
     source_names=names, sources=opened)
@@ -381,14 +392,6 @@ def run_extract(config: ml_collections.ConfigDict, workdir: str,
               cfg.segment_frames * teacher.dim, event_step, event_rows)
   multihost_utils.sync_global_devices("extract done")
   return {b: teacher.name for b in banks}
-
-
-def _gather_host(x: np.ndarray) -> np.ndarray:
-  """Concatenates a host-local array over processes (batch order matches the global arrays)."""
-  if jax.process_count() == 1:
-    return np.asarray(x)
-  return np.asarray(multihost_utils.process_allgather(np.asarray(x)))\
-    .reshape(-1, *np.shape(x)[1:])
 
 
 def _complete(workdir: str, bank: str) -> bool:
