@@ -8,28 +8,16 @@ best of `--repeats` passes.
 """
 
 import argparse
-import json
 import os
 import platform
-import tempfile
 import time
 
 import numpy as np
 
+from univit_jax import atomic
 from univit_jax.data import demo
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "demo_data.json")
-
-
-def _write_json_atomically(path: str, payload: dict) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(path), delete=False,
-                                   suffix=".tmp") as f:
-    json.dump(payload, f, indent=2)
-    f.write("\n")
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(f.name, path)
 
 
 def main() -> None:
@@ -66,7 +54,7 @@ def main() -> None:
   for row in rows:
     print(f"{row['kind']:<8} {row['frames']:>6} {row['records_per_s']:>10.0f} "
           f"{row['ms_per_record']:>10.3f}")
-  _write_json_atomically(args.out, {
+  atomic.write_json(args.out, {
     "benchmark": "demo_data", "image_size": args.image_size, "num_frames": args.num_frames,
     "records": args.records, "repeats": args.repeats, "digit_load_s": load_s,
     "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cpus".strip(),

@@ -20,6 +20,10 @@ import time
 from absl import app, flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from univit_jax import atomic  # pylint: disable=wrong-import-position  # noqa: E402
+
 BAR_SECONDS = 600
 _REPEATS = flags.DEFINE_integer("repeats", 1, "fresh runs to time (the median is reported)")
 _OUT = flags.DEFINE_string("out", os.path.join(ROOT, "benchmarks", "results",
@@ -62,9 +66,7 @@ def main(argv):
     seconds=times, median_seconds=median, bar_seconds=BAR_SECONDS,
     rounds=[dict(clusters=i["clusters"], last_losses=i["last_losses"],
                  embedding_cosine=i["embedding_cosine"]) for i in summaries[-1]["rounds"]])
-  os.makedirs(os.path.dirname(_OUT.value), exist_ok=True)
-  with open(_OUT.value, "w") as f:
-    json.dump(result, f, indent=1)
+  atomic.write_json(_OUT.value, result)
 
 
 if __name__ == "__main__":

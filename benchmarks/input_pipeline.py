@@ -9,7 +9,6 @@ absorbs worker start-up. It also times raw decoding per frame (PIL for JPEG, PyA
 without the pipeline). Prints a table and writes benchmarks/results/input_pipeline.json.
 """
 
-import json
 import os
 import platform
 import tempfile
@@ -20,6 +19,7 @@ import numpy as np
 from absl import app, flags
 from PIL import Image
 
+from univit_jax import atomic
 from univit_jax.data import pipeline, sources, transforms, video
 
 FLAGS = flags.FLAGS
@@ -103,16 +103,6 @@ def measure(folder: str, kind: str, num_frames: int, batch: int, workers: int) -
               frames_per_s=samples * num_frames, first_batch_s=first)
 
 
-def _write_json(path: str, payload: dict) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".input_pipeline.")
-  with os.fdopen(fd, "w") as f:
-    json.dump(payload, f, indent=2)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
 def main(argv):
   del argv
   rng = np.random.default_rng(0)
@@ -131,7 +121,7 @@ def main(argv):
   for r in results:
     print(f"{r['name']:<10} {r['workers']:>7} {r['batch']:>5} {r['samples_per_s']:>10.1f} "
           f"{r['frames_per_s']:>9.1f} {r['first_batch_s']:>11.2f}")
-  _write_json(FLAGS.out, dict(
+  atomic.write_json(FLAGS.out, dict(
     machine=dict(platform=platform.platform(), cpus=os.cpu_count()),
     settings=dict(image_size=FLAGS.image_size, source_size=FLAGS.source_size,
                   clip_frames=FLAGS.clip_frames, batches=FLAGS.batches),

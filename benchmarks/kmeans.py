@@ -24,6 +24,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from univit_jax import atomic  # pylint: disable=wrong-import-position
 from univit_jax.clustering import kmeans  # pylint: disable=wrong-import-position
 
 
@@ -161,9 +162,7 @@ def _merge_into(path: str, rows: list[dict], run: dict) -> None:
   for row in rows:
     row["run"] = run
   merged = [row for row in old if key(row) not in new_keys] + rows
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path, "w") as f:
-    json.dump(dict(rows=sorted(merged, key=key)), f, indent=2)
+  atomic.write_json(path, dict(rows=sorted(merged, key=key)))
 
 
 def _print_table(rows) -> None:
@@ -191,8 +190,7 @@ def summarize(path: str) -> None:
   with open(path) as f:
     results = json.load(f)
   results["rows"] = [derive(row) for row in results["rows"]]
-  with open(path, "w") as f:
-    json.dump(results, f, indent=2)
+  atomic.write_json(path, results)
   _print_table(results["rows"])
 
 

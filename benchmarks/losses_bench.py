@@ -7,17 +7,15 @@ Prints a table and writes benchmarks/results/losses_<backend>.json. Each entry i
 """
 
 import argparse
-import json
 import os
 import platform
 import statistics
-import tempfile
 import time
 
 import jax
 import numpy as np
 
-from univit_jax import config_lib, losses
+from univit_jax import atomic, config_lib, losses
 
 
 def _time(fn, *args, repeats: int) -> tuple[float, float]:
@@ -30,16 +28,6 @@ def _time(fn, *args, repeats: int) -> tuple[float, float]:
     jax.block_until_ready(fn(*args))
     times.append(time.perf_counter() - start)
   return compile_s, statistics.median(times)
-
-
-def _write_json(path: str, payload: dict) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-  with os.fdopen(fd, "w") as f:
-    json.dump(payload, f, indent=2)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
 
 
 def main() -> None:
@@ -82,7 +70,7 @@ def main() -> None:
   for row in rows:
     print(f"{row['loss']:<26}{row['compile_s']:>12.2f}{1e3 * row['step_s']:>12.1f}")
   out = os.path.join(os.path.dirname(__file__), "results", f"losses_{jax.default_backend()}.json")
-  _write_json(out, dict(args=vars(args), sampled_classes=m, backend=jax.default_backend(),
+  atomic.write_json(out, dict(args=vars(args), sampled_classes=m, backend=jax.default_backend(),
                         machine=platform.processor() or platform.machine(),
                         load_average_1min=os.getloadavg()[0], results=rows))
   print("wrote", out)

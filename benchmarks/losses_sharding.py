@@ -14,15 +14,13 @@ import os
 os.environ["XLA_FLAGS"] = (
   os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
-import json  # noqa: E402
 import re  # noqa: E402
-import tempfile  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P  # noqa: E402
 
-from univit_jax import config_lib, losses  # noqa: E402
+from univit_jax import atomic, config_lib, losses  # noqa: E402
 
 NUM_CLASSES, DIM, ROWS, LABELS = 8192, 64, 64, 10
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
@@ -67,16 +65,9 @@ def main() -> None:
     shapes = "; ".join(f"{op} {' '.join(s)}" for op, s in r["collectives"].items())
     print(f"{r['kind']:<14}{str(r['mesh']):<11}{str(r['pin_logits']):<12}"
           f"{r['flops'] / 1e6:>13.2f}  {shapes}")
-  out_dir = os.path.join(os.path.dirname(__file__), "results")
-  os.makedirs(out_dir, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".tmp")
-  with os.fdopen(fd, "w") as f:
-    json.dump(dict(num_classes=NUM_CLASSES, dim=DIM, rows=ROWS, labels=LABELS,
-                   sampled_classes=m, results=rows), f, indent=2)
-    f.flush()
-    os.fsync(f.fileno())
-  out = os.path.join(out_dir, "losses_sharding.json")
-  os.replace(tmp, out)
+  out = os.path.join(os.path.dirname(__file__), "results", "losses_sharding.json")
+  atomic.write_json(out, dict(num_classes=NUM_CLASSES, dim=DIM, rows=ROWS, labels=LABELS,
+                              sampled_classes=m, results=rows))
   print("wrote", out)
 
 

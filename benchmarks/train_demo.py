@@ -10,7 +10,6 @@ tokens/s (the first step of each bucket is dropped), plus the cold compile time 
 """
 
 import importlib.util
-import json
 import os
 import platform
 import statistics
@@ -111,9 +110,7 @@ def main(argv):
   for r in rows:
     print(f"{r['frames']:>6} {r['steps']:>5} {r['step_time_s']:>8.3f} {r['samples_per_s']:>10.1f} "
           f"{r['tokens_per_s']:>10.0f}")
-  os.makedirs(os.path.dirname(FLAGS.out), exist_ok=True)
-  with open(FLAGS.out, "w") as f:
-    json.dump(result, f, indent=1)
+  atomic.write_json(FLAGS.out, result)
 
 
 if __name__ == "__main__":
