@@ -19,7 +19,7 @@ import pytest
 import train_fixtures
 from jax.sharding import PartitionSpec as P
 
-from univit_jax import config_lib, sharding
+from univit_jax import config_lib, optim, sharding
 from univit_jax.train import labels as labels_lib
 from univit_jax.train import loop
 from univit_jax.train import state as state_lib
@@ -130,7 +130,7 @@ def test_state_is_born_sharded_with_banks_from_centroids():
   centroids = {name: np.random.default_rng(0).normal(size=(8, cfg.width)).astype(np.float32)
                for name in ("object", "event_1")}
   config.optim.bank_lr_scale = 10.0
-  tx = state_lib.make_optimizer(config.optim, 10)
+  tx = optim.make_optimizer(config.optim, 10)
   mesh = sharding.make_mesh(config)
   _, abstract = state_lib.abstract_model(cfg, {n: 8 for n in centroids})
   shardings = state_lib.state_shardings(abstract, tx, mesh, config.sharding_rules)

@@ -2,12 +2,14 @@
 
 The schedule is a pure function of the step, so a resumed run follows exactly the same curve
 (unlike recursive PyTorch schedulers, see reference/method-notes.md §2.6). Norm scales, biases and
-other vectors are not weight-decayed.
+other vectors are not weight-decayed; the class-centre banks have their own decay and lr scale.
 """
 
 import jax
 import ml_collections
 import optax
+
+from univit_jax.models import heads
 
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -35,17 +37,43 @@ def learning_rate(optim: ml_collections.ConfigDict, total_steps: int) -> optax.S
   return optax.join_schedules([optax.linear_schedule(0.0, optim.lr, warmup), decay], [warmup])
 
 
-def decay_mask(params):
-  """Weight decay on matrices only (ndim >= 2), not on norm scales or biases."""
-  return jax.tree.map(lambda p: p.ndim >= 2, params)
+def _bank_mask(tree):
+  return jax.tree_util.tree_map_with_path(lambda path, _: heads.is_bank_param(path), tree)
+
+
+def _encoder_decay_mask(tree):
+  # Matrices of the encoder only; norm scales and biases are not decayed, banks have their own.
+  return jax.tree_util.tree_map_with_path(
+    lambda path, x: x.ndim >= 2 and not heads.is_bank_param(path), tree)
+
+
+def _scale_banks(factor: float) -> optax.GradientTransformation:
+  """Multiplies the bank parameters' updates by `factor` (their learning-rate multiplier)."""
+  def update(updates, state, params=None):
+    del params
+    return jax.tree_util.tree_map_with_path(
+      lambda path, u: u * factor if heads.is_bank_param(path) else u, updates), state
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int
                    ) -> optax.GradientTransformation:
-  """AdamW from `config.optim`, with global-norm clipping when `grad_clip_norm` > 0."""
-  adamw = optax.adamw(
-    learning_rate(optim, total_steps), b1=optim.b1, b2=optim.b2, eps=optim.eps,
-    weight_decay=optim.weight_decay, mask=decay_mask)
+  """AdamW over the encoder and its class-centre banks, from `config.optim`.
+
+  One global-norm clip (when `grad_clip_norm` > 0), one schedule, and the banks' own weight
+  decay (`bank_weight_decay`) and lr multiplier (`bank_lr_scale`). Written as one chain, not
+  `optax.multi_transform`, so every optimiser-state leaf has the structure of the parameters and
+  inherits their sharding. Parameters without banks (the bare encoder) work the same.
+  """
+  parts = []
   if optim.grad_clip_norm > 0:
-    return optax.chain(optax.clip_by_global_norm(optim.grad_clip_norm), adamw)
-  return adamw
+    parts.append(optax.clip_by_global_norm(optim.grad_clip_norm))
+  parts += [
+    optax.scale_by_adam(b1=optim.b1, b2=optim.b2, eps=optim.eps),
+    optax.add_decayed_weights(optim.weight_decay, mask=_encoder_decay_mask),
+    optax.add_decayed_weights(optim.bank_weight_decay, mask=_bank_mask),
+    optax.scale_by_learning_rate(learning_rate(optim, total_steps)),
+  ]
+  if optim.bank_lr_scale != 1.0:
+    parts.append(_scale_banks(float(optim.bank_lr_scale)))
+  return optax.chain(*parts)

@@ -225,7 +225,7 @@ def run_train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
 
   mesh = sharding.make_mesh(config)
   rules = tuple(config.sharding_rules)
-  tx = state_lib.make_optimizer(config.optim, total)
+  tx = optim.make_optimizer(config.optim, total)
   learning_rate = optim.learning_rate(config.optim, total)
   graphdef, abstract_params = state_lib.abstract_model(model_cfg, sizes)
   shardings = state_lib.state_shardings(abstract_params, tx, mesh, rules)

@@ -15,7 +15,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from univit_jax import config_lib, optim, sharding
+from univit_jax import config_lib, sharding
 from univit_jax.models import heads, vit
 
 
@@ -43,48 +43,6 @@ class TrainState:
   params: nnx.State
   opt_state: optax.OptState
   rng: jax.Array
-
-
-def _bank_mask(tree):
-  return jax.tree_util.tree_map_with_path(lambda path, _: heads.is_bank_param(path), tree)
-
-
-def _encoder_decay_mask(tree):
-  # Matrices of the encoder only (optim.decay_mask's rule); banks have their own decay.
-  return jax.tree_util.tree_map_with_path(
-    lambda path, x: x.ndim >= 2 and not heads.is_bank_param(path), tree)
-
-
-def _scale_banks(factor: float) -> optax.GradientTransformation:
-  """Multiplies the bank parameters' updates by `factor` (their learning-rate multiplier)."""
-  def update(updates, state, params=None):
-    del params
-    return jax.tree_util.tree_map_with_path(
-      lambda path, u: u * factor if heads.is_bank_param(path) else u, updates), state
-  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
-
-
-def make_optimizer(optim_config: ml_collections.ConfigDict, total_steps: int
-                   ) -> optax.GradientTransformation:
-  """AdamW over encoder and banks with one global-norm clip, one schedule, and the banks' own
-  weight decay (`optim.bank_weight_decay`) and lr multiplier (`optim.bank_lr_scale`).
-
-  Written as one chain, not `optax.multi_transform`, so every optimiser-state leaf has the
-  structure of the parameters and inherits their sharding.
-  """
-  o = optim_config
-  parts = []
-  if o.grad_clip_norm > 0:
-    parts.append(optax.clip_by_global_norm(o.grad_clip_norm))
-  parts += [
-    optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.eps),
-    optax.add_decayed_weights(o.weight_decay, mask=_encoder_decay_mask),
-    optax.add_decayed_weights(o.bank_weight_decay, mask=_bank_mask),
-    optax.scale_by_learning_rate(optim.learning_rate(o, total_steps)),
-  ]
-  if o.bank_lr_scale != 1.0:
-    parts.append(_scale_banks(float(o.bank_lr_scale)))
-  return optax.chain(*parts)
 
 
 def abstract_model(cfg: config_lib.ModelConfig, bank_sizes: Mapping[str, int]
