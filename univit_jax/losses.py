@@ -147,7 +147,7 @@ def sample_classes(labels: jax.Array, valid: jax.Array, num_classes: int, sample
 # Discrimination losses.
 
 
-def _normalize(x: jax.Array) -> jax.Array:
+def l2_normalize(x: jax.Array) -> jax.Array:
   """L2-normalises the last axis in float32 (a zero vector stays zero)."""
   x = x.astype(jnp.float32)
   return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), _EPS * _EPS))
@@ -161,8 +161,8 @@ def _cosines(embeddings: jax.Array, centres: jax.Array, classes: jax.Array,
   and their gradients) to a layout, e.g. rows over ("data", "fsdp") and classes over "model";
   otherwise GSPMD picks one, which can leave the class axis replicated.
   """
-  sampled = _normalize(jnp.take(centres, classes, axis=0, mode="clip"))
-  cos = _normalize(embeddings) @ sampled.T
+  sampled = l2_normalize(jnp.take(centres, classes, axis=0, mode="clip"))
+  cos = l2_normalize(embeddings) @ sampled.T
   if sharding is not None:
     cos = jax.lax.with_sharding_constraint(cos, sharding)
   return jnp.clip(cos, -1.0, 1.0)
@@ -513,7 +513,7 @@ def structured_contrastive_loss(embeddings: jax.Array, targets: jax.Array,
   if targets.shape != (b, b):
     raise ValueError(f"targets {targets.shape} must be [B, B] with B = {b}")
   valid = jnp.ones((b,), bool) if valid is None else valid.astype(bool)
-  e = _normalize(embeddings)
+  e = l2_normalize(embeddings)
   cos = e @ e.T
   eye = jnp.eye(b, dtype=bool)
   pair = valid[:, None] & valid[None, :] & ~eye

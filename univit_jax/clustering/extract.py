@@ -33,7 +33,7 @@ import tqdm
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from univit_jax import checkpointing, config_lib, sharding
+from univit_jax import checkpointing, config_lib, losses, sharding
 from univit_jax.clustering import store
 from univit_jax.data import pipeline
 from univit_jax.models import masks, vit
@@ -105,7 +105,7 @@ def region_features(tokens: jax.Array, boxes: jax.Array, grid: tuple[int, int]) 
   """
   inside = masks.box_patch_masks(boxes, *grid).astype(jnp.float32)  # [B, R, P]
   pooled = jnp.einsum("brp,bpd->brd", inside, tokens.astype(jnp.float32))
-  return _l2(pooled / inside.sum(-1, keepdims=True))
+  return losses.l2_normalize(pooled / inside.sum(-1, keepdims=True))
 
 
 def segment_frame_indices(num_frames: int, num_segments: int, per_segment: int) -> np.ndarray:
@@ -126,8 +126,8 @@ def event_features(frame_embeddings: jax.Array, num_segments: int, per_segment: 
   """
   b, t, d = frame_embeddings.shape
   index = segment_frame_indices(t, num_segments, per_segment)
-  frames = _l2(frame_embeddings.astype(jnp.float32))[:, index]  # [B, g, F, D]
-  return _l2(frames.reshape(b, num_segments, per_segment * d))
+  frames = losses.l2_normalize(frame_embeddings.astype(jnp.float32))[:, index]  # [B, g, F, D]
+  return losses.l2_normalize(frames.reshape(b, num_segments, per_segment * d))
 
 
 def grid_proposals(grids: Sequence[int]) -> np.ndarray:
@@ -152,10 +152,6 @@ def object_boxes(batch: dict, proposals: np.ndarray) -> tuple[np.ndarray, np.nda
       n = proposals.shape[0]
       boxes[i, :n], valid[i, :n] = proposals, True
   return boxes, valid
-
-
-def _l2(x: jax.Array) -> jax.Array:
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,7 +328,7 @@ def run_extract(config: ml_collections.ConfigDict, workdir: str,
   @jax.jit
   def object_step(frames, boxes):
     tokens, embeddings = teacher.apply(frames)
-    return _l2(embeddings[:, 0]), region_features(tokens[:, 0], boxes, grid)
+    return losses.l2_normalize(embeddings[:, 0]), region_features(tokens[:, 0], boxes, grid)
 
   @jax.jit
   def event_step(frames):

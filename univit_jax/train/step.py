@@ -69,8 +69,7 @@ def term_weights(loss_config: config_lib.LossConfig, progress: float,
 
 def mean_pairwise_cosine(embeddings: jax.Array) -> jax.Array:
   """Mean cosine over distinct pairs of rows `[B, D]`: near 1 when embeddings collapse."""
-  e = embeddings.astype(jnp.float32)
-  e = e * jax.lax.rsqrt(jnp.maximum(jnp.sum(e * e, -1, keepdims=True), 1e-12))
+  e = losses.l2_normalize(embeddings)
   b = e.shape[0]
   return (jnp.sum(e @ e.T) - jnp.trace(e @ e.T)) / max(b * (b - 1), 1)
 
