@@ -41,20 +41,26 @@ def _require(workdir: str | None) -> str:
   return workdir
 
 
-def _train(config, workdir):
+def _stopping_cleanly(run):
+  """Runs a training stage; its errors about inputs or numerics end the run with one line."""
   from univit_jax import train
   try:
-    result = train.run_train(config, _require(workdir))
+    return run()
   except (train.LabelError, train.CheckpointMismatchError, train.NonFiniteError) as e:
     print(f"Training stopped: {e}", file=sys.stderr)
     sys.exit(1)
+
+
+def _train(config, workdir):
+  from univit_jax import train
+  result = _stopping_cleanly(lambda: train.run_train(config, _require(workdir)))
   how = "stopped by SIGTERM (checkpoint saved)" if result.preempted else "finished"
   print(f"Training {how} at step {result.step}; cluster labels {result.label_versions}")
 
 
 def _pipeline(config, workdir):
   from univit_jax import rounds
-  rounds.run_pipeline(config, _require(workdir))
+  _stopping_cleanly(lambda: rounds.run_pipeline(config, _require(workdir)))
 
 
 MODES = {"summary": _summary, "extract": _extract, "cluster": _cluster, "train": _train,
