@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from sklearn.metrics import normalized_mutual_info_score
@@ -20,8 +21,9 @@ from univit_jax.clustering import kmeans, labels, store
 WORKER = os.path.join(os.path.dirname(__file__), "cluster_worker.py")
 # Small-K settings that still take the ScaNN tree path (tree over 12 centroids, 3 leaves).
 TREE = dict(backend="scann", brute_force_max_k=4, num_leaves=3, leaves_to_search=2)
-BACKENDS = {"exact": dict(backend="exact"), "scann_brute": dict(backend="scann"),
-            "scann_tree": TREE, "scann_tree_labels": dict(TREE, exact_labels=False)}
+BACKENDS = {"exact": dict(backend="exact"), "matmul_bf16": dict(screen_dtype="bfloat16"),
+            "scann_brute": dict(backend="scann"), "scann_tree": TREE,
+            "scann_tree_labels": dict(TREE, exact_labels=False)}
 
 
 def _quiet(_):
@@ -72,6 +74,104 @@ def test_backends_agree_and_distortion_never_increases(mixture):
   assert np.all(np.diff(distortion) <= 1e-6)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_matmul_assigner_is_exact_top_k_with_ties_to_the_lowest_id(dtype):
+  # Small integer entries: every dot product is exact in float32 and in bfloat16 whatever the
+  # summation order, so ties are exact ties. 300 centroids: three groups of 128, the last padded.
+  rng = np.random.default_rng(0)
+  centroids = rng.integers(-2, 3, (300, 16)).astype(np.float32)
+  centroids[[7, 130, 299]] = centroids[41]  # duplicates across groups and in the padded one
+  x = rng.integers(-2, 3, (700, 16)).astype(np.float32)
+  x[:50] = centroids[41]
+  sims = x @ centroids.T
+  assigner = kmeans.MatmulAssigner(centroids, dtype)
+  for k in (1, 2, 5):
+    ids, got = assigner.search(x, k)
+    expected = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    np.testing.assert_array_equal(ids, expected)
+    np.testing.assert_array_equal(got, np.take_along_axis(sims, expected, 1))
+  assert np.all(assigner.search(x[:50], 4)[0] == [7, 41, 130, 299])
+
+
+def test_bf16_screen_finds_the_nearest_centroid_with_float32_cosines(mixture):
+  x, _ = mixture
+  centroids = kmeans.normalize(np.random.default_rng(1).standard_normal((1000, x.shape[1])))
+  ids, sims = kmeans.MatmulAssigner(centroids, "bfloat16").search(x, 2)
+  exact = x @ centroids.T
+  assert np.mean(ids[:, 0] == np.argmax(exact, axis=1)) >= 0.99
+  np.testing.assert_allclose(sims, np.take_along_axis(exact, ids, 1), atol=1e-6)
+  assert np.all(sims[:, 0] >= sims[:, 1])
+
+
+@pytest.mark.parametrize("check_jumper", [False, True])
+def test_widened_bounds_stay_below_the_true_angles(check_jumper):
+  rng = np.random.default_rng(0)
+  x = kmeans.normalize(rng.standard_normal((400, 8)))
+  centroids = kmeans.normalize(rng.standard_normal((30, 8)))
+  rows = kmeans.RowState.fresh(len(x))
+  cos = x @ centroids.T
+  rows.assign[:] = np.argmax(cos, axis=1)
+  rows.lower[:] = np.arccos(np.sort(cos, axis=1)[:, -2])
+  checked = np.array([3] if check_jumper else [], np.int64)
+  for scale in (0.01, 0.1, 0.5):
+    moved_centroids = kmeans.normalize(centroids + scale * rng.standard_normal(centroids.shape))
+    moved_centroids[3] = -centroids[3]  # one centroid jumps across the sphere
+    rows.widen(kmeans._angles_moved(centroids, moved_centroids), checked)
+    centroids = moved_centroids
+    angles = np.arccos(np.clip(x @ centroids.T, -1, 1))
+    angles[np.arange(len(x)), rows.assign] = np.inf
+    angles[:, checked] = np.inf  # the pass scores these itself
+    assert np.all(rows.lower <= angles.min(axis=1) + 1e-6)
+    if check_jumper and scale == 0.01:  # the others moved little: the bounds stay useful
+      assert np.mean(rows.lower > 0) > 0.5
+
+
+def _plain_lloyd(x, init, iterations):
+  """Spherical Lloyd searching every row every pass; empty clusters (in index order) move onto
+  the rows with the lowest cosine to their centroid (ties by row index)."""
+  centroids = kmeans.normalize(init)
+  for _ in range(iterations):
+    cos = x @ centroids.T
+    assign = np.argmax(cos, axis=1)
+    sums = np.zeros(centroids.shape, np.float64)
+    np.add.at(sums, assign, x.astype(np.float64))
+    counts = np.bincount(assign, minlength=len(centroids))
+    empties = np.flatnonzero(counts == 0)
+    centroids = centroids.copy()
+    centroids[counts > 0] = kmeans.normalize(sums[counts > 0])
+    best = cos[np.arange(len(x)), assign]
+    centroids[empties] = x[np.lexsort((np.arange(len(x)), best))[:len(empties)]]
+  return centroids
+
+
+@pytest.mark.parametrize("screen_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("duplicate_init", [False, True])
+def test_bounded_lloyd_equals_plain_lloyd_and_skips_settled_rows(mixture, screen_dtype,
+                                                                 duplicate_init):
+  x, _ = mixture
+  rows = np.arange(0, len(x), len(x) // 12)[:12]
+  if duplicate_init:  # centroid 5 repeats centroid 4, so it starts empty and is re-seeded
+    rows[5] = rows[4]
+  spec = kmeans.ClusterSpec(num_clusters=12, iterations=8, top_k=1, block_rows=1000,
+                            screen_dtype=screen_dtype)
+  result = kmeans.spherical_kmeans(kmeans.ArraySource(x), spec, init_centroids=x[rows],
+                                   log=_quiet)
+  centroids = _plain_lloyd(x, x[rows], spec.iterations)
+  np.testing.assert_allclose(result.centroids, centroids, atol=1e-5)
+  np.testing.assert_array_equal(result.labels[:, 0], np.argmax(x @ centroids.T, axis=1))
+  assert result.searched[0] == len(x) and result.searched[-1] < len(x) // 5, result.searched
+  assert (result.empty[0] > 0) == duplicate_init
+
+
+def test_screen_dtype_resolution_and_validation():
+  assert kmeans.resolve_screen_dtype("float32") == np.float32
+  assert kmeans.resolve_screen_dtype("auto") in (np.float32, jnp.bfloat16)
+  assert kmeans.ClusterSpec(num_clusters=2, backend="exact",
+                            screen_dtype="bfloat16").matmul_dtype() == np.float32
+  with pytest.raises(kmeans.KMeansError, match=r"bank 'b': cluster spec screen_dtype='float16'"):
+    kmeans.ClusterSpec(num_clusters=2, top_k=1, screen_dtype="float16").validate("b")
+
+
 def test_empty_clusters_are_reseeded_on_worst_rows():
   # Three tight groups. Two initial centroids sit on the same row of group A, so the second gets
   # no rows (ties go to the lower id); group C has no centroid near it. The empty cluster must
@@ -116,7 +216,7 @@ def _assert_same_outputs(a, b, atol=0.0):
   np.testing.assert_allclose(files_a["centroids"], files_b["centroids"], atol=atol, rtol=0)
   np.testing.assert_array_equal(files_a["labels"], files_b["labels"])
   np.testing.assert_array_equal(files_a["ids"], files_b["ids"])
-  for key in ("version", "empty_per_iteration", "sizes", "config"):
+  for key in ("version", "empty_per_iteration", "searched_per_iteration", "sizes", "config"):
     assert stats_a[key] == stats_b[key], key
   np.testing.assert_allclose(stats_a["objective"], stats_b["objective"], atol=max(atol, 1e-12))
 

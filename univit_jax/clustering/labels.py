@@ -6,9 +6,9 @@ For each bank `workdir/features/<bank>/` (see `store`) it writes `workdir/cluste
   labels.npy     int32 [N, top_k] nearest centroids per row, best first, in the store's row order
   ids.npy        int64 [N, 2] the store's (sample id, sub-index) of each row of labels.npy
   sizes.png      histogram of cluster sizes (rows whose nearest centroid it is)
-  stats.json     sizes summary, objective and empty clusters per iteration, seconds, the
-                 ClusterSpec (`config`), and `version`: a hash of the bank's metadata and the
-                 spec, which training records
+  stats.json     sizes summary, objective, empty clusters and rows searched per iteration,
+                 seconds, the ClusterSpec (`config`), and `version`: a hash of the bank's
+                 metadata and the spec, which training records
 
 stats.json is written last and marks the bank done: a reader that finds it with the expected
 version finds the other files complete (all files are written atomically, and stats.json is
@@ -161,7 +161,7 @@ def cluster_bank(workdir: str, bank: str, spec: ClusterSpec,
       bank=bank, version=version, teacher=reader.teacher, num_rows=reader.num_rows,
       dim=reader.dim, config=dataclasses.asdict(spec), processes=jax.process_count(),
       objective=result.objective, empty_per_iteration=result.empty,
-      seconds_per_pass=result.seconds, seconds=float(sum(result.seconds)),
+      searched_per_iteration=result.searched, seconds_per_pass=result.seconds, seconds=float(sum(result.seconds)),
       sizes=_size_summary(sizes))
     atomic.save_npy(os.path.join(out, "centroids.npy"), result.centroids)
     atomic.save_npy(os.path.join(out, "ids.npy"), reader.ids())
