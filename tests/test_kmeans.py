@@ -310,6 +310,7 @@ def test_specs_from_default_config():
   specs = labels.cluster_specs(config)
   assert set(specs) == {"object", "event_1", "event_2", "event_4", "event_8"}
   assert specs["object"].num_clusters == 1_000_000 and specs["event_2"].top_k == 10
+  assert specs["event_4"].screen_dtype == "auto"
   config.cluster.backend = "faiss"
   with pytest.raises(kmeans.KMeansError, match=r"bank 'event_1': cluster spec backend='faiss'"):
     labels.cluster_specs(config)

@@ -333,7 +333,10 @@ def default_config(variant: str) -> ml_collections.ConfigDict:
   c.cluster = ml_collections.ConfigDict(dict(
     num_clusters=dict(object=1_000_000, event_1=100_000, event_2=100_000, event_4=100_000,
                       event_8=100_000),
-    iterations=20, top_k=10, init="kmeans++", backend="auto", seed=0))
+    iterations=20, top_k=10, init="kmeans++", backend="auto", seed=0,
+    # Candidate screening of the matmul assignment: "auto" = bfloat16 where the hardware has
+    # native bf16 (accelerators, AMX / AVX512-BF16 CPUs), else float32 (docs/clustering.md).
+    screen_dtype="auto"))
 
   # Cluster discrimination (MLCD Eq. 5 with RICE's scale and margin, or the OneVision-Encoder
   # CosFace-per-slot form) per bank, plus the structured contrastive loss; see losses.py.

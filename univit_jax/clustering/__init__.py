@@ -2,8 +2,9 @@
 
   store.py    workdir/features/<bank>/: chunked float32 features + (sample, sub-index) ids,
               written atomically and resumably by `BankWriter`, streamed by `BankReader`.
-  kmeans.py   `spherical_kmeans(source, ClusterSpec)`: exact JAX or ScaNN assignment, streamed
-              updates, checkpoints, multi-process reduction.
+  kmeans.py   `spherical_kmeans(source, ClusterSpec)`: assignment by a bf16-screened JAX matmul
+              or a ScaNN tree, Hamerly bounds that skip settled rows, streamed updates,
+              checkpoints, multi-process reduction.
   labels.py   `run_cluster_stage(workdir, banks)` for --mode=cluster: centroids, top-k labels,
               stats.json and sizes.png per bank; `cluster_specs(config)` reads config.cluster.
   extract.py  `run_extract(config, workdir)` for --mode=extract: teacher features of object

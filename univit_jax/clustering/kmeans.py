@@ -250,7 +250,7 @@ def _cpu_has_bf16_units() -> bool:
 
 def resolve_screen_dtype(name: str) -> jnp.dtype:
   """The dtype that "auto" means here: bfloat16 on accelerators and on CPUs with bf16 units
-  (5x float32's matmul rate on the dev VM's AMX), else float32 (emulated bf16 is slower)."""
+  (~6x float32's matmul rate on the dev VM's AMX), else float32 (emulated bf16 is slower)."""
   if name == "auto":
     fast = jax.default_backend() != "cpu" or _cpu_has_bf16_units()
     name = "bfloat16" if fast else "float32"

@@ -44,9 +44,9 @@ def clusters_dir(workdir: str, bank: str) -> str:
 
 def cluster_specs(config: ml_collections.ConfigDict) -> dict[str, ClusterSpec]:
   """One spec per bank from `config.cluster`: `num_clusters` maps bank -> K, and the other
-  fields (iterations, top_k, init, backend, seed) are shared by all banks."""
+  fields (iterations, top_k, init, backend, seed, screen_dtype) are shared by all banks."""
   c = config.cluster
-  shared = {f: c[f] for f in ("iterations", "top_k", "init", "backend", "seed")}
+  shared = {f: c[f] for f in ("iterations", "top_k", "init", "backend", "seed", "screen_dtype")}
   specs = {bank: ClusterSpec(num_clusters=int(k), **shared) for bank, k in c.num_clusters.items()}
   for bank, spec in specs.items():
     spec.validate(bank)
