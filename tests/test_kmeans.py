@@ -163,6 +163,37 @@ def test_bounded_lloyd_equals_plain_lloyd_and_skips_settled_rows(mixture, screen
   assert (result.empty[0] > 0) == duplicate_init
 
 
+def test_centering_clusters_rows_that_share_a_large_component(mixture):
+  x, truth = mixture
+  y = kmeans.normalize(x + 4.0 * kmeans.normalize(np.ones((1, x.shape[1]))))
+  options = dict(num_clusters=12, iterations=8, top_k=1, seed=0)
+  plain = kmeans.spherical_kmeans(kmeans.ArraySource(y), kmeans.ClusterSpec(**options),
+                                  log=_quiet)
+  centred = kmeans.spherical_kmeans(kmeans.ArraySource(y),
+                                    kmeans.ClusterSpec(**options, center=True), log=_quiet)
+  assert plain.mean is None and plain.objective[-1] > 0.97  # the shared part dominates
+  np.testing.assert_allclose(centred.mean, y.mean(axis=0), atol=1e-6)
+  assert centred.objective[-1] < 0.9
+  assert normalized_mutual_info_score(truth, centred.labels[:, 0]) >= 0.95
+  z = kmeans.normalize(y - centred.mean)  # labels are exact in the centred space
+  np.testing.assert_array_equal(centred.labels[:, 0], np.argmax(z @ centred.centroids.T, axis=1))
+
+
+def test_stage_writes_the_mean_of_a_centred_bank(tmp_path):
+  x, _ = cluster_worker.planted(300, 4, 8, noise=0.3, seed=0)
+  writer = store.BankWriter(str(tmp_path), "object", 8, teacher="t")
+  writer.write_chunk(0, x[:150], np.arange(150))
+  writer.write_chunk(1, x[150:], np.arange(150, 300))
+  writer.finish()
+  mean_path = os.path.join(labels.clusters_dir(str(tmp_path), "object"), "mean.npy")
+  spec = dict(num_clusters=4, iterations=3, top_k=1, center=True)
+  stats = labels.run_cluster_stage(str(tmp_path), {"object": spec}, log=_quiet)["object"]
+  assert stats["config"]["center"]
+  np.testing.assert_allclose(np.load(mean_path), x.mean(axis=0), atol=1e-6)
+  labels.run_cluster_stage(str(tmp_path), {"object": dict(spec, center=False)}, log=_quiet)
+  assert not os.path.exists(mean_path)
+
+
 def test_screen_dtype_resolution_and_validation():
   assert kmeans.resolve_screen_dtype("float32") == np.float32
   assert kmeans.resolve_screen_dtype("auto") in (np.float32, jnp.bfloat16)
@@ -310,7 +341,7 @@ def test_specs_from_default_config():
   specs = labels.cluster_specs(config)
   assert set(specs) == {"object", "event_1", "event_2", "event_4", "event_8"}
   assert specs["object"].num_clusters == 1_000_000 and specs["event_2"].top_k == 10
-  assert specs["event_4"].screen_dtype == "auto"
+  assert specs["event_4"].screen_dtype == "auto" and not specs["object"].center
   config.cluster.backend = "faiss"
   with pytest.raises(kmeans.KMeansError, match=r"bank 'event_1': cluster spec backend='faiss'"):
     labels.cluster_specs(config)

@@ -336,7 +336,10 @@ def default_config(variant: str) -> ml_collections.ConfigDict:
     iterations=20, top_k=10, init="kmeans++", backend="auto", seed=0,
     # Candidate screening of the matmul assignment: "auto" = bfloat16 where the hardware has
     # native bf16 (accelerators, AMX / AVX512-BF16 CPUs), else float32 (docs/clustering.md).
-    screen_dtype="auto"))
+    screen_dtype="auto",
+    # Cluster features minus their mean (re-normalised): for teachers whose features share one
+    # large component (kmeans.ClusterSpec.center). Off in the papers' recipe.
+    center=False))
 
   # Cluster discrimination (MLCD Eq. 5 with RICE's scale and margin, or the OneVision-Encoder
   # CosFace-per-slot form) per bank, plus the structured contrastive loss; see losses.py.

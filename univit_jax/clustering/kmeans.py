@@ -112,6 +112,11 @@ class ClusterSpec:
     screen_dtype: dtype in which the matmul path of "auto" and "scann" screens candidates:
       "auto" (bfloat16 on accelerators and on CPUs with bf16 units, else float32), "bfloat16"
       or "float32". Candidates are always re-scored in float32; "exact" screens in float32.
+    center: cluster the rows minus their mean (then re-normalised). A young teacher's features
+      can share one large component (every row within a few degrees of the mean direction, a
+      k-means objective of ~0.99); centred, they are clustered by what tells them apart. The
+      centroids, cosines and objective then live in the centred space, and the result carries
+      the mean (`KMeansResult.mean`) to map new rows there.
   """
   num_clusters: int
   iterations: int = 20
@@ -126,6 +131,7 @@ class ClusterSpec:
   brute_force_max_k: int = BRUTE_FORCE_MAX_K
   exact_labels: bool = True
   screen_dtype: str = "auto"
+  center: bool = False
 
   def validate(self, name: str) -> None:
     """Raises KMeansError naming bank `name` and the field for impossible values."""
@@ -182,6 +188,39 @@ class ArraySource:
     return self.features[rows]
 
 
+class CenteredSource:
+  """Rows of `source`, unit-normalised, minus `mean [D]` (k-means normalises them again). A row
+  equal to the mean, which would have no direction left, is kept uncentred."""
+
+  def __init__(self, source: RowSource, mean: np.ndarray):
+    self.source, self.mean = source, np.asarray(mean, np.float32)
+    self.num_rows, self.dim = source.num_rows, source.dim
+
+  def _center(self, x: np.ndarray) -> np.ndarray:
+    x = normalize(x)
+    centred = x - self.mean
+    flat = np.einsum("nd,nd->n", centred, centred) < 1e-12
+    centred[flat] = x[flat]
+    return centred
+
+  def rows(self, start: int, stop: int) -> Iterator[np.ndarray]:
+    for x in self.source.rows(start, stop):
+      yield self._center(x)
+
+  def gather(self, rows: np.ndarray) -> np.ndarray:
+    return self._center(self.source.gather(rows))
+
+
+def mean_row(source: RowSource, block_rows: int = 16_384) -> np.ndarray:
+  """float32 [D] mean of the unit-normalised rows, summed in float64 over every process's shard
+  (the same on every process, whatever the number of processes)."""
+  start, stop = shard_bounds(source.num_rows, jax.process_count(), jax.process_index())
+  total = np.zeros(source.dim, np.float64)
+  for _, x in _blocks(source, start, stop, block_rows):
+    total += x.astype(np.float64).sum(axis=0)
+  return (_sum_across_processes(total) / source.num_rows).astype(np.float32)
+
+
 @dataclasses.dataclass
 class KMeansResult:
   """Outcome of `spherical_kmeans` as seen by this process.
@@ -196,6 +235,7 @@ class KMeansResult:
     searched: rows searched per iteration (all processes); the others kept their centroid
       because their bounds proved it still nearest.
     seconds: wall time per pass.
+    mean: float32 [D] the mean subtracted from the rows (`ClusterSpec.center`), else None.
   """
   centroids: np.ndarray
   labels: np.ndarray
@@ -205,6 +245,7 @@ class KMeansResult:
   empty: list[int]
   searched: list[int]
   seconds: list[float]
+  mean: np.ndarray | None = None
 
 
 def normalize(x: np.ndarray) -> np.ndarray:
@@ -608,7 +649,8 @@ def spherical_kmeans(source: RowSource, spec: ClusterSpec, *, name: str = "featu
     name: bank name, for messages.
     checkpoint_dir: where to checkpoint after each iteration and resume from; None disables.
     version: identifies the inputs and parameters; a checkpoint of another version is ignored.
-    init_centroids: [K, D] starting centroids instead of `spec.init` (comparisons, benchmarks).
+    init_centroids: [K, D] starting centroids instead of `spec.init` (comparisons, benchmarks;
+      in the centred space when `spec.center`).
     log: receives one progress line per pass.
 
   Returns:
@@ -619,6 +661,10 @@ def spherical_kmeans(source: RowSource, spec: ClusterSpec, *, name: str = "featu
   """
   _check_size(source, spec, name)
   start, stop = shard_bounds(source.num_rows, jax.process_count(), jax.process_index())
+  mean = None
+  if spec.center:  # recomputed on resume: deterministic, and one pass of the ~20
+    mean = mean_row(source, spec.block_rows)
+    source = CenteredSource(source, mean)
   restored = _load_checkpoint(checkpoint_dir, version) if checkpoint_dir else None
   scann_index = None
   if restored:
@@ -698,7 +744,7 @@ def spherical_kmeans(source: RowSource, spec: ClusterSpec, *, name: str = "featu
   log(f"{name}: labels (top-{spec.top_k}) objective {objective[-1]:.6f} ({seconds[-1]:.2f}s)")
   return KMeansResult(centroids=centroids, labels=labels, similarities=similarities,
                       row_range=(start, stop), objective=objective, empty=empty,
-                      searched=searched, seconds=seconds)
+                      searched=searched, seconds=seconds, mean=mean)
 
 
 # Slack on float32 cosines (rounding of 256-D dot products is ~1e-6) before they become bounds.

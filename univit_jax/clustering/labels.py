@@ -3,6 +3,8 @@
 For each bank `workdir/features/<bank>/` (see `store`) it writes `workdir/clusters/<bank>/`:
 
   centroids.npy  float32 [K, D] unit centroids (the loss's class centres are initialised from them)
+  mean.npy       float32 [D] with `center`: the mean subtracted from the (unit) rows before
+                 clustering; centroids and cosines are in that centred space
   labels.npy     int32 [N, top_k] nearest centroids per row, best first, in the store's row order
   ids.npy        int64 [N, 2] the store's (sample id, sub-index) of each row of labels.npy
   sizes.png      histogram of cluster sizes (rows whose nearest centroid it is)
@@ -44,9 +46,11 @@ def clusters_dir(workdir: str, bank: str) -> str:
 
 def cluster_specs(config: ml_collections.ConfigDict) -> dict[str, ClusterSpec]:
   """One spec per bank from `config.cluster`: `num_clusters` maps bank -> K, and the other
-  fields (iterations, top_k, init, backend, seed, screen_dtype) are shared by all banks."""
+  fields (iterations, top_k, init, backend, seed, screen_dtype, center) are shared by all
+  banks."""
   c = config.cluster
-  shared = {f: c[f] for f in ("iterations", "top_k", "init", "backend", "seed", "screen_dtype")}
+  shared = {f: c[f] for f in ("iterations", "top_k", "init", "backend", "seed", "screen_dtype",
+                              "center")}
   specs = {bank: ClusterSpec(num_clusters=int(k), **shared) for bank, k in c.num_clusters.items()}
   for bank, spec in specs.items():
     spec.validate(bank)
@@ -164,6 +168,10 @@ def cluster_bank(workdir: str, bank: str, spec: ClusterSpec,
       searched_per_iteration=result.searched, seconds_per_pass=result.seconds, seconds=float(sum(result.seconds)),
       sizes=_size_summary(sizes))
     atomic.save_npy(os.path.join(out, "centroids.npy"), result.centroids)
+    if result.mean is not None:
+      atomic.save_npy(os.path.join(out, "mean.npy"), result.mean)
+    elif os.path.exists(os.path.join(out, "mean.npy")):
+      os.remove(os.path.join(out, "mean.npy"))
     atomic.save_npy(os.path.join(out, "ids.npy"), reader.ids())
     atomic.save_npy(os.path.join(out, "labels.npy"), labels)
     atomic.write_bytes(os.path.join(out, "sizes.png"), _sizes_png(sizes, bank))
