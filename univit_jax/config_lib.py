@@ -136,16 +136,26 @@ def validate_data(config: ml_collections.ConfigDict) -> None:
   Raises:
     ConfigError: naming the field.
   """
-  d, p = config.data, config.model.patch_size
-  if d.image_size % p:
+  d = config.data
+  check_buckets(d.image_size, config.model.patch_size, tuple(d.frames), tuple(d.bucket_weights))
+
+
+def check_buckets(image_size: int, patch_size: int, frames: tuple[int, ...],
+                  bucket_weights: tuple[float, ...]) -> None:
+  """Whole patches per frame, distinct positive frame counts, one weight per bucket (for the
+  config and for `data.pipeline.DataConfig`, which can be built without one).
+
+  Raises:
+    ConfigError: naming the field.
+  """
+  if image_size % patch_size:
     raise ConfigError(
-      f"data.image_size={d.image_size} is not divisible by model.patch_size={p}")
-  frames = tuple(d.frames)
+      f"data.image_size={image_size} is not divisible by model.patch_size={patch_size}")
   if not frames or any(t < 1 for t in frames) or len(set(frames)) != len(frames):
     raise ConfigError(f"data.frames={frames} must be distinct positive frame counts")
-  if len(tuple(d.bucket_weights)) != len(frames):
+  if len(bucket_weights) != len(frames):
     raise ConfigError(
-      f"data.bucket_weights={tuple(d.bucket_weights)} needs one weight per bucket in "
+      f"data.bucket_weights={bucket_weights} needs one weight per bucket in "
       f"data.frames={frames}")
 
 

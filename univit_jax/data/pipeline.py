@@ -88,14 +88,8 @@ class DataConfig:
     if self.frame_sampling not in video.SAMPLINGS:
       raise config_lib.ConfigError(
         f"data.frame_sampling={self.frame_sampling!r}: expected one of {video.SAMPLINGS}")
-    if len(self.bucket_weights) != len(self.frames):
-      raise config_lib.ConfigError(
-        f"data.bucket_weights={self.bucket_weights} needs one weight per bucket in "
-        f"data.frames={self.frames}")
-    if self.image_size % self.patch_size:
-      raise config_lib.ConfigError(
-        f"data.image_size={self.image_size} is not divisible by "
-        f"model.patch_size={self.patch_size}")
+    config_lib.check_buckets(self.image_size, self.patch_size, tuple(self.frames),
+                             tuple(self.bucket_weights))
     if not 0 <= self.max_bad_fraction <= 1:
       raise config_lib.ConfigError(
         f"data.max_bad_fraction={self.max_bad_fraction} must be in [0, 1]")
