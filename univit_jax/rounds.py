@@ -43,7 +43,8 @@ def round_config(config: ml_collections.ConfigDict, workdir: str, r: int
 
 
 def export_encoder(config: ml_collections.ConfigDict, folder: str, encoder_params) -> str:
-  """Writes the encoder's parameters and the config to `<folder>/export/` (see `load_encoder`)."""
+  """Writes the encoder's parameters and the config to `<folder>/export/`, which
+  `univit_jax.load_encoder` reads."""
   path = export_dir(folder)
   checkpointing.save_export(path, encoder_params, config.to_json_best_effort())
   return path

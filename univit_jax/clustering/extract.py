@@ -30,13 +30,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tqdm
-from flax import nnx
 from jax.experimental import multihost_utils
 
-from univit_jax import checkpointing, config_lib, losses, sharding
+from univit_jax import config_lib, encoder, losses, sharding
 from univit_jax.clustering import store
 from univit_jax.data import pipeline
-from univit_jax.models import masks, vit
+from univit_jax.models import masks
 
 OBJECT_BANK = "object"
 GLOBAL_ROW = -1
@@ -222,22 +221,15 @@ def pixels_teacher(sample_frames: np.ndarray, dim: int, patch_size: int, seed: i
 
 def encoder_teacher(export_dir: str, mesh: jax.sharding.Mesh) -> Teacher:
   """An exported UniViT encoder applied to every frame as an image (T = 1)."""
-  _, exported = checkpointing.load_export(export_dir)
-  config = ml_collections.ConfigDict(exported)
-  cfg = config_lib.model_config(config)
-  graphdef, abstract = vit.abstract_encoder(cfg)
-  shardings = sharding.tree_shardings(abstract, mesh, config.sharding_rules)
-  params, _ = checkpointing.load_export(export_dir, sharding.sharded_shapes(abstract, shardings))
+  teacher = encoder.load_encoder(export_dir, mesh)
 
   def apply(frames: jax.Array) -> tuple[jax.Array, jax.Array]:
     b, t = frames.shape[:2]
-    embedding, aux = nnx.merge(graphdef, params)(frames.reshape(b * t, 1, *frames.shape[2:]))
+    embedding, aux = teacher(frames.reshape(b * t, 1, *frames.shape[2:]))
     tokens = aux["tokens"].astype(jnp.float32)
     return tokens.reshape(b, t, tokens.shape[1], -1), embedding.reshape(b, t, -1)
 
-  with open(f"{export_dir}/config.json", "rb") as f:
-    digest = hashlib.sha1(f.read()).hexdigest()[:12]
-  return Teacher(name=f"univit:{export_dir}:{digest}", dim=cfg.width, patch_size=cfg.patch_size,
+  return Teacher(name=teacher.name, dim=teacher.model.width, patch_size=teacher.model.patch_size,
                  apply=apply)
 
 

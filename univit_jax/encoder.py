@@ -1,0 +1,78 @@
+"""A frozen, exported UniViT encoder as a feature extractor: `load_encoder(path)`.
+
+An export (`<workdir>/export/`, or `round_<r>/export/` of a pipeline) holds the encoder's
+parameters and the run's config (`checkpointing.save_export`). Loaded, it embeds images
+`[B, H, W, C]` and clips `[B, T, H, W, C]` of any length T with one set of weights:
+
+  encoder = univit_jax.load_encoder("/tmp/univit_demo/round_2/export")
+  embeddings = encoder.embed(frames)                    # [B, width] float32
+  embedding, aux = encoder(frames, segments=(2, 4))     # + tokens, per-segment embeddings
+
+Each input shape (and choice of segments / boxes) compiles once.
+"""
+
+import hashlib
+import os
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from univit_jax import checkpointing, config_lib, sharding
+from univit_jax.models import vit
+
+
+class Encoder:
+  """An exported encoder's weights with a jitted forward pass (see `vit.UniViT.__call__`).
+
+  Attributes:
+    config: the exporting run's config.
+    model: its `config_lib.ModelConfig` (width, patch size, ...).
+    name: identifies the export: its path and a hash of its config.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
+               params: nnx.State, name: str):
+    self.config, self.model, self.name = config, config_lib.model_config(config), name
+    self.params = params
+
+    def forward(params, frames, frame_mask, boxes, segments):
+      return nnx.merge(graphdef, params)(frames, frame_mask=frame_mask, segments=segments,
+                                         boxes=boxes)
+
+    self._forward = jax.jit(forward, static_argnums=4)
+
+  def __call__(self, frames: jax.Array | np.ndarray, *, frame_mask: jax.Array | None = None,
+               segments: tuple[int, ...] = (), boxes: jax.Array | None = None
+               ) -> tuple[jax.Array, dict]:
+    """`(embedding [B, width], aux)` of images `[B, H, W, C]` or clips `[B, T, H, W, C]`
+    (pixels in [0, 1], H and W multiples of the patch size); arguments as `vit.UniViT`."""
+    return self._forward(self.params, frames, frame_mask, boxes, tuple(segments))
+
+  def embed(self, frames: jax.Array | np.ndarray) -> jax.Array:
+    """float32 `[B, width]` embeddings of images or clips."""
+    return self(frames)[0]
+
+
+def load_encoder(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = None) -> Encoder:
+  """The export in `path`, its parameters placed by the run's sharding rules on `mesh`
+  (default: every device on the `data` axis, the others of size 1: parameters replicated).
+
+  Raises:
+    FileNotFoundError: if `path` holds no export.
+  """
+  _, exported = checkpointing.load_export(path)
+  config = ml_collections.ConfigDict(exported)
+  graphdef, abstract = vit.abstract_encoder(config_lib.model_config(config))
+  if mesh is None:
+    axes = tuple(config.mesh.axes)
+    shape = tuple(jax.device_count() if axis == "data" else 1 for axis in axes)
+    devices = jax.devices() if "data" in axes else jax.devices()[:1]
+    mesh = jax.make_mesh(shape, axes, axis_types=(jax.sharding.AxisType.Auto,) * len(axes),
+                         devices=devices)
+  shardings = sharding.tree_shardings(abstract, mesh, config.sharding_rules)
+  params, _ = checkpointing.load_export(path, sharding.sharded_shapes(abstract, shardings))
+  with open(os.path.join(path, "config.json"), "rb") as f:
+    digest = hashlib.sha1(f.read()).hexdigest()[:12]
+  return Encoder(config, graphdef, params, name=f"univit:{os.fspath(path)}:{digest}")
