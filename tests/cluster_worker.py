@@ -4,8 +4,8 @@ Separate processes are needed to kill a run with SIGKILL and to run two JAX proc
 over localhost. The `--sleep` pause after each chunk / k-means pass gives the test time to kill.
 
   python tests/cluster_worker.py write WORKDIR --sleep S
-  python tests/cluster_worker.py cluster WORKDIR --backend B --sleep S [--process I --processes P
-      --port PORT]
+  python tests/cluster_worker.py cluster WORKDIR --backend B --sleep S [--center] [--process I
+      --processes P --port PORT]
 """
 
 import argparse
@@ -52,7 +52,7 @@ def write(workdir: str, sleep: float) -> None:
   writer.finish()
 
 
-def cluster(workdir: str, backend: str, sleep: float, iterations: int) -> None:
+def cluster(workdir: str, backend: str, sleep: float, iterations: int, center: bool) -> None:
   from univit_jax.clustering import labels  # pylint: disable=import-outside-toplevel
 
   def log(line: str) -> None:
@@ -61,7 +61,7 @@ def cluster(workdir: str, backend: str, sleep: float, iterations: int) -> None:
 
   spec = dict(num_clusters=CLUSTERS + 2, iterations=iterations, top_k=3, backend=backend,
               seed=3, brute_force_max_k=4, num_leaves=3, leaves_to_search=1, block_rows=64,
-              exact_labels=False)
+              exact_labels=False, center=center)
   labels.run_cluster_stage(workdir, {BANK: spec}, log=log)
 
 
@@ -72,6 +72,7 @@ def main() -> None:
   parser.add_argument("--sleep", type=float, default=0.0)
   parser.add_argument("--backend", default="exact")
   parser.add_argument("--iterations", type=int, default=6)
+  parser.add_argument("--center", action="store_true")
   parser.add_argument("--process", type=int, default=0)
   parser.add_argument("--processes", type=int, default=1)
   parser.add_argument("--port", type=int, default=0)
@@ -84,7 +85,7 @@ def main() -> None:
   if args.command == "write":
     write(args.workdir, args.sleep)
   else:
-    cluster(args.workdir, args.backend, args.sleep, args.iterations)
+    cluster(args.workdir, args.backend, args.sleep, args.iterations, args.center)
 
 
 if __name__ == "__main__":

@@ -286,16 +286,18 @@ def _free_port():
     return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("backend", ["exact", "scann"])
-def test_two_processes_match_one(tmp_path, backend):
+@pytest.mark.parametrize("backend, center", [("exact", False), ("scann", False),
+                                             ("exact", True)])
+def test_two_processes_match_one(tmp_path, backend, center):
   single, double = tmp_path / "single", tmp_path / "double"
   for workdir in (single, double):
     _write_bank(workdir)
-  subprocess.run([sys.executable, WORKER, "cluster", str(single), "--backend", backend],
+  options = ["--backend", backend] + (["--center"] if center else [])
+  subprocess.run([sys.executable, WORKER, "cluster", str(single), *options],
                  check=True, capture_output=True)
   port = _free_port()
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  procs = [subprocess.Popen([sys.executable, WORKER, "cluster", str(double), "--backend", backend,
+  procs = [subprocess.Popen([sys.executable, WORKER, "cluster", str(double), *options,
                              "--process", str(i), "--processes", "2", "--port", str(port)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
            for i in range(2)]
@@ -303,6 +305,11 @@ def test_two_processes_match_one(tmp_path, backend):
   assert [p.returncode for p in procs] == [0, 0], logs
   _assert_same_outputs(_outputs(single), _outputs(double), atol=1e-6)
   assert _outputs(double)[1]["processes"] == 2
+  means = [os.path.join(labels.clusters_dir(str(w), cluster_worker.BANK), "mean.npy")
+           for w in (single, double)]
+  if center:
+    np.testing.assert_array_equal(np.load(means[0]), np.load(means[1]))
+  assert all(os.path.exists(m) == center for m in means)
 
 
 def test_stage_outputs_and_stats(tmp_path):
