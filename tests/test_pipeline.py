@@ -115,6 +115,22 @@ def test_unreadable_records_are_replaced_counted_and_logged(tmp_path, caplog):
   assert {0, 2, 3, 5, 6, 8} == set(ids.tolist())
   assert "1.png" in caplog.text and "FileNotFoundError" in caplog.text
 
+  # The counts travel with the iterator state: a resumed iterator goes on counting.
+  whole = iter(ds)
+  for _ in range(6):
+    next(whole)
+  first = iter(pipeline.build_train_dataset(cfg, sources=src, process_index=0, process_count=1))
+  for _ in range(3):
+    next(first)
+  resumed = iter(pipeline.build_train_dataset(cfg, sources=src, process_index=0,
+                                              process_count=1))
+  resumed.set_state(first.get_state())
+  for _ in range(3):
+    next(resumed)
+  assert whole.tracker.bad > 0
+  assert (resumed.tracker.attempted, resumed.tracker.bad, resumed.tracker.examples) == (
+    whole.tracker.attempted, whole.tracker.bad, whole.tracker.examples)
+
   strict = _config(sources=specs, frames=(1,), bucket_weights=(1,), tokens_per_batch=16 * 4,
                    max_bad_fraction=0.1, bad_check_after=4)
   ds = pipeline.build_train_dataset(strict, sources=src, process_index=0, process_count=1)

@@ -192,7 +192,7 @@ class BadInputTracker:
 
   Takes a batch, removes its `skipped` list, logs each entry, and raises BadInputError once
   more than `max_fraction` of the attempted records were bad (checked after `check_after`
-  attempts). Counts restart when the pipeline is rebuilt.
+  attempts). `BadInputDataset` keeps the counts in the data iterator's checkpoint.
   """
 
   def __init__(self, max_fraction: float, check_after: int):
@@ -216,6 +216,38 @@ class BadInputTracker:
         f"{self.bad} of {self.attempted} records were unreadable, above "
         f"data.max_bad_fraction={self.max_fraction}. Examples:\n  {listed}")
     return batch
+
+
+class BadInputDataset(grain.IterDataset):
+  """`parent`'s batches through a `BadInputTracker` whose counts are part of the iterator state,
+  so a resumed run goes on counting where the checkpoint left off."""
+
+  def __init__(self, parent: grain.IterDataset, max_fraction: float, check_after: int):
+    super().__init__(parent)
+    self._limits = (max_fraction, check_after)
+
+  def __iter__(self) -> grain.DatasetIterator:
+    return _BadInputIterator(self._parent.__iter__(), BadInputTracker(*self._limits))
+
+
+class _BadInputIterator(grain.DatasetIterator):
+
+  def __init__(self, parent: grain.DatasetIterator, tracker: BadInputTracker):
+    super().__init__(parent)
+    self.tracker = tracker
+
+  def __next__(self) -> dict[str, Any]:
+    return self.tracker(next(self._parent))
+
+  def get_state(self) -> dict[str, Any]:
+    t = self.tracker
+    return dict(parent=self._parent.get_state(), attempted=t.attempted, bad=t.bad,
+                examples=list(t.examples))
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._parent.set_state(state["parent"])
+    self.tracker.attempted, self.tracker.bad = int(state["attempted"]), int(state["bad"])
+    self.tracker.examples = list(state["examples"])
 
 
 def build_train_dataset(
@@ -268,7 +300,7 @@ def build_train_dataset(
   if cfg.worker_count:
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(
       num_workers=cfg.worker_count, per_worker_buffer_size=cfg.worker_buffer_size))
-  return ds.map(BadInputTracker(cfg.max_bad_fraction, cfg.bad_check_after))
+  return BadInputDataset(ds, cfg.max_bad_fraction, cfg.bad_check_after)
 
 
 class _EvalLoader:
@@ -329,7 +361,7 @@ def build_eval_dataset(
   if cfg.worker_count:
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(
       num_workers=cfg.worker_count, per_worker_buffer_size=cfg.worker_buffer_size))
-  return ds.map(BadInputTracker(cfg.max_bad_fraction, cfg.bad_check_after))
+  return BadInputDataset(ds, cfg.max_bad_fraction, cfg.bad_check_after)
 
 
 def to_global_batch(
