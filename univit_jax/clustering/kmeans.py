@@ -249,13 +249,13 @@ class KMeansResult:
 
 
 def normalize(x: np.ndarray) -> np.ndarray:
-  """Rows scaled to unit L2 norm, float32 (float64 input, e.g. centroid sums, is scaled first)."""
-  def scaled(x):  # einsum row norms: several times faster than np.linalg.norm here
-    return x / np.sqrt(np.einsum("nd,nd->n", x, x))[:, None]
-
-  if np.asarray(x).dtype == np.float64:
-    x = scaled(x)
-  return scaled(np.asarray(x, dtype=np.float32))
+  """Rows scaled to unit L2 norm, float32 (float64 input, e.g. centroid sums, is scaled in
+  float64 and then rounded)."""
+  x = np.asarray(x)
+  dtype = np.float64 if x.dtype == np.float64 else np.float32
+  x = x.astype(dtype, copy=False)
+  # einsum row norms: several times faster than np.linalg.norm here.
+  return (x / np.sqrt(np.einsum("nd,nd->n", x, x))[:, None]).astype(np.float32, copy=False)
 
 
 def shard_bounds(num_rows: int, process_count: int, process_index: int) -> tuple[int, int]:
@@ -269,7 +269,9 @@ def _blocks(source: RowSource, start: int, stop: int,
   """(first global row, normalised features) blocks of at most `size` rows over [start, stop)."""
   for lo in range(start, stop, size):
     hi = min(stop, lo + size)
-    yield lo, normalize(np.concatenate(list(source.rows(lo, hi))))
+    x = np.concatenate(list(source.rows(lo, hi))).astype(np.float32, copy=False)  # a new array
+    x /= np.sqrt(np.einsum("nd,nd->n", x, x))[:, None]  # in place: one pass less than normalize
+    yield lo, x
 
 
 # ---------------------------------------------------------------------------------------------
@@ -758,7 +760,8 @@ def _angle(cosines: np.ndarray) -> np.ndarray:
 def _angles_moved(old: np.ndarray, new: np.ndarray) -> np.ndarray:
   """Angle in radians between each old and new unit centroid, [K] (via the chord: accurate for
   the tiny moves of late iterations, where arccos of a float32 cosine is not)."""
-  chord = np.linalg.norm(new.astype(np.float64) - old.astype(np.float64), axis=1)
+  diff = new - old  # float32 differences of nearby unit vectors are exact (Sterbenz)
+  chord = np.sqrt(np.einsum("kd,kd->k", diff, diff, dtype=np.float64))
   return 2.0 * np.arcsin(np.minimum(chord / 2.0, 1.0))
 
 
@@ -817,8 +820,11 @@ def _assign_pass(source: RowSource, row_range: tuple[int, int], block_rows: int,
     local = slice(lo - start, lo - start + len(x))
     ids, lower = rows.assign[local], rows.lower[local]
     assigned = ids >= 0
-    sims = np.full(len(x), -np.inf, np.float32)
-    sims[assigned] = np.einsum("nd,nd->n", x[assigned], centroids[ids[assigned]])
+    if assigned.all():  # every pass but the first: no masked copy of x
+      sims = np.einsum("nd,nd->n", x, centroids[ids])
+    else:
+      sims = np.full(len(x), -np.inf, np.float32)
+      sims[assigned] = np.einsum("nd,nd->n", x[assigned], centroids[ids[assigned]])
     if checked.size:  # re-seeded centroids, none of them a row's own (they had no rows)
       lower = np.minimum(lower, _angle((x @ centroids[checked].T).max(axis=1) + _COS_SLACK))
     search = ~assigned | (_angle(sims - _COS_SLACK) > lower)
@@ -870,9 +876,12 @@ def _update_centroids(source: RowSource, centroids: np.ndarray, sums: np.ndarray
                       counts: np.ndarray, worst_sims: np.ndarray,
                       worst_rows: np.ndarray) -> np.ndarray:
   """Normalised sums; empty clusters moved onto the globally worst-served rows."""
-  new = centroids.copy()
   filled = counts > 0
-  new[filled] = normalize(sums[filled])
+  if filled.all():  # no copies of [K, D] float64 sums through a mask
+    new = normalize(sums)
+  else:
+    new = centroids.copy()
+    new[filled] = normalize(sums[filled])
   empties = np.flatnonzero(~filled)
   if empties.size:
     pool = min(RESEED_POOL, len(centroids))
