@@ -147,9 +147,20 @@ def load_export(path: str | os.PathLike,
   Raises:
     FileNotFoundError: if `path` holds no export.
   """
+  config = read_export_config(path)
+  with ocp.StandardCheckpointer() as checkpointer:
+    params = checkpointer.restore(epath.Path(path) / "params", abstract_params)
+  return params, config
+
+
+def read_export_config(path: str | os.PathLike) -> dict[str, Any]:
+  """The config dict of the export at `path`, without reading its parameters (e.g. to build the
+  abstract parameters `load_export` restores onto).
+
+  Raises:
+    FileNotFoundError: if `path` holds no export.
+  """
   path = epath.Path(path)
   if not (path / "params").exists() or not (path / "config.json").exists():
     raise FileNotFoundError(f"{path} is not an export (needs params/ and config.json)")
-  with ocp.StandardCheckpointer() as checkpointer:
-    params = checkpointer.restore(path / "params", abstract_params)
-  return params, json.loads((path / "config.json").read_text())
+  return json.loads((path / "config.json").read_text())

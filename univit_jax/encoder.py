@@ -1,4 +1,5 @@
-"""A frozen, exported UniViT encoder as a feature extractor: `load_encoder(path)`.
+"""Exported UniViT encoders: `export_encoder` writes one, `load_encoder` reads it back as a
+frozen feature extractor.
 
 An export (`<workdir>/export/`, or `round_<r>/export/` of a pipeline) holds the encoder's
 parameters and the run's config (`checkpointing.save_export`). Loaded, it embeds images
@@ -21,6 +22,18 @@ from flax import nnx
 
 from univit_jax import checkpointing, config_lib, sharding
 from univit_jax.models import vit
+
+
+def export_dir(folder: str) -> str:
+  """Where the export of a run (or a pipeline round) in `folder` lives."""
+  return os.path.join(folder, "export")
+
+
+def export_encoder(config: ml_collections.ConfigDict, folder: str, encoder_params) -> str:
+  """Writes the encoder's parameters and the config to `export_dir(folder)`; returns it."""
+  path = export_dir(folder)
+  checkpointing.save_export(path, encoder_params, config.to_json_best_effort())
+  return path
 
 
 class Encoder:
@@ -62,8 +75,7 @@ def load_encoder(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = None)
   Raises:
     FileNotFoundError: if `path` holds no export.
   """
-  _, exported = checkpointing.load_export(path)
-  config = ml_collections.ConfigDict(exported)
+  config = ml_collections.ConfigDict(checkpointing.read_export_config(path))
   graphdef, abstract = vit.abstract_encoder(config_lib.model_config(config))
   if mesh is None:
     axes = tuple(config.mesh.axes)

@@ -52,12 +52,12 @@ def _stopping_cleanly(run):
 
 
 def _train(config, workdir):
-  from univit_jax import rounds, train
+  from univit_jax import encoder, train
   result = _stopping_cleanly(lambda: train.run_train(config, _require(workdir)))
   how = "stopped by SIGTERM (checkpoint saved)" if result.preempted else "finished"
   print(f"Training {how} at step {result.step}; cluster labels {result.label_versions}")
   if not result.preempted:
-    path = rounds.export_encoder(config, workdir, result.state.params["encoder"])
+    path = encoder.export_encoder(config, workdir, result.state.params["encoder"])
     print(f"Encoder export (univit_jax.load_encoder): {path}")
 
 

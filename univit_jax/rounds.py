@@ -12,23 +12,16 @@ from collections.abc import Callable
 
 import ml_collections
 
-from univit_jax import atomic, checkpointing, train
+from univit_jax import atomic, encoder, train
 from univit_jax.clustering import extract, labels
 from univit_jax.train import logs as train_logs
-
-EXPORT = "export"
-
 
 def round_dir(workdir: str, r: int) -> str:
   return os.path.join(workdir, f"round_{r}")
 
 
-def export_dir(folder: str) -> str:
-  return os.path.join(folder, EXPORT)
-
-
 def is_exported(folder: str) -> bool:
-  return os.path.exists(os.path.join(export_dir(folder), "config.json"))
+  return os.path.exists(os.path.join(encoder.export_dir(folder), "config.json"))
 
 
 def round_config(config: ml_collections.ConfigDict, workdir: str, r: int
@@ -38,16 +31,8 @@ def round_config(config: ml_collections.ConfigDict, workdir: str, r: int
     return config
   c = config.copy_and_resolve_references()
   with c.unlocked():
-    c.extract.teacher = export_dir(round_dir(workdir, r - 1))
+    c.extract.teacher = encoder.export_dir(round_dir(workdir, r - 1))
   return c
-
-
-def export_encoder(config: ml_collections.ConfigDict, folder: str, encoder_params) -> str:
-  """Writes the encoder's parameters and the config to `<folder>/export/`, which
-  `univit_jax.load_encoder` reads."""
-  path = export_dir(folder)
-  checkpointing.save_export(path, encoder_params, config.to_json_best_effort())
-  return path
 
 
 def run_pipeline(config: ml_collections.ConfigDict, workdir: str,
@@ -57,7 +42,7 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str,
   for r in range(1, config.rounds + 1):
     folder, cfg = round_dir(workdir, r), round_config(config, workdir, r)
     if is_exported(folder):
-      log(f"round {r}: complete ({export_dir(folder)})")
+      log(f"round {r}: complete ({encoder.export_dir(folder)})")
     else:
       log(f"round {r}: extract with teacher {cfg.extract.teacher!r}")
       extract.run_extract(cfg, folder)
@@ -69,9 +54,9 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str,
         log(f"round {r}: stopped by SIGTERM at step {result.step}; rerun to continue")
         summary["preempted"] = True
         return summary
-      export_encoder(cfg, folder, result.state.params["encoder"])
+      encoder.export_encoder(cfg, folder, result.state.params["encoder"])
     summary["rounds"].append(_round_summary(folder))
-  summary["export"] = export_dir(round_dir(workdir, config.rounds))
+  summary["export"] = encoder.export_dir(round_dir(workdir, config.rounds))
   atomic.write_json(os.path.join(workdir, "pipeline.json"), summary)
   _print_summary(summary, log)
   return summary
@@ -93,7 +78,7 @@ def _round_summary(folder: str) -> dict:
   return dict(folder=folder, clusters=clusters, first_losses=first, last_losses=last,
               total_loss=records[-1].get("loss") if records else None,
               embedding_cosine=(cosines[0], cosines[-1]) if cosines else None,
-              plot=os.path.join(folder, "training.png"), export=export_dir(folder))
+              plot=os.path.join(folder, "training.png"), export=encoder.export_dir(folder))
 
 
 def _print_summary(summary: dict, log: Callable[[str], None]) -> None:

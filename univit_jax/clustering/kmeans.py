@@ -252,10 +252,14 @@ def normalize(x: np.ndarray) -> np.ndarray:
   """Rows scaled to unit L2 norm, float32 (float64 input, e.g. centroid sums, is scaled in
   float64 and then rounded)."""
   x = np.asarray(x)
-  dtype = np.float64 if x.dtype == np.float64 else np.float32
-  x = x.astype(dtype, copy=False)
-  # einsum row norms: several times faster than np.linalg.norm here.
-  return (x / np.sqrt(np.einsum("nd,nd->n", x, x))[:, None]).astype(np.float32, copy=False)
+  x = x.astype(np.float64 if x.dtype == np.float64 else np.float32, copy=False)
+  return (x / _row_norms(x)).astype(np.float32, copy=False)
+
+
+def _row_norms(x: np.ndarray) -> np.ndarray:
+  """L2 norms of the rows of `x [n, D]` as `[n, 1]` (einsum: several times faster than
+  np.linalg.norm here)."""
+  return np.sqrt(np.einsum("nd,nd->n", x, x))[:, None]
 
 
 def shard_bounds(num_rows: int, process_count: int, process_index: int) -> tuple[int, int]:
@@ -270,7 +274,7 @@ def _blocks(source: RowSource, start: int, stop: int,
   for lo in range(start, stop, size):
     hi = min(stop, lo + size)
     x = np.concatenate(list(source.rows(lo, hi))).astype(np.float32, copy=False)  # a new array
-    x /= np.sqrt(np.einsum("nd,nd->n", x, x))[:, None]  # in place: one pass less than normalize
+    x /= _row_norms(x)  # in place: one copy less than normalize
     yield lo, x
 
 
@@ -281,6 +285,7 @@ def _blocks(source: RowSource, start: int, stop: int,
 _GROUP = 128  # columns per group of the two-stage max / top-k
 
 
+@functools.cache
 def _cpu_has_bf16_units() -> bool:
   """Whether this x86 CPU multiplies bf16 natively (AMX or AVX512-BF16; Linux only)."""
   try:
@@ -703,12 +708,11 @@ def spherical_kmeans(source: RowSource, spec: ClusterSpec, *, name: str = "featu
     objective.append(float(_sum_across_processes(total)[0]) / source.num_rows)
     searched.append(int(_sum_across_processes(num_searched)[0]))
     new_centroids = _update_centroids(source, centroids, sums, counts, worst_sims, worst_rows)
-    checked = np.flatnonzero(counts == 0)  # re-seeded: they jump
-    if checked.size > MAX_CHECKED:
-      checked = checked[:0]
+    empties = np.flatnonzero(counts == 0)
+    empty.append(len(empties))
+    checked = empties if len(empties) <= MAX_CHECKED else empties[:0]  # re-seeded: they jump
     rows.widen(_angles_moved(centroids, new_centroids), checked)
     centroids = new_centroids
-    empty.append(int((counts == 0).sum()))
     seconds.append(time.perf_counter() - t0)
     log(f"{name}: iteration {iteration + 1}/{spec.iterations} objective {objective[-1]:.6f} "
         f"empty {empty[-1]} searched {searched[-1] / source.num_rows:.1%} "

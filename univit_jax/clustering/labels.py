@@ -165,7 +165,8 @@ def cluster_bank(workdir: str, bank: str, spec: ClusterSpec,
       bank=bank, version=version, teacher=reader.teacher, num_rows=reader.num_rows,
       dim=reader.dim, config=dataclasses.asdict(spec), processes=jax.process_count(),
       objective=result.objective, empty_per_iteration=result.empty,
-      searched_per_iteration=result.searched, seconds_per_pass=result.seconds, seconds=float(sum(result.seconds)),
+      searched_per_iteration=result.searched, seconds_per_pass=result.seconds,
+      seconds=float(sum(result.seconds)),
       sizes=_size_summary(sizes))
     atomic.save_npy(os.path.join(out, "centroids.npy"), result.centroids)
     if result.mean is not None:
