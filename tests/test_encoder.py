@@ -8,6 +8,7 @@ from flax import nnx
 import univit_jax
 from helpers import load_config
 from univit_jax import checkpointing, config_lib
+from univit_jax.data import demo, pipeline, transforms, video
 from univit_jax.models import vit
 
 
@@ -20,14 +21,31 @@ def export(tmp_path_factory):
   return path, jax.tree.map(np.asarray, params), graphdef, config
 
 
+def test_embed_of_a_record_equals_what_training_saw(export):
+  """uint8 frames of a record into `embed` == the pipeline's normalised frames into the model."""
+  path, params, graphdef, config = export
+  encoder = univit_jax.load_encoder(path)
+  source = demo.DemoSource("events", "test", num_examples=2, image_size=config.data.image_size)
+  data_cfg = pipeline.DataConfig.from_config(config)
+  batch = next(iter(pipeline.build_eval_dataset(
+    data_cfg, 4, 2, source_names=["events"], sources={"digits": source, "events": source,
+                                                      "objects": source})))
+  trained, _ = jax.jit(lambda p, f: nnx.merge(graphdef, p)(f))(params, batch["frames"])
+  records = np.stack([source[i]["frames"] for i in range(2)])  # uint8 [2, 16, S, S, 3]
+  picked = records[:, video.sample_indices(records.shape[1], 4, "uniform", 2, None)[0]]
+  np.testing.assert_allclose(encoder.embed(picked), trained, atol=1e-5)
+
+
 def test_loaded_encoder_embeds_images_and_clips_like_the_model(export):
   path, params, graphdef, config = export
   encoder = univit_jax.load_encoder(path)
   assert encoder.model.width == config.model.width and str(path) in encoder.name
   size = config.data.image_size
   frames = np.random.default_rng(0).uniform(size=(2, 3, size, size, 3)).astype(np.float32)
-  expected, _ = jax.jit(lambda p, f: nnx.merge(graphdef, p)(f))(params, frames)
+  normalized = transforms.normalize(frames, config.data.mean, config.data.std)
+  expected, _ = jax.jit(lambda p, f: nnx.merge(graphdef, p)(f))(params, normalized)
   np.testing.assert_allclose(encoder.embed(frames), expected, atol=1e-5)
+  np.testing.assert_allclose(encoder.apply(normalized)[0], expected, atol=1e-5)
   image = frames[:, 0]
   np.testing.assert_allclose(encoder.embed(image), encoder.embed(image[:, None]), atol=1e-6)
   embedding, aux = encoder(frames, segments=(3,))

@@ -9,13 +9,18 @@ parameters and the run's config (`checkpointing.save_export`). Loaded, it embeds
   embeddings = encoder.embed(frames)                    # [B, width] float32
   embedding, aux = encoder(frames, segments=(2, 4))     # + tokens, per-segment embeddings
 
-Each input shape (and choice of segments / boxes) compiles once.
+The encoder owns its input contract: frames are uint8 in [0, 255] or floats in [0, 1], and the
+normalisation training used (`config.data.mean` / `std`, carried by the export) is applied on
+the device, so any caller feeds the model what training fed it. `Encoder.apply` takes frames
+already normalised by the data pipeline (the extract stage's teacher). Each input shape (and
+choice of segments / boxes) compiles once.
 """
 
 import hashlib
 import os
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
@@ -49,22 +54,35 @@ class Encoder:
                params: nnx.State, name: str):
     self.config, self.model, self.name = config, config_lib.model_config(config), name
     self.params = params
+    mean = np.asarray(config.data.mean, np.float32)
+    std = np.asarray(config.data.std, np.float32)
 
-    def forward(params, frames, frame_mask, boxes, segments):
+    def forward(params, frames, frame_mask, boxes, segments, normalize):
+      if normalize:
+        if frames.dtype == jnp.uint8:
+          frames = frames.astype(jnp.float32) / 255.0
+        frames = (frames - mean) / std
       return nnx.merge(graphdef, params)(frames, frame_mask=frame_mask, segments=segments,
                                          boxes=boxes)
 
-    self._forward = jax.jit(forward, static_argnums=4)
+    self._forward = jax.jit(forward, static_argnums=(4, 5))
 
   def __call__(self, frames: jax.Array | np.ndarray, *, frame_mask: jax.Array | None = None,
                segments: tuple[int, ...] = (), boxes: jax.Array | None = None
                ) -> tuple[jax.Array, dict]:
     """`(embedding [B, width], aux)` of images `[B, H, W, C]` or clips `[B, T, H, W, C]`
-    (pixels in [0, 1], H and W multiples of the patch size); arguments as `vit.UniViT`."""
-    return self._forward(self.params, frames, frame_mask, boxes, tuple(segments))
+    (uint8 pixels, or floats in [0, 1]; H and W multiples of the patch size); the other
+    arguments as `vit.UniViT`."""
+    return self._forward(self.params, frames, frame_mask, boxes, tuple(segments), True)
+
+  def apply(self, frames: jax.Array | np.ndarray, *, frame_mask: jax.Array | None = None,
+            segments: tuple[int, ...] = (), boxes: jax.Array | None = None
+            ) -> tuple[jax.Array, dict]:
+    """As `__call__`, for frames the data pipeline has already normalised."""
+    return self._forward(self.params, frames, frame_mask, boxes, tuple(segments), False)
 
   def embed(self, frames: jax.Array | np.ndarray) -> jax.Array:
-    """float32 `[B, width]` embeddings of images or clips."""
+    """float32 `[B, width]` embeddings of images or clips (uint8, or floats in [0, 1])."""
     return self(frames)[0]
 
 

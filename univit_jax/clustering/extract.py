@@ -225,7 +225,7 @@ def encoder_teacher(export_dir: str, mesh: jax.sharding.Mesh) -> Teacher:
 
   def apply(frames: jax.Array) -> tuple[jax.Array, jax.Array]:
     b, t = frames.shape[:2]
-    embedding, aux = teacher(frames.reshape(b * t, 1, *frames.shape[2:]))
+    embedding, aux = teacher.apply(frames.reshape(b * t, 1, *frames.shape[2:]))
     tokens = aux["tokens"].astype(jnp.float32)
     return tokens.reshape(b, t, tokens.shape[1], -1), embedding.reshape(b, t, -1)
 
