@@ -51,4 +51,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.total_steps = 40
   c.train.log_every = 5
   c.train.checkpoint_every = 20
+  c.eval.demo = True
   return c

@@ -351,6 +351,23 @@ def default_config(variant: str) -> ml_collections.ConfigDict:
     # large component (kmeans.ClusterSpec.center). Off in the papers' recipe.
     center=False))
 
+  # Evaluation (--mode=eval, and during training every `eval.every` steps), see
+  # univit_jax/evaluation/run.py and docs/evaluation.md.
+  c.eval = ml_collections.ConfigDict(dict(
+    # The encoder under test: an export path, "checkpoint", "random", or "" (the workdir's export).
+    encoder="",
+    baselines=("random", "pixels_mean", "pixels_ordered"),  # rows to compare against
+    probes=("linear", "knn", "attentive", "dense", "qa", "order"),
+    every=0,  # steps between evaluations during training (0: off)
+    train_probes=("linear", "order"),  # the cheap ones, on live parameters
+    demo=False,  # the demo's held-out tasks (digit class, objects, events, segmentation, QA)
+    # Labelled sets for classification probes, by name: dict(train=<source spec>, test=<source
+    # spec>, num_classes=C, frames=T), source specs as in data.sources.
+    datasets=ml_collections.ConfigDict(),
+    num_train=1500, num_test=500,  # demo records per probe split (train: fresh placements)
+    clip_frames=16, seed=1, val_fraction=0.2, batch_size=64,
+    attentive_epochs=10, qa_epochs=20, qa_per_record=2))
+
   # Cluster discrimination (MLCD Eq. 5 with RICE's scale and margin, or the OneVision-Encoder
   # CosFace-per-slot form) per bank, plus the structured contrastive loss; see losses.py.
   c.loss = ml_collections.ConfigDict(dict(

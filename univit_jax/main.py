@@ -53,7 +53,9 @@ def _stopping_cleanly(run):
 
 def _train(config, workdir):
   from univit_jax import encoder, train
-  result = _stopping_cleanly(lambda: train.run_train(config, _require(workdir)))
+  from univit_jax.evaluation import run as eval_run
+  evaluate = eval_run.training_evaluator(config)
+  result = _stopping_cleanly(lambda: train.run_train(config, _require(workdir), evaluate))
   how = "stopped by SIGTERM (checkpoint saved)" if result.preempted else "finished"
   print(f"Training {how} at step {result.step}; cluster labels {result.label_versions}")
   if not result.preempted:
@@ -66,8 +68,17 @@ def _pipeline(config, workdir):
   _stopping_cleanly(lambda: rounds.run_pipeline(config, _require(workdir)))
 
 
+def _eval(config, workdir):
+  from univit_jax.evaluation import run
+  try:
+    run.run_eval(config, workdir)
+  except FileNotFoundError as e:
+    print(f"Evaluation error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
 MODES = {"summary": _summary, "extract": _extract, "cluster": _cluster, "train": _train,
-         "pipeline": _pipeline}
+         "pipeline": _pipeline, "eval": _eval}
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -14,6 +14,7 @@ import ml_collections
 
 from univit_jax import atomic, encoder, train
 from univit_jax.clustering import extract, labels
+from univit_jax.evaluation import run as eval_run
 from univit_jax.train import logs as train_logs
 
 def round_dir(workdir: str, r: int) -> str:
@@ -49,7 +50,7 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str,
       log(f"round {r}: cluster")
       labels.run_cluster_stage(folder, labels.extracted_specs(cfg, folder), log=log)
       log(f"round {r}: train {cfg.total_steps} steps")
-      result = train.run_train(cfg, folder)
+      result = train.run_train(cfg, folder, eval_run.training_evaluator(cfg))
       if result.preempted:
         log(f"round {r}: stopped by SIGTERM at step {result.step}; rerun to continue")
         summary["preempted"] = True
@@ -76,7 +77,7 @@ def _round_summary(folder: str) -> dict:
   last = {k: next(r[k] for r in reversed(records) if k in r) for k in terms}
   cosines = [r["embedding_cosine"] for r in records if "embedding_cosine" in r]
   return dict(folder=folder, clusters=clusters, first_losses=first, last_losses=last,
-              total_loss=records[-1].get("loss") if records else None,
+              total_loss=next((r["loss"] for r in reversed(records) if "loss" in r), None),
               embedding_cosine=(cosines[0], cosines[-1]) if cosines else None,
               plot=os.path.join(folder, "training.png"), export=encoder.export_dir(folder))
 

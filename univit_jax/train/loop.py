@@ -24,6 +24,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable, Mapping
 from typing import Any, Self
 
 import jax
@@ -199,8 +200,13 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def run_train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
+def run_train(config: ml_collections.ConfigDict, workdir: str,
+              evaluate: Callable[[int, Any], Mapping[str, float]] | None = None
+              ) -> TrainResult:
   """Trains `config.total_steps` steps in `workdir`, resuming from its newest checkpoint.
+
+  `evaluate(step, encoder_params) -> {name: value}` (e.g. `evaluation.run.training_evaluator`)
+  runs every `config.eval.every` steps and at the end; its values are logged with the step.
 
   Raises:
     config_lib.ConfigError: invalid config.
@@ -254,7 +260,7 @@ def run_train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     run = _Run(config=config, workdir=workdir, banks=banks, graphdef=graphdef, tx=tx,
                learning_rate=learning_rate, loss_cfg=loss_cfg, abstract=abstract,
                shardings=shardings, mesh=mesh, rules=rules, data_cfg=data_cfg,
-               batch_sizes=batch_sizes)
+               batch_sizes=batch_sizes, evaluate=evaluate)
     return _loop(run, state, iterator, ckpt)
   finally:
     ckpt.close()
@@ -276,6 +282,7 @@ class _Run:
   rules: tuple
   data_cfg: pipeline.DataConfig
   batch_sizes: dict[int, int]
+  evaluate: Callable[[int, Any], Mapping[str, float]] | None = None
 
 
 def _compile_buckets(run: _Run, num_boxes: int | None) -> tuple[dict, dict]:
@@ -366,6 +373,8 @@ def _loop(run: _Run, state: state_lib.TrainState, iterator, ckpt: checkpointing.
               train.collapse_threshold)
           bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
           window_start, window_samples, window_tokens, window_steps = time.perf_counter(), 0, 0, 0
+        if run.evaluate is not None and (step % config.eval.every == 0 or step == total):
+          logger.write(step, run.evaluate(step, state.params["encoder"]))
         if step % train.checkpoint_every == 0 or step == total:
           ckpt.save(step, state, iterator, force=True)
         bar.update(1)

@@ -1,0 +1,164 @@
+"""The demo table: what each encoder learns, on the same held-out tasks and probes, over seeds.
+
+  python benchmarks/demo_table.py                      # every variant, 3 seeds
+  python benchmarks/demo_table.py --seeds=0 --variants=univit --probes=linear,order
+
+Rows: raw pixels (time-averaged, and frames in order), random init, the demo pipeline's round 1
+and round 2 exports, and one-round ablations of the demo config: image-only (object bank only),
+video-only (event banks only), single granularity (event_1 only), each other U-RoPE allocation
+mode, and no structured contrastive term. Each variant runs `configs/demo.py` with
+`seed` = `data.shuffle_seed` = `cluster.seed` = the seed, in `--workdir/<variant>/seed_<s>` (a
+finished pipeline is reused; the XLA compilation cache is shared by all runs). Every encoder is
+then probed by `univit_jax.evaluation` on one shared set of held-out demo records (the records do
+not change with the seed: the seeds measure training variance). Cells are the mean over seeds ±
+the standard deviation.
+
+Writes benchmarks/results/demo_table.json (and the report, results.md and report.html, in
+`--workdir/report/`); paste the printed table into README.md and docs/evaluation.md.
+"""
+
+import contextlib
+import io
+import os
+import platform
+import sys
+import time
+
+from absl import app, flags
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# pylint: disable=wrong-import-position
+from univit_jax import atomic, encoder, rounds  # noqa: E402
+from univit_jax.evaluation import common, report, run  # noqa: E402
+from univit_jax.evaluation import features as features_lib  # noqa: E402
+
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+import helpers  # noqa: E402  # pylint: disable=import-error
+
+EVENT_BANKS = ("event_1", "event_2", "event_4", "event_8")
+
+
+def _weights(**overrides) -> dict:
+  weights = dict(object=1.0, **{bank: 1.0 for bank in EVENT_BANKS})
+  weights.update(overrides)
+  return weights
+
+
+# variant -> (rounds, config overrides as (dotted field, value)).
+VARIANTS = {
+  "univit": (2, ()),
+  "image_only": (1, (("loss.bank_weights", _weights(**{b: 0.0 for b in EVENT_BANKS})),)),
+  "video_only": (1, (("loss.bank_weights", _weights(object=0.0)),)),
+  "event_1_only": (1, (("loss.bank_weights", _weights(event_2=0.0, event_4=0.0, event_8=0.0)),
+                       ("loss.event_schedule", ((0.0, (1,)),)))),
+  "rope_per_axis": (1, (("model.rope.mode", "per_axis"),)),
+  "rope_chunked": (1, (("model.rope.mode", "chunked"),)),
+  "rope_interleaved": (1, (("model.rope.mode", "interleaved"),)),
+  "no_contrastive": (1, (("loss.contrastive.weight", 0.0),)),
+}
+
+_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "training seeds")
+_VARIANTS = flags.DEFINE_list("variants", list(VARIANTS), "pipeline variants to run")
+_PROBES = flags.DEFINE_list("probes", ["linear", "knn", "attentive", "dense", "qa", "order"],
+                            "probes (univit_jax.evaluation.run.EVALUATORS)")
+_NUM_TRAIN = flags.DEFINE_integer("num_train", 1500, "probe-train records per task")
+_NUM_TEST = flags.DEFINE_integer("num_test", 500, "test records per task")
+_WORKDIR = flags.DEFINE_string("workdir", "/tmp/univit_demo_table", "pipelines and report")
+_OUT = flags.DEFINE_string("out", os.path.join(ROOT, "benchmarks", "results", "demo_table.json"),
+                           "JSON results path")
+
+
+def variant_config(variant: str, seed: int, workdir: str):
+  rounds_, overrides = VARIANTS[variant]
+  config = helpers.load_config("demo")
+  config.rounds = rounds_
+  config.seed = config.data.shuffle_seed = config.cluster.seed = seed
+  config.train.progress_bar = False
+  config.train.compilation_cache_dir = os.path.join(workdir, "jax_cache")
+  config.eval.num_train, config.eval.num_test = _NUM_TRAIN.value, _NUM_TEST.value
+  config.eval.probes = tuple(_PROBES.value)
+  for field, value in overrides:
+    *path, leaf = field.split(".")
+    node = config
+    for part in path:
+      node = node[part]
+    node[leaf] = value
+  return config
+
+
+def run_pipeline(variant: str, seed: int) -> tuple[object, str, float]:
+  folder = os.path.join(_WORKDIR.value, variant, f"seed_{seed}")
+  config = variant_config(variant, seed, _WORKDIR.value)
+  start = time.perf_counter()
+  with contextlib.redirect_stdout(io.StringIO()):
+    rounds.run_pipeline(config, folder, log=lambda _: None)
+  return config, folder, time.perf_counter() - start
+
+
+def aggregate(per_seed: list[dict[str, common.ProbeResult]]) -> dict[str, dict]:
+  """Mean ± std over seeds of each column, with each seed's value."""
+  cells = {}
+  for column in per_seed[0]:
+    values = [r[column].value for r in per_seed if column in r]
+    cells[column] = dict(metric=per_seed[0][column].metric, value=float(np.mean(values)),
+                         spread=float(np.std(values)), n=len(values), seeds=values)
+  return cells
+
+
+def main(argv):
+  del argv
+  seeds = [int(s) for s in _SEEDS.value]
+  unknown = sorted(set(_VARIANTS.value) - set(VARIANTS))
+  if unknown:
+    raise app.UsageError(f"--variants: unknown {unknown}; expected some of {list(VARIANTS)}")
+  base = variant_config("univit", seeds[0], _WORKDIR.value)
+  ctx = run.make_context(base)
+  rows: dict[str, list] = {}
+  kinds: dict[str, str] = {}
+  timings = {}
+  start = time.perf_counter()
+
+  def probe(row: str, extractor: features_lib.FeatureExtractor) -> None:
+    t0 = time.perf_counter()
+    rows.setdefault(row, []).append(run.evaluate(ctx, extractor, ctx.cfg.probes,
+                                                 log=lambda _: None))
+    kinds[row] = extractor.kind
+    ctx.data.forget(extractor.name)
+    print(f"  {row}: probed in {time.perf_counter() - t0:.0f} s", flush=True)
+
+  for mode in features_lib.PIXEL_BASELINES:
+    probe(features_lib.pixels(mode, base.model.patch_size).name,
+          features_lib.pixels(mode, base.model.patch_size))
+  for seed in seeds:
+    probe("random init", features_lib.random_init(base, seed))
+  for variant in _VARIANTS.value:
+    for seed in seeds:
+      config, folder, seconds = run_pipeline(variant, seed)
+      timings[f"{variant}/seed_{seed}"] = seconds
+      print(f"{variant} seed {seed}: pipeline {seconds:.0f} s", flush=True)
+      for r in range(1, config.rounds + 1):
+        row = f"{variant} round {r}" if variant == "univit" else f"{variant} (1 round)"
+        export = encoder.export_dir(rounds.round_dir(folder, r))
+        probe(row, features_lib.export(export, f"{variant}/seed_{seed}/round_{r}"))
+
+  values = {row: aggregate(per_seed) for row, per_seed in rows.items()}
+  results = dict(
+    encoders=[dict(name=row, kind=kinds[row], path=None) for row in rows],
+    tasks=run.task_columns(ctx, {row: r[0] for row, r in rows.items()}),
+    values=values,
+    meta=dict(benchmark="demo_table", seeds=seeds, variants=_VARIANTS.value,
+              probes=_PROBES.value, num_train=_NUM_TRAIN.value, num_test=_NUM_TEST.value,
+              command="python benchmarks/demo_table.py " + " ".join(sys.argv[1:]),
+              total_seconds=time.perf_counter() - start, pipeline_seconds=timings,
+              machine=dict(platform=platform.platform(), cpus=os.cpu_count())))
+  report.write_report(os.path.join(_WORKDIR.value, "report"), results)
+  atomic.write_json(_OUT.value, results)
+  print(report.markdown_table(results))
+  print(f"total {time.perf_counter() - start:.0f} s; written {_OUT.value}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,166 @@
+"""Frozen feature extractors the probes compare: UniViT encoders and raw-pixel baselines.
+
+Every extractor maps uint8 frames `[B, T, H, W, 3]` to
+  embedding    `[B, D]`       the pooled embedding (UniViT: the MAP head's output);
+  mean_tokens  `[B, D']`      the mean of the valid patch tokens;
+  tokens       `[B, L, D']`   the patch tokens, L = T * gh * gw, frame-major (UniViT: after the
+                              final norm; pixels: each patch's raw pixels);
+and reports its token `grid(T, H, W) -> (T, gh, gw)`. UniViT extractors go through
+`encoder.Encoder`, so inputs get exactly the normalisation training used.
+
+Kinds (`FeatureExtractor.kind`): "export" (an exported encoder), "checkpoint" (a run's newest
+checkpoint), "random" (a fresh encoder of the config's architecture: the baseline every trained
+encoder must beat), "live" (parameters of a run in progress), "pixels" (raw-pixel baselines).
+"""
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable
+
+import jax
+import ml_collections
+import numpy as np
+
+from univit_jax import checkpointing, config_lib, encoder, optim
+from univit_jax.models import vit
+from univit_jax.train import loop as train_loop
+from univit_jax.train import state as state_lib
+
+PIXEL_BASELINES = ("pixels_mean", "pixels_ordered")
+_PIXEL_POOL = 8  # frames are average-pooled to 8 x 8 for the pooled pixel embeddings
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureExtractor:
+  """A named frozen feature function (see the module docstring).
+
+  Attributes:
+    name: row name in the results table.
+    kind: "export", "checkpoint", "random", "live" or "pixels".
+    path: where its weights came from, if anywhere.
+    patch_size: p; a T-frame clip of H x W frames has T * (H / p) * (W / p) tokens.
+    fn: uint8 frames `[B, T, H, W, 3]` -> dict(embedding, mean_tokens, tokens) of NumPy arrays.
+  """
+  name: str
+  kind: str
+  path: str | None
+  patch_size: int
+  fn: Callable[[np.ndarray], dict[str, np.ndarray]]
+
+  def grid(self, num_frames: int, height: int, width: int) -> tuple[int, int, int]:
+    return num_frames, height // self.patch_size, width // self.patch_size
+
+  def __call__(self, frames: np.ndarray) -> dict[str, np.ndarray]:
+    frames = np.asarray(frames)
+    if frames.dtype != np.uint8 or frames.ndim != 5:
+      raise ValueError(f"{self.name}: frames must be uint8 [B, T, H, W, 3], got "
+                       f"{frames.dtype} {frames.shape}")
+    return self.fn(frames)
+
+
+def from_encoder(enc: encoder.Encoder, name: str, kind: str, path: str | None = None
+                 ) -> FeatureExtractor:
+  """Features of a UniViT `encoder.Encoder` (its input contract normalises the frames)."""
+
+  def fn(frames: np.ndarray) -> dict[str, np.ndarray]:
+    embedding, aux = enc(frames)
+    tokens = np.asarray(aux["tokens"], np.float32)
+    return dict(embedding=np.asarray(embedding, np.float32), tokens=tokens,
+                mean_tokens=tokens.mean(axis=1))
+
+  return FeatureExtractor(name=name, kind=kind, path=path, patch_size=enc.model.patch_size,
+                          fn=fn)
+
+
+def _encoder_from_params(config: ml_collections.ConfigDict, params, name: str
+                         ) -> encoder.Encoder:
+  graphdef, _ = vit.abstract_encoder(config_lib.model_config(config))
+  return encoder.Encoder(config, graphdef, params, name=name)
+
+
+def export(path: str, name: str | None = None) -> FeatureExtractor:
+  """An exported encoder (`univit_jax.load_encoder`)."""
+  enc = encoder.load_encoder(path)
+  return from_encoder(enc, name or f"export {path}", "export", os.fspath(path))
+
+
+def random_init(config: ml_collections.ConfigDict, seed: int = 0) -> FeatureExtractor:
+  """A freshly initialised encoder of `config`'s architecture (no training)."""
+  _, params = vit.init_encoder(config_lib.model_config(config), seed)
+  enc = _encoder_from_params(config, params, f"random:{seed}")
+  return from_encoder(enc, f"random init (seed {seed})", "random")
+
+
+def live(config: ml_collections.ConfigDict, encoder_params, step: int) -> FeatureExtractor:
+  """The encoder parameters of a run in progress (evaluation during training)."""
+  enc = _encoder_from_params(config, encoder_params, f"live:{step}")
+  return from_encoder(enc, f"step {step}", "live")
+
+
+def checkpoint(config: ml_collections.ConfigDict, workdir: str) -> FeatureExtractor:
+  """The encoder of the newest checkpoint in `workdir/checkpoints` (a training run's folder).
+
+  Raises:
+    FileNotFoundError: if the folder holds no checkpoint or no `train_run.json`.
+  """
+  run_file = os.path.join(workdir, train_loop.RUN_FILE)
+  if not os.path.exists(run_file):
+    raise FileNotFoundError(f"{workdir} holds no training run ({train_loop.RUN_FILE} is missing)")
+  with open(run_file) as f:
+    sizes = json.load(f)["bank_sizes"]
+  model_cfg = config_lib.model_config(config)
+  tx = optim.make_optimizer(config.optim, int(config.total_steps))
+  mesh = jax.make_mesh((1,) * len(config.mesh.axes), tuple(config.mesh.axes),
+                       devices=jax.devices()[:1])
+  rules = tuple(config.sharding_rules)
+  _, abstract_params = state_lib.abstract_model(model_cfg, sizes)
+  shardings = state_lib.state_shardings(abstract_params, tx, mesh, rules)
+  abstract = state_lib.abstract_state(model_cfg, sizes, tx, shardings)
+  with checkpointing.Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:
+    step = ckpt.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
+    state = ckpt.restore(step, abstract)
+  enc = _encoder_from_params(config, state.params["encoder"], f"checkpoint:{workdir}:{step}")
+  return from_encoder(enc, f"checkpoint {workdir} step {step}", "checkpoint", workdir)
+
+
+def _patches(frames: np.ndarray, patch_size: int) -> np.ndarray:
+  """Raw pixels of each patch, `[B, T * gh * gw, p * p * 3]` in [0, 1], frame-major."""
+  b, t, h, w, c = frames.shape
+  p = patch_size
+  x = frames.reshape(b, t, h // p, p, w // p, p, c).transpose(0, 1, 2, 4, 3, 5, 6)
+  return x.reshape(b, t * (h // p) * (w // p), p * p * c).astype(np.float32) / 255.0
+
+
+def _pool(frames: np.ndarray, size: int) -> np.ndarray:
+  """`[B, T, size, size, C]` average pools of `[B, T, H, W, C]` (H, W multiples of size)."""
+  b, t, h, w, c = frames.shape
+  x = frames.astype(np.float32).reshape(b, t, size, h // size, size, w // size, c) / 255.0
+  return x.mean(axis=(3, 5))
+
+
+def pixels(mode: str, patch_size: int) -> FeatureExtractor:
+  """Raw-pixel baselines.
+
+  "pixels_mean": each frame average-pooled to 8 x 8 RGB, averaged over time (blind to order).
+  "pixels_ordered": each frame pooled to 8 x 8 grey, frames concatenated in time order (a
+  time-aware baseline: a linear probe on it can read which frame holds what).
+  Tokens are every patch's raw pixels in both.
+  """
+  if mode not in PIXEL_BASELINES:
+    raise ValueError(f"pixel baseline {mode!r}: expected one of {PIXEL_BASELINES}")
+
+  def fn(frames: np.ndarray) -> dict[str, np.ndarray]:
+    pooled = _pool(frames, _PIXEL_POOL)  # [B, T, 8, 8, 3]
+    if mode == "pixels_mean":
+      embedding = pooled.mean(axis=1).reshape(len(frames), -1)
+    else:
+      embedding = pooled.mean(axis=-1).reshape(len(frames), -1)
+    tokens = _patches(frames, patch_size)
+    return dict(embedding=embedding, tokens=tokens, mean_tokens=tokens.mean(axis=1))
+
+  title = {"pixels_mean": "raw pixels, 8x8 mean-pooled",
+           "pixels_ordered": "raw pixels, 8x8 grey, frames in order"}[mode]
+  return FeatureExtractor(name=title, kind="pixels", path=None, patch_size=patch_size, fn=fn)

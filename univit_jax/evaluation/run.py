@@ -1,0 +1,337 @@
+"""`--mode=eval`: probe frozen encoders on held-out tasks; results.json, a table and report.html.
+
+  python -m univit_jax.main --config=configs/demo.py --workdir=DIR --mode=eval
+  python -m univit_jax.main --config=configs/demo.py --workdir=DIR --mode=eval \
+      --config.eval.encoder=/path/to/export
+
+The encoder under test is `config.eval.encoder`: an export folder, "checkpoint" (the newest
+checkpoint of the run in DIR), "random" (a fresh encoder of the config's architecture), or ""
+(DIR's export: `DIR/export`, else the last pipeline round's). `config.eval.baselines` adds rows
+to compare against ("random", "pixels_mean", "pixels_ordered"). Probes are named in
+`config.eval.probes` and resolved through the one mapping `EVALUATORS`; each takes the shared
+`tasks.EvalData` and an extractor and returns `{column: common.ProbeResult}`, with columns named
+"<task>/<probe>". Outputs go to `DIR/eval/` (`results.json`, `results.md`, `report.html`).
+"""
+
+import dataclasses
+import datetime
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from univit_jax import config_lib, encoder
+from univit_jax.evaluation import attentive, common, dense, knn, linear, qa, report, tasks
+from univit_jax.evaluation import features as features_lib
+
+BASELINES = ("random",) + features_lib.PIXEL_BASELINES
+EVAL_DIR = "eval"
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  """Typed view of `config.eval` (see `config_lib.default_config`)."""
+  encoder: str
+  baselines: tuple[str, ...]
+  probes: tuple[str, ...]
+  every: int
+  train_probes: tuple[str, ...]
+  val_fraction: float
+  seed: int
+  attentive_epochs: int
+  qa_epochs: int
+  qa_per_record: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+  """What every evaluator reads: the records and cached features, the tasks, the settings."""
+  data: tasks.EvalData
+  tasks: tuple[tasks.Task, ...]
+  cfg: EvalConfig
+
+
+Evaluator = Callable[[Context, features_lib.FeatureExtractor], dict[str, common.ProbeResult]]
+
+
+def _loader(ctx: Context, extractor, task: tasks.Task, field: str) -> common.TestLoader:
+  return lambda: ctx.data.split(extractor, task, "test", field)
+
+
+def _classification(ctx: Context) -> list[tasks.Task]:
+  return [t for t in ctx.tasks if t.type in ("multiclass", "multilabel")]
+
+
+def linear_evaluator(ctx: Context, extractor) -> dict[str, common.ProbeResult]:
+  """Logistic regression on the pooled embedding of every classification task."""
+  return {f"{t.name}/linear": linear.linear_probe(
+    ctx.data.split(extractor, t, "train"), _loader(ctx, extractor, t, "embedding"),
+    multilabel=t.type == "multilabel", num_classes=t.num_classes,
+    val_fraction=ctx.cfg.val_fraction, seed=ctx.cfg.seed) for t in _classification(ctx)}
+
+
+def knn_evaluator(ctx: Context, extractor) -> dict[str, common.ProbeResult]:
+  """Weighted k-NN on the pooled embedding of every multiclass task."""
+  return {f"{t.name}/knn": knn.knn_probe(
+    ctx.data.split(extractor, t, "train"), _loader(ctx, extractor, t, "embedding"),
+    num_classes=t.num_classes, val_fraction=ctx.cfg.val_fraction, seed=ctx.cfg.seed)
+    for t in ctx.tasks if t.type == "multiclass"}
+
+
+def attentive_evaluator(ctx: Context, extractor) -> dict[str, common.ProbeResult]:
+  """A MAP-head probe on the frozen tokens of every classification task."""
+  return {f"{t.name}/attentive": attentive.attentive_probe(
+    ctx.data.split(extractor, t, "train", "tokens"), _loader(ctx, extractor, t, "tokens"),
+    multilabel=t.type == "multilabel", num_classes=t.num_classes,
+    epochs=ctx.cfg.attentive_epochs, val_fraction=ctx.cfg.val_fraction, seed=ctx.cfg.seed)
+    for t in _classification(ctx)}
+
+
+def dense_evaluator(ctx: Context, extractor) -> dict[str, common.ProbeResult]:
+  """A per-patch linear classifier on the tokens of every dense task (segmentation mIoU)."""
+  results = {}
+  for t in ctx.tasks:
+    if t.type != "dense":
+      continue
+    grid = ctx.data.features(extractor, t.records, "train").grid
+    results[f"{t.name}/dense"] = dense.dense_probe(
+      ctx.data.split(extractor, t, "train", "tokens"), _loader(ctx, extractor, t, "tokens"),
+      grid=grid, num_classes=t.num_classes, val_fraction=ctx.cfg.val_fraction,
+      seed=ctx.cfg.seed)
+  return results
+
+
+def qa_evaluator(ctx: Context, extractor) -> dict[str, common.ProbeResult]:
+  """Templated questions about images ("objects") and clips ("events"), answered by a small
+  decoder over the frozen tokens."""
+  results = {}
+  for kind in qa.KIND_QUESTION_TYPES:
+    if kind not in ctx.data.record_sets:
+      continue
+
+    def split(name: str, kind=kind) -> common.Split:
+      return qa.build_qa_split(
+        ctx.data.features(extractor, kind, name).tokens, None, ctx.data.records(kind, name),
+        kind, seed=ctx.cfg.seed + (name == "test"), per_record=ctx.cfg.qa_per_record)
+
+    results[f"qa_{kind}/qa"] = qa.qa_probe(
+      split("train"), lambda split=split: split("test"), epochs=ctx.cfg.qa_epochs,
+      val_fraction=ctx.cfg.val_fraction, seed=ctx.cfg.seed)
+  return results
+
+
+def order_sensitivity(embeddings: np.ndarray, reversed_embeddings: np.ndarray
+                      ) -> common.ProbeResult:
+  """Mean 1 - cos between each clip's embedding and its time-reversed copy's `[N, D]`."""
+  a = embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
+  b = reversed_embeddings / np.maximum(
+    np.linalg.norm(reversed_embeddings, axis=1, keepdims=True), 1e-12)
+  gaps = 1.0 - np.sum(a * b, axis=1)
+  return common.ProbeResult(
+    metric="one_minus_cos", value=float(gaps.mean()),
+    details=dict(median=float(np.median(gaps)), max=float(gaps.max()), num_clips=len(gaps)))
+
+
+def order_evaluator(ctx: Context, extractor) -> dict[str, common.ProbeResult]:
+  """Order sensitivity on the test clips of every multi-frame record set."""
+  results = {}
+  for name, record_set in ctx.data.record_sets.items():
+    if record_set.num_frames > 1:
+      forward = ctx.data.features(extractor, name, "test").embedding
+      backward = ctx.data.features(extractor, name, "test", reverse_time=True).embedding
+      results[f"{name}/order"] = order_sensitivity(forward, backward)
+  return results
+
+
+EVALUATORS: dict[str, Evaluator] = {
+  "linear": linear_evaluator,
+  "knn": knn_evaluator,
+  "attentive": attentive_evaluator,
+  "dense": dense_evaluator,
+  "qa": qa_evaluator,
+  "order": order_evaluator,
+}
+
+
+def eval_config(config: ml_collections.ConfigDict) -> EvalConfig:
+  """Validated typed view of `config.eval`.
+
+  Raises:
+    config_lib.ConfigError: naming the field.
+  """
+  e = config.eval
+  for field in ("probes", "train_probes"):
+    unknown = sorted(set(e[field]) - set(EVALUATORS))
+    if unknown:
+      raise config_lib.ConfigError(
+        f"eval.{field} names unknown probes {unknown}; expected some of {sorted(EVALUATORS)}")
+  unknown = sorted(set(e.baselines) - set(BASELINES))
+  if unknown:
+    raise config_lib.ConfigError(
+      f"eval.baselines names unknown baselines {unknown}; expected some of {list(BASELINES)}")
+  if not 0 < e.val_fraction < 1:
+    raise config_lib.ConfigError(f"eval.val_fraction={e.val_fraction} must be in (0, 1)")
+  if e.num_train < 10 or e.num_test < 1:
+    raise config_lib.ConfigError(
+      f"eval.num_train={e.num_train} must be >= 10 and eval.num_test={e.num_test} >= 1")
+  if e.every < 0:
+    raise config_lib.ConfigError(f"eval.every={e.every} must be >= 0 (0: off)")
+  if not e.demo and not e.datasets:
+    raise config_lib.ConfigError("eval.demo is off and eval.datasets is empty: nothing to probe")
+  return EvalConfig(
+    encoder=e.encoder, baselines=tuple(e.baselines), probes=tuple(e.probes), every=e.every,
+    train_probes=tuple(e.train_probes), val_fraction=float(e.val_fraction), seed=e.seed,
+    attentive_epochs=e.attentive_epochs, qa_epochs=e.qa_epochs, qa_per_record=e.qa_per_record)
+
+
+def make_context(config: ml_collections.ConfigDict) -> Context:
+  """Record sets and tasks of `config.eval` at the model's frame size."""
+  return Context(data=tasks.demo_eval_data(config.eval, config.data.image_size),
+                 tasks=tasks.tasks_for(config.eval), cfg=eval_config(config))
+
+
+def evaluate(ctx: Context, extractor: features_lib.FeatureExtractor,
+             probes: Sequence[str], log: Callable[[str], None] = print
+             ) -> dict[str, common.ProbeResult]:
+  """Runs the named probes on one extractor; columns "<task>/<probe>"."""
+  results = {}
+  for name in probes:
+    log(f"eval {extractor.name}: {name}")
+    results.update(EVALUATORS[name](ctx, extractor))
+  return results
+
+
+def task_columns(ctx: Context, results: Mapping[str, Mapping[str, common.ProbeResult]]
+                 ) -> dict[str, dict[str, Any]]:
+  """Column metadata for the report: metric, chance level and description of every column."""
+  described = {t.name: t for t in ctx.tasks}
+  columns = {}
+  for per_encoder in results.values():
+    for column, result in per_encoder.items():
+      if column in columns:
+        continue
+      task = described.get(column.split("/")[0])
+      chance = None
+      if task is not None and task.type == "multiclass":
+        chance = 1.0 / task.num_classes
+      elif task is not None and task.type == "multilabel":
+        chance = 0.5
+      columns[column] = dict(
+        metric=result.metric, chance=chance,
+        description=task.description if task else _extra_description(column))
+  return columns
+
+
+def _extra_description(column: str) -> str:
+  name, probe = column.split("/")
+  if probe == "order":
+    return f"{name}: mean 1 - cos(clip, time-reversed clip); 0 = blind to order"
+  if probe == "qa":
+    return f"{name}: exact-match accuracy of templated questions"
+  return column
+
+
+def feature_visuals(ctx: Context, extractor, count: int = 2) -> list[dict]:
+  """Frames and PCA-of-patch-features maps of a few test images and clips."""
+  visuals = []
+  for name in ctx.data.record_sets:
+    feats = ctx.data.features(extractor, name, "test")
+    frames = ctx.data.frames(name, "test")
+    basis = report.pca_basis(feats.tokens[:count].reshape(-1, feats.tokens.shape[-1]))
+    for i in range(min(count, len(frames))):
+      visuals.append(dict(title=f"{name} test #{i}", frames=frames[i],
+                          pca=report.pca_rgb(feats.tokens[i], feats.grid, basis)))
+  return visuals
+
+
+def resolve_extractor(config: ml_collections.ConfigDict, workdir: str | None, spec: str
+                      ) -> features_lib.FeatureExtractor:
+  """The extractor `config.eval.encoder` (or a baseline name) names; see the module docstring.
+
+  Raises:
+    FileNotFoundError: naming the folder when no export or checkpoint is there.
+  """
+  patch = config.model.patch_size
+  if spec == "random":
+    return features_lib.random_init(config, config.seed)
+  if spec in features_lib.PIXEL_BASELINES:
+    return features_lib.pixels(spec, patch)
+  if spec == "checkpoint":
+    if not workdir:
+      raise FileNotFoundError("eval.encoder='checkpoint' needs --workdir (the training run)")
+    return features_lib.checkpoint(config, workdir)
+  if spec:
+    return features_lib.export(spec, f"export {spec}")
+  if not workdir:
+    raise FileNotFoundError("eval.encoder is empty: pass --workdir holding an export, or set "
+                            "eval.encoder to an export path, 'checkpoint' or 'random'")
+  for candidate in [encoder.export_dir(workdir)] + [
+      encoder.export_dir(os.path.join(workdir, f"round_{r}"))
+      for r in range(config.rounds, 0, -1)]:
+    if os.path.exists(os.path.join(candidate, "config.json")):
+      return features_lib.export(candidate, f"export {os.path.relpath(candidate, workdir)}")
+  raise FileNotFoundError(
+    f"no export in {workdir} (looked for export/ and round_<r>/export/); train first or set "
+    "eval.encoder")
+
+
+def results_dict(ctx: Context, extractors: Sequence[features_lib.FeatureExtractor],
+                 results: Mapping[str, Mapping[str, common.ProbeResult]],
+                 meta: Mapping[str, Any]) -> dict[str, Any]:
+  """The report's results dict (`report.write_report`)."""
+  return dict(
+    encoders=[dict(name=e.name, kind=e.kind, path=e.path) for e in extractors],
+    tasks=task_columns(ctx, results),
+    values={name: {k: v.to_json() for k, v in per.items()} for name, per in results.items()},
+    meta=dict(meta))
+
+
+def run_eval(config: ml_collections.ConfigDict, workdir: str | None,
+             log: Callable[[str], None] = print) -> dict[str, Any]:
+  """Evaluates `config.eval.encoder` and the baselines; writes `workdir/eval/`.
+
+  Returns:
+    The results dict (as written to results.json).
+  """
+  ctx = make_context(config)
+  specs = [ctx.cfg.encoder] + [b for b in ctx.cfg.baselines if b != ctx.cfg.encoder]
+  extractors, results, visuals = [], {}, {}
+  for spec in specs:
+    extractor = resolve_extractor(config, workdir, spec)
+    extractors.append(extractor)
+    results[extractor.name] = evaluate(ctx, extractor, ctx.cfg.probes, log)
+    if extractor.kind != "pixels":
+      visuals[extractor.name] = feature_visuals(ctx, extractor)
+    ctx.data.forget(extractor.name)
+  meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              workdir=workdir, encoder=ctx.cfg.encoder or "(the workdir's export)",
+              probes=list(ctx.cfg.probes), num_train=config.eval.num_train,
+              num_test=config.eval.num_test, seed=ctx.cfg.seed)
+  out = results_dict(ctx, extractors, results, meta)
+  folder = os.path.join(workdir or ".", EVAL_DIR)
+  paths = report.write_report(folder, out, visuals)
+  log(report.markdown_table(out))
+  log(f"Evaluation written to {paths['html']}")
+  return out
+
+
+def training_evaluator(config: ml_collections.ConfigDict
+                       ) -> Callable[[int, Any], dict[str, float]] | None:
+  """The in-training hook: every `eval.every` steps, `eval.train_probes` on live parameters,
+  returned as flat {"eval/<task>/<probe>": value} for metrics.jsonl and TensorBoard; None when
+  `eval.every` is 0."""
+  cfg = eval_config(config)
+  if not cfg.every:
+    return None
+  ctx = make_context(config)
+
+  def run(step: int, encoder_params) -> dict[str, float]:
+    extractor = features_lib.live(config, encoder_params, step)
+    results = evaluate(ctx, extractor, cfg.train_probes, log=lambda _: None)
+    ctx.data.forget(extractor.name)
+    return {f"eval/{k}": v.value for k, v in results.items()}
+
+  return run
+
