@@ -11,7 +11,9 @@ mode, and no structured contrastive term. Each variant runs `configs/demo.py` wi
 finished pipeline is reused; the XLA compilation cache is shared by all runs). Every encoder is
 then probed by `univit_jax.evaluation` on one shared set of held-out demo records (the records do
 not change with the seed: the seeds measure training variance). Cells are the mean over seeds ±
-the standard deviation.
+the standard deviation. The baseline and univit rows get every probe (`--probes`); the
+one-round ablations the cheap ones (`--ablation_probes`), to stay within an hour on 2 cores;
+compare an ablation with "univit round 1".
 
 Writes benchmarks/results/demo_table.json (and the report, results.md and report.html, in
 `--workdir/report/`); paste the printed table into README.md and docs/evaluation.md.
@@ -24,7 +26,7 @@ import platform
 import sys
 import time
 
-from absl import app, flags
+from absl import app, flags, logging
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -63,7 +65,10 @@ VARIANTS = {
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "training seeds")
 _VARIANTS = flags.DEFINE_list("variants", list(VARIANTS), "pipeline variants to run")
 _PROBES = flags.DEFINE_list("probes", ["linear", "knn", "attentive", "dense", "qa", "order"],
-                            "probes (univit_jax.evaluation.run.EVALUATORS)")
+                            "probes of the baseline and univit rows (evaluation.run.EVALUATORS)")
+_ABLATION_PROBES = flags.DEFINE_list("ablation_probes", ["linear", "knn", "dense", "order"],
+                                     "probes of the one-round ablation rows (the cheap ones)")
+_QA_EPOCHS = flags.DEFINE_integer("qa_epochs", 8, "epochs of the QA probe")
 _NUM_TRAIN = flags.DEFINE_integer("num_train", 1500, "probe-train records per task")
 _NUM_TEST = flags.DEFINE_integer("num_test", 500, "test records per task")
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/univit_demo_table", "pipelines and report")
@@ -80,6 +85,7 @@ def variant_config(variant: str, seed: int, workdir: str):
   config.train.compilation_cache_dir = os.path.join(workdir, "jax_cache")
   config.eval.num_train, config.eval.num_test = _NUM_TRAIN.value, _NUM_TEST.value
   config.eval.probes = tuple(_PROBES.value)
+  config.eval.qa_epochs = _QA_EPOCHS.value
   for field, value in overrides:
     *path, leaf = field.split(".")
     node = config
@@ -110,6 +116,7 @@ def aggregate(per_seed: list[dict[str, common.ProbeResult]]) -> dict[str, dict]:
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)
   seeds = [int(s) for s in _SEEDS.value]
   unknown = sorted(set(_VARIANTS.value) - set(VARIANTS))
   if unknown:
@@ -121,10 +128,10 @@ def main(argv):
   timings = {}
   start = time.perf_counter()
 
-  def probe(row: str, extractor: features_lib.FeatureExtractor) -> None:
+  def probe(row: str, extractor: features_lib.FeatureExtractor,
+            probes: tuple[str, ...] = ctx.cfg.probes) -> None:
     t0 = time.perf_counter()
-    rows.setdefault(row, []).append(run.evaluate(ctx, extractor, ctx.cfg.probes,
-                                                 log=lambda _: None))
+    rows.setdefault(row, []).append(run.evaluate(ctx, extractor, probes, log=lambda _: None))
     kinds[row] = extractor.kind
     ctx.data.forget(extractor.name)
     print(f"  {row}: probed in {time.perf_counter() - t0:.0f} s", flush=True)
@@ -140,9 +147,11 @@ def main(argv):
       timings[f"{variant}/seed_{seed}"] = seconds
       print(f"{variant} seed {seed}: pipeline {seconds:.0f} s", flush=True)
       for r in range(1, config.rounds + 1):
-        row = f"{variant} round {r}" if variant == "univit" else f"{variant} (1 round)"
+        main_row = variant == "univit"
+        row = f"{variant} round {r}" if main_row else f"{variant} (1 round)"
         export = encoder.export_dir(rounds.round_dir(folder, r))
-        probe(row, features_lib.export(export, f"{variant}/seed_{seed}/round_{r}"))
+        probe(row, features_lib.export(export, f"{variant}/seed_{seed}/round_{r}"),
+              ctx.cfg.probes if main_row else tuple(_ABLATION_PROBES.value))
 
   values = {row: aggregate(per_seed) for row, per_seed in rows.items()}
   results = dict(
@@ -150,7 +159,7 @@ def main(argv):
     tasks=run.task_columns(ctx, {row: r[0] for row, r in rows.items()}),
     values=values,
     meta=dict(benchmark="demo_table", seeds=seeds, variants=_VARIANTS.value,
-              probes=_PROBES.value, num_train=_NUM_TRAIN.value, num_test=_NUM_TEST.value,
+              probes=_PROBES.value, ablation_probes=_ABLATION_PROBES.value, num_train=_NUM_TRAIN.value, num_test=_NUM_TEST.value,
               command="python benchmarks/demo_table.py " + " ".join(sys.argv[1:]),
               total_seconds=time.perf_counter() - start, pipeline_seconds=timings,
               machine=dict(platform=platform.platform(), cpus=os.cpu_count())))

@@ -46,7 +46,7 @@ def test_attentive_probe_finds_the_labelled_token():
   assert len(result.curves["train_loss"]) == 15
   assert result.curves["train_loss"][-1] < result.curves["train_loss"][0]
   assert np.sum(result.details["confusion"]) == len(test)
-  assert 0 < result.details["majority_rate"] < 0.5
+  assert 0 < result.details["majority"] < 0.5
   json.dumps(result.to_json())
 
 

@@ -28,7 +28,7 @@ def _fake_results() -> dict:
   return {
     "encoders": [{"name": "round_2 export", "kind": "export", "path": "/tmp/exports/round_2"},
                  {"name": "random init", "kind": "random", "path": None}],
-    "tasks": {"digit_class/linear": {"metric": "accuracy", "chance": 0.25,
+    "tasks": {"digit_class/linear": {"metric": "accuracy", "chance": 0.25, "majority": 0.3,
                                      "description": "Digit class, linear probe on pooled tokens."},
               "attributes/linear": {"metric": "mean_auc", "chance": 0.5,
                                     "description": "Multi-label attributes <a&b>."},
@@ -78,10 +78,11 @@ def test_pca_rgb_shape_range_and_order():
 
 def test_markdown_table():
   lines = report.markdown_table(_fake_results()).splitlines()
-  assert lines[0] == "| task / probe | metric | chance | round_2 export | random init |"
-  assert lines[2] == "| digit_class/linear | accuracy | 0.250 | 0.825 | 0.300 |"
-  assert lines[3] == "| attributes/linear | mean_auc | 0.500 | 0.512 ± 0.010 | - |"
-  assert lines[4] == "| segmentation/dense | miou | - | 0.301 | - |"
+  assert lines[0] == ("| task / probe | metric | chance | majority | round_2 export "
+                      "| random init |")
+  assert lines[2] == "| digit_class/linear | accuracy | 0.250 | 0.300 | 0.825 | 0.300 |"
+  assert lines[3] == "| attributes/linear | mean_auc | 0.500 | - | 0.512 ± 0.010 | - |"
+  assert lines[4] == "| segmentation/dense | miou | - | - | 0.301 | - |"
 
 
 def test_write_report(tmp_path):

@@ -113,9 +113,9 @@ def attentive_probe(
 
   Returns:
     "accuracy" or "mean_auc" on the test split; `selected` {"lr"}; `curves` with "train_loss"
-    (per-epoch mean of the final run) and "val_vs_lr" ([[lr, val], ...]); `details` with
-    "majority_rate" (for multilabel, the mean over classes of predicting each class's majority
-    training value) and, for multiclass, "confusion" ([C, C] nested lists, rows = true class).
+    (per-epoch mean of the final run) and "val_vs_lr" ([[lr, val], ...]); for multiclass,
+    `details` with "majority" (the majority-class rate on test) and "confusion" ([C, C] nested
+    lists, rows = true class); a constant score has AUC 0.5 for multilabel.
 
   Raises:
     ValueError: for inconsistent shapes, or an example without any valid token.
@@ -190,11 +190,10 @@ def attentive_probe(
   test_split = test()
   logits = predict(params, test_split)
   if multilabel:
-    details = {"majority_rate": float(np.mean(
-      [metrics.majority_rate(train.y[:, c], test_split.y[:, c]) for c in range(num_classes)]))}
+    details = {}
   else:
     details = {
-      "majority_rate": metrics.majority_rate(train.y, test_split.y),
+      "majority": metrics.majority_rate(train.y, test_split.y),
       "confusion": metrics.confusion_matrix(
         test_split.y, logits.argmax(-1), num_classes).tolist(),
     }

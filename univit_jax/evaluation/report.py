@@ -134,11 +134,13 @@ def markdown_table(results: Mapping[str, Any]) -> str:
   """
   tasks, values = results["tasks"], results["values"]
   names = [encoder["name"] for encoder in results["encoders"]]
-  lines = ["| " + " | ".join(map(_markdown_escape, ["task / probe", "metric", "chance"] + names))
-           + " |", "|---|---|---:|" + "---:|" * len(names)]
+  lines = ["| " + " | ".join(map(_markdown_escape, ["task / probe", "metric", "chance",
+                                                     "majority"] + names))
+           + " |", "|---|---|---:|---:|" + "---:|" * len(names)]
   for key, task in tasks.items():
-    chance = "-" if task.get("chance") is None else f"{task['chance']:.3f}"
-    row = [key, task["metric"], chance] + [
+    chance, majority = ("-" if task.get(k) is None else f"{task[k]:.3f}"
+                        for k in ("chance", "majority"))
+    row = [key, task["metric"], chance, majority] + [
       _format_cell(values.get(name, {}).get(key)) for name in names]
     lines.append("| " + " | ".join(map(_markdown_escape, row)) + " |")
   return "\n".join(lines) + "\n"
@@ -258,9 +260,10 @@ def _results_html(results: Mapping[str, Any]) -> str:
                  for encoder in results["encoders"])
   body = []
   for key, task in tasks.items():
-    chance = "" if task.get("chance") is None else f"{task['chance']:.3f}"
+    chance, majority = ("" if task.get(k) is None else f"{task[k]:.3f}"
+                        for k in ("chance", "majority"))
     row = [f'<th>{_esc(key)}<span class="metric">{_esc(task["metric"])}</span></th>',
-           f'<td class="chance">{chance}</td>']
+           f'<td class="chance">{chance}</td>', f'<td class="chance">{majority}</td>']
     for encoder in results["encoders"]:
       cell = values.get(encoder["name"], {}).get(key)
       if cell is None:
@@ -269,7 +272,8 @@ def _results_html(results: Mapping[str, Any]) -> str:
         row.append(f'<td class="value" title="{_esc(_cell_tooltip(cell))}">'
                    f"{_esc(_format_cell(cell))}</td>")
     body.append(f"<tr>{''.join(row)}</tr>")
-  return (f'<table id="results"><thead><tr><th>task / probe</th><th>chance</th>{head}</tr>'
+  return (f'<table id="results"><thead><tr><th>task / probe</th><th>chance</th>'
+          f'<th>majority</th>{head}</tr>'
           f"</thead><tbody>{''.join(body)}</tbody></table>")
 
 

@@ -16,6 +16,7 @@ to compare against ("random", "pixels_mean", "pixels_ordered"). Probes are named
 import dataclasses
 import datetime
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -198,14 +199,18 @@ def evaluate(ctx: Context, extractor: features_lib.FeatureExtractor,
   """Runs the named probes on one extractor; columns "<task>/<probe>"."""
   results = {}
   for name in probes:
-    log(f"eval {extractor.name}: {name}")
-    results.update(EVALUATORS[name](ctx, extractor))
+    start = time.perf_counter()
+    found = EVALUATORS[name](ctx, extractor)
+    log(f"eval {extractor.name}: {name} ({time.perf_counter() - start:.0f} s): " + ", ".join(
+      f"{column} {result.value:.3f}" for column, result in found.items()))
+    results.update(found)
   return results
 
 
 def task_columns(ctx: Context, results: Mapping[str, Mapping[str, common.ProbeResult]]
                  ) -> dict[str, dict[str, Any]]:
-  """Column metadata for the report: metric, chance level and description of every column."""
+  """Column metadata for the report: metric, chance level (1 / classes), majority-class rate on
+  the test split (multiclass probes report it) and description of every column."""
   described = {t.name: t for t in ctx.tasks}
   columns = {}
   for per_encoder in results.values():
@@ -219,7 +224,7 @@ def task_columns(ctx: Context, results: Mapping[str, Mapping[str, common.ProbeRe
       elif task is not None and task.type == "multilabel":
         chance = 0.5
       columns[column] = dict(
-        metric=result.metric, chance=chance,
+        metric=result.metric, chance=chance, majority=result.details.get("majority"),
         description=task.description if task else _extra_description(column))
   return columns
 
