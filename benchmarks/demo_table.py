@@ -3,8 +3,9 @@
   python benchmarks/demo_table.py                      # every variant, 3 seeds
   python benchmarks/demo_table.py --seeds=0 --variants=univit --probes=linear,order
 
-Rows: raw pixels (time-averaged, and frames in order), random init, the demo pipeline's round 1
-and round 2 exports, and one-round ablations of the demo config: image-only (object bank only),
+Rows: raw pixels (time-averaged, and frames in order), random init, the supervised upper bound
+(`supervised_demo.py`: the same architecture trained on the demo's labels), the demo pipeline's
+round 1 and round 2 exports, and one-round ablations of the demo config: image-only (object bank only),
 video-only (event banks only), single granularity (event_1 only), each other U-RoPE allocation
 mode, and no structured contrastive term. Each variant runs `configs/demo.py` with
 `seed` = `data.shuffle_seed` = `cluster.seed` = the seed, in `--workdir/<variant>/seed_<s>` (a
@@ -39,6 +40,7 @@ from univit_jax.evaluation import features as features_lib  # noqa: E402
 
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 import helpers  # noqa: E402  # pylint: disable=import-error
+import supervised_demo  # noqa: E402  # pylint: disable=import-error
 
 EVENT_BANKS = ("event_1", "event_2", "event_4", "event_8")
 
@@ -69,6 +71,12 @@ _PROBES = flags.DEFINE_list("probes", ["linear", "knn", "attentive", "dense", "q
 _ABLATION_PROBES = flags.DEFINE_list("ablation_probes", ["linear", "knn", "dense", "order"],
                                      "probes of the one-round ablation rows (the cheap ones)")
 _QA_EPOCHS = flags.DEFINE_integer("qa_epochs", 8, "epochs of the QA probe")
+_ABLATION_SEEDS = flags.DEFINE_list("ablation_seeds", None,
+                                    "seeds of the ablation variants (default: --seeds)")
+_SUPERVISED_SEEDS = flags.DEFINE_list("supervised_seeds", None,
+                                      "seeds of the supervised row (default: --seeds; '' = none)")
+_SUPERVISED_STEPS = flags.DEFINE_integer("supervised_steps", 600,
+                                         "steps of the supervised upper bound")
 _NUM_TRAIN = flags.DEFINE_integer("num_train", 1500, "probe-train records per task")
 _NUM_TEST = flags.DEFINE_integer("num_test", 500, "test records per task")
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/univit_demo_table", "pipelines and report")
@@ -114,6 +122,10 @@ def aggregate(per_seed: list[dict[str, common.ProbeResult]]) -> dict[str, dict]:
   return cells
 
 
+def _seed_list(flag: list[str] | None, default: list[int]) -> list[int]:
+  return default if flag is None else [int(s) for s in flag if s]
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
@@ -141,8 +153,14 @@ def main(argv):
           features_lib.pixels(mode, base.model.patch_size))
   for seed in seeds:
     probe("random init", features_lib.random_init(base, seed))
+  for seed in _seed_list(_SUPERVISED_SEEDS.value, seeds):
+    t0 = time.perf_counter()
+    extractor = supervised_demo.train_supervised(base, seed, _SUPERVISED_STEPS.value,
+                                                 log=lambda _: None)
+    timings[f"supervised/seed_{seed}"] = time.perf_counter() - t0
+    probe("supervised (upper bound)", extractor)
   for variant in _VARIANTS.value:
-    for seed in seeds:
+    for seed in (seeds if variant == "univit" else _seed_list(_ABLATION_SEEDS.value, seeds)):
       config, folder, seconds = run_pipeline(variant, seed)
       timings[f"{variant}/seed_{seed}"] = seconds
       print(f"{variant} seed {seed}: pipeline {seconds:.0f} s", flush=True)
@@ -159,6 +177,9 @@ def main(argv):
     tasks=run.task_columns(ctx, {row: r[0] for row, r in rows.items()}),
     values=values,
     meta=dict(benchmark="demo_table", seeds=seeds, variants=_VARIANTS.value,
+              ablation_seeds=_seed_list(_ABLATION_SEEDS.value, seeds),
+              supervised_seeds=_seed_list(_SUPERVISED_SEEDS.value, seeds),
+              supervised_steps=_SUPERVISED_STEPS.value,
               probes=_PROBES.value, ablation_probes=_ABLATION_PROBES.value, num_train=_NUM_TRAIN.value, num_test=_NUM_TEST.value,
               command="python benchmarks/demo_table.py " + " ".join(sys.argv[1:]),
               total_seconds=time.perf_counter() - start, pipeline_seconds=timings,

@@ -44,6 +44,31 @@ def test_region_features_pool_exactly_the_tokens_inside_their_boxes():
     np.testing.assert_allclose(feats[0, r], expected / np.linalg.norm(expected), atol=1e-6)
 
 
+def test_crop_of_the_full_frame_is_the_frame_and_a_box_is_its_pixels():
+  frames = jnp.asarray(np.random.default_rng(0).normal(size=(2, 8, 8)).astype(np.float32))
+  full = jnp.broadcast_to(jnp.asarray(extract.FULL_FRAME), (2, 1, 4))
+  np.testing.assert_allclose(extract.crop_boxes(frames, full, 8)[:, 0], frames, atol=1e-5)
+  quarter = jnp.asarray([[[0.5, 0.0, 1.0, 0.5]]] * 2)  # bottom-left 4 x 4 pixels
+  np.testing.assert_allclose(extract.crop_boxes(frames, quarter, 4)[:, 0], frames[:, 4:, :4],
+                             atol=1e-5)
+
+
+def test_pixels_teacher_puts_images_and_regions_in_one_space_blind_to_colour():
+  from univit_jax.data import demo
+  source = demo.DemoSource("items", "train", num_examples=64, image_size=32)
+  frames = np.stack([source[i]["frames"][0] for i in range(64)]).astype(np.float32) / 255
+  teacher = extract.pixels_teacher(frames, 16, seed=0)
+  embedded = np.asarray(teacher.embed(jnp.asarray(frames[:4, None])))[:, 0]
+  whole = np.asarray(teacher.regions(jnp.asarray(frames[:4]), jnp.broadcast_to(
+    jnp.asarray(extract.FULL_FRAME), (4, 1, 4))))[:, 0]
+  np.testing.assert_allclose(whole, embedded, atol=1e-4)  # the full-frame region is the image
+  np.testing.assert_allclose(np.linalg.norm(embedded, axis=-1), 1.0, rtol=1e-5)
+  # Another canvas colour and tint (an affine change per channel) leaves the grey view intact.
+  recoloured = frames[:4] * np.array([0.5, 0.9, 0.7], np.float32) + 0.2
+  np.testing.assert_allclose(np.asarray(teacher.embed(jnp.asarray(recoloured[:, None])))[:, 0],
+                             embedded, atol=0.05)
+
+
 def test_proposals_only_for_images_without_boxes():
   batch = dict(frames=np.zeros((2, 1, 8, 8, 3)), boxes=np.zeros((2, 4, 4), np.float32),
                box_mask=np.array([[True, False, False, False], [False] * 4]))

@@ -151,3 +151,32 @@ def test_jit_and_bfloat16():
   assert y.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(y, np.float32), rotate(x, positions, "temporal_low"),
                              atol=0.1)
+
+
+@pytest.mark.parametrize("mode", rope.MODES)
+def test_temporal_span_makes_time_visible_and_keeps_rotations_relative(mode):
+  plain, axes = rope.rope_table(HEAD_DIM, mode)
+  freqs, same_axes = rope.rope_table(HEAD_DIM, mode, temporal_span=np.pi, virtual_frames=64)
+  np.testing.assert_array_equal(axes, same_axes)
+  time = axes == 0
+  np.testing.assert_array_equal(freqs[~time], plain[~time])  # space untouched
+  # Unscaled temporal_low turns time's fastest pair 0.063 rad across the whole grid; scaled, the
+  # slowest turns pi (or the fastest 1 rad per step), and adjacent frames of a 16-frame clip
+  # differ by at least 0.2 rad somewhere.
+  assert freqs[time].max() <= 1.0 + 1e-12
+  assert np.isclose(freqs[time].min() * 63, np.pi) or np.isclose(freqs[time].max(), 1.0)
+  assert freqs[time].max() * 63 / 15 > 0.2
+  np.testing.assert_allclose(freqs[time] / freqs[time].min(), plain[time] / plain[time].min())
+  x, positions = random_case(6)
+  x /= np.linalg.norm(x, axis=-1, keepdims=True)
+  q, k = x[:, :3], x[:, 3:]
+
+  def scores(pq, pk):
+    def rot(v, p):
+      angles = rope.rope_angles(p, HEAD_DIM, mode, temporal_span=np.pi)
+      return np.asarray(rope.apply_rope(jnp.asarray(v), angles))
+    return np.einsum("bqhd,bkhd->bhqk", rot(q, pq), rot(k, pk))
+
+  shift = np.array([5.5, 0.0, 0.0], np.float32)
+  np.testing.assert_allclose(scores(positions[:, :3] + shift, positions[:, 3:] + shift),
+                             scores(positions[:, :3], positions[:, 3:]), atol=1e-5)

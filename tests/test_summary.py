@@ -13,19 +13,20 @@ from univit_jax.models import vit
 def test_demo_summary_from_the_command_line(tmp_path):
   result = run_main("--config=configs/demo.py", f"--workdir={tmp_path}", "--mode=summary")
   assert result.returncode == 0, result.stderr
-  assert "UniViT mu/8: 162,432 parameters" in result.stdout
+  assert "UniViT mu/8: 164,480 parameters" in result.stdout
   assert "compiled 16-frame forward" in result.stdout
   written = json.loads((tmp_path / "summary.json").read_text())
-  assert written["params_total"] == 162_432
+  assert written["params_total"] == 164_480
   assert set(written["buckets"]) == {"1", "2", "4", "8", "16"}
   assert all("temp_bytes" in b for b in written["buckets"].values())
 
 
 @pytest.mark.parametrize("name,arg,backbone", [
-  # Patch embedding + depth x (attention + MLP + 2 norms) + 2 norms; no CLS, no position table.
-  ("vit_s", "runlocal", 21_590_016),
-  ("vit_b", "runlocal", 85_647_360),
-  ("vit_l", None, 302_915_584),
+  # Patch embedding + time embedding (32 x width) + depth x (attention + MLP + 2 norms) + 2
+  # norms; no CLS, no spatial position table.
+  ("vit_s", "runlocal", 21_602_304),
+  ("vit_b", "runlocal", 85_671_936),
+  ("vit_l", None, 302_948_352),
 ])
 def test_summary_of_each_size(name, arg, backbone, tmp_path):
   config = load_config(name, arg)

@@ -57,6 +57,22 @@ def test_image_equals_one_frame_clip(model):
   np.testing.assert_allclose(in_clip, image, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("time_embedding,span,low,high", [
+  ("none", 0.0, 0.0, 0.01),  # the earlier default: the first and last frame look the same
+  ("none", np.pi, 0.02, 0.2),  # RoPE with a usable temporal span
+  ("sincos", np.pi, 0.3, 2.0)])  # the default: the time embedding
+def test_tokens_carry_their_frame_time_from_initialisation(time_embedding, span, low, high):
+  """A clip of one repeated frame: only time tells its frames apart. Unscaled RoPE alone left a
+  fresh encoder's tokens nearly identical across frames (the demo could not learn order)."""
+  cfg = dataclasses.replace(CFG, time_embedding=time_embedding,
+                            rope=dataclasses.replace(CFG.rope, temporal_span=span))
+  graphdef, params = make(cfg)
+  _, aux = apply(graphdef, params, jnp.repeat(clip(1), 8, axis=1))
+  tokens = np.asarray(aux["tokens"]).reshape(2, 8, 4, -1)
+  gap = np.abs(tokens[:, 0] - tokens[:, -1]).max() / np.abs(tokens).max()
+  assert low < gap < high
+
+
 def test_padding_frames_do_not_change_the_embedding(model):
   graphdef, params = model
   frames = clip(2)

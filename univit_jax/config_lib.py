@@ -68,6 +68,7 @@ class RopeConfig:
   base: float = 10_000.0
   split: tuple[int, int, int] = (4, 6, 6)
   virtual_frames: int = 64
+  temporal_span: float = math.pi
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +85,7 @@ class ModelConfig:
   scan: bool = False
   remat: str = "none"
   rope: RopeConfig = RopeConfig()
+  time_embedding: str = "sincos"
 
   @property
   def head_dim(self) -> int:
@@ -91,6 +93,7 @@ class ModelConfig:
 
 
 REMAT_POLICIES = ("none", "full", "dots")
+TIME_EMBEDDINGS = ("none", "sincos")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -117,6 +120,11 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
     raise ConfigError(
       f"model.rope.virtual_frames={m.rope.virtual_frames} is smaller than the longest "
       f"bucket data.frames={tuple(config.data.frames)}")
+  if m.rope.temporal_span < 0:
+    raise ConfigError(f"model.rope.temporal_span={m.rope.temporal_span} must be >= 0 (0: off)")
+  if m.time_embedding not in TIME_EMBEDDINGS:
+    raise ConfigError(
+      f"model.time_embedding={m.time_embedding!r}: expected one of {TIME_EMBEDDINGS}")
   if m.remat not in REMAT_POLICIES:
     raise ConfigError(f"model.remat={m.remat!r}: expected one of {REMAT_POLICIES}")
   for field in ("dtype", "param_dtype"):
@@ -125,9 +133,10 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
   return ModelConfig(
     width=m.width, depth=m.depth, num_heads=m.num_heads, mlp_dim=m.mlp_dim,
     patch_size=m.patch_size, channels=m.channels, dtype=m.dtype, param_dtype=m.param_dtype,
-    scan=m.scan, remat=m.remat,
+    scan=m.scan, remat=m.remat, time_embedding=m.time_embedding,
     rope=RopeConfig(mode=m.rope.mode, base=float(m.rope.base), split=tuple(m.rope.split),
-                    virtual_frames=m.rope.virtual_frames))
+                    virtual_frames=m.rope.virtual_frames,
+                    temporal_span=float(m.rope.temporal_span)))
 
 
 def validate_data(config: ml_collections.ConfigDict) -> None:
@@ -270,7 +279,14 @@ def default_config(variant: str) -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(
     variant=variant, **model_fields(variant), channels=3,
     dtype="float32", param_dtype="float32", scan=False, remat="none",
-    rope=dict(mode="temporal_low", base=10_000.0, split=(4, 6, 6), virtual_frames=64)))
+    # Frame order reaches the tokens from the first step: a learned projection of sinusoids of
+    # each frame's time on the virtual grid is added to its patch embeddings ("none": RoPE only;
+    # see docs/training.md, "Seeing time").
+    time_embedding="sincos",
+    # temporal_span: radians the slowest temporal rotary pair turns across the virtual grid (0:
+    # unscaled, which leaves time nearly invisible: see models/rope.py).
+    rope=dict(mode="temporal_low", base=10_000.0, split=(4, 6, 6), virtual_frames=64,
+              temporal_span=math.pi)))
 
   c.data = ml_collections.ConfigDict()
   c.data.image_size = 224

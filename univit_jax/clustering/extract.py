@@ -2,17 +2,18 @@
 
 Banks (see `store.py` for the on-disk layout; rows are `(example id, sub-index)`):
 
-  object    images: one row per region, sub-index r, the mean of the teacher's patch tokens whose
-            centre lies inside box r (boxes from the dataset when it has them, else multi-scale
-            grid proposals), L2-normalised; plus one global row per image, sub-index -1, the
-            teacher's (L2-normalised) image embedding.
+  object    images: one row per region, sub-index r: the teacher's region feature of box r
+            (boxes from the dataset when it has them, else multi-scale grid proposals),
+            L2-normalised; plus one global row per image, sub-index -1: the region feature of
+            the full-frame box, so images and regions share one feature space.
   event_<g> clips of `clip_frames` frames cut into g ordered segments (g in `granularities`):
             one row per segment s: the per-frame L2-normalised teacher embeddings of
             `segment_frames` frames spread over the segment, concatenated, L2-normalised again.
 
-The teacher is an exported UniViT encoder (any earlier round's) applied frame by frame, or, with
-no teacher yet, the `pixels` bootstrap: PCA of downsampled frames (the frame embedding) and of
-downsampled patches (the tokens), fitted on a sample of the training frames.
+The teacher is an exported UniViT encoder (any earlier round's) applied frame by frame (a
+region: the mean of its patch tokens inside the box), or, with no teacher yet, the `pixels`
+bootstrap: PCA of the amplitude spectrum and the layout of standardised grey frames, fitted on a
+sample of the training frames (a region: its crop, embedded the same way).
 
 Extraction is jitted and sharded over the mesh (a global batch per step), and resumable: batch i
 of a bank's sources is chunk i of the bank, so a killed run skips the chunks already committed.
@@ -154,7 +155,10 @@ def object_boxes(batch: dict, proposals: np.ndarray) -> tuple[np.ndarray, np.nda
 
 
 # ---------------------------------------------------------------------------------------------
-# Teachers: frames [B, T, H, W, C] -> (patch tokens [B, T, P, D], frame embeddings [B, T, D]).
+# Teachers. `embed`: frames [B, T, H, W, C] -> frame embeddings [B, T, D]; `regions`: one frame
+# [B, H, W, C] and boxes [B, R, 4] -> region features [B, R, D], L2-normalised, in the space of
+# the whole image's: the object bank's whole-image row is the region of the full-frame box, so
+# whole images and their regions are clustered in one feature space.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,8 +166,11 @@ class Teacher:
   """A frame-wise feature function and the identity recorded in the store."""
   name: str
   dim: int
-  patch_size: int
-  apply: Callable[[jax.Array], tuple[jax.Array, jax.Array]]
+  embed: Callable[[jax.Array], jax.Array]
+  regions: Callable[[jax.Array, jax.Array], jax.Array]
+
+
+FULL_FRAME = np.array([[0.0, 0.0, 1.0, 1.0]], np.float32)
 
 
 def _pca(x: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
@@ -185,52 +192,94 @@ def _downsample(frames: jax.Array, size: int) -> jax.Array:
   return x.mean(axis=(-4, -2))
 
 
-def pixels_teacher(sample_frames: np.ndarray, dim: int, patch_size: int, seed: int) -> Teacher:
-  """The bootstrap teacher: PCA of 8 x 8 downsampled frames, and of 4 x 4 downsampled patches.
+def _standard_gray(frames: jax.Array) -> jax.Array:
+  """`[..., H, W, C]` -> grey `[..., H, W]` with zero mean and unit variance per frame: blind to
+  the canvas colour, the item's tint and the overall brightness."""
+  gray = frames.astype(jnp.float32).mean(-1)
+  gray = gray - gray.mean(axis=(-2, -1), keepdims=True)
+  return gray / (gray.std(axis=(-2, -1), keepdims=True) + 1e-6)
+
+
+def _descriptors(gray: jax.Array, layout_size: int) -> tuple[jax.Array, jax.Array]:
+  """The two views of the pixels teacher of standardised grey frames `[..., H, W]`: the
+  amplitude spectrum `[..., H * W]` (|FFT|: the same wherever the content sits, so it follows
+  shape, not placement) and the layout `[..., layout_size^2]` (average-pooled grey: placement)."""
+  spectrum = jnp.abs(jnp.fft.fft2(gray))
+  layout = _downsample(gray[..., None], layout_size)
+  return (spectrum.reshape(*gray.shape[:-2], -1), layout.reshape(*gray.shape[:-2], -1))
+
+
+def crop_boxes(frames: jax.Array, boxes: jax.Array, size: int) -> jax.Array:
+  """Bilinear crops `[B, R, size, size]` of grey frames `[B, H, W]` at boxes `[B, R, 4]`
+  (ymin, xmin, ymax, xmax in [0, 1]); the full-frame box at size H returns the frame itself."""
+  h, w = frames.shape[-2:]
+  steps = (jnp.arange(size, dtype=jnp.float32) + 0.5) / size
+  ys = (boxes[..., 0:1] + steps * (boxes[..., 2:3] - boxes[..., 0:1])) * h - 0.5  # [B, R, size]
+  xs = (boxes[..., 1:2] + steps * (boxes[..., 3:4] - boxes[..., 1:2])) * w - 0.5
+
+  def crop(image, y, x):
+    grid = jnp.stack(jnp.broadcast_arrays(y[:, None], x[None, :]))
+    return jax.scipy.ndimage.map_coordinates(image, list(grid), order=1, mode="nearest")
+
+  return jax.vmap(jax.vmap(crop, (None, 0, 0)), (0, 0, 0))(frames, ys, xs)
+
+
+def pixels_teacher(sample_frames: np.ndarray, dim: int, seed: int) -> Teacher:
+  """The bootstrap teacher: PCA of two views of standardised grey frames (docs/clustering.md).
+
+  A frame's embedding is the concatenation of the L2-normalised PCA (dim / 2 components each) of
+  its amplitude spectrum and of its 8 x 8 layout (`_descriptors`). A region is cropped from the
+  frame, resized to the frame's size and embedded the same way, so whole images and regions
+  share one space. Standardised grey removes colour, so clusters follow shape and placement
+  rather than the canvas colour and tint, which the RGB pixels of the demo are dominated by.
 
   Args:
     sample_frames: `[N, H, W, C]` training frames to fit the two PCAs on.
-    dim: output width of both.
-    patch_size: the encoder's patch, so tokens lie on the same grid as the student's.
+    dim: output width (even).
     seed: recorded in the teacher's name (fitting itself is deterministic).
   """
-  n, h, w, c = sample_frames.shape
-  pool = min(4, patch_size)
-  frame_size = 8 if h % 8 == 0 and w % 8 == 0 else 1
-  frame_mean, frame_proj = _pca(
-    np.asarray(_downsample(sample_frames, frame_size)).reshape(n, -1), dim)
-  patches = sample_frames.reshape(n, h // patch_size, patch_size, w // patch_size, patch_size, c)
-  patches = patches.transpose(0, 1, 3, 2, 4, 5).reshape(-1, patch_size, patch_size, c)
-  patch_mean, patch_proj = _pca(np.asarray(_downsample(patches, pool)).reshape(
-    patches.shape[0], -1), dim)
+  if dim % 2:
+    raise config_lib.ConfigError(f"extract.pixels_dim={dim} must be even (two views)")
+  n, h, w, _ = sample_frames.shape
+  layout_size = 8 if h % 8 == 0 and w % 8 == 0 else 1
+  spectrum, layout = (np.asarray(v) for v in _descriptors(
+    _standard_gray(jnp.asarray(sample_frames)), layout_size))
+  fits = [_pca(spectrum, dim // 2), _pca(layout, dim // 2)]
 
-  def apply(frames: jax.Array) -> tuple[jax.Array, jax.Array]:
-    b, t, h, w, c = frames.shape
-    flat = _downsample(frames, frame_size).reshape(b, t, -1)
-    embeddings = (flat - frame_mean) @ frame_proj
-    p = patch_size
-    patches = frames.reshape(b, t, h // p, p, w // p, p, c).transpose(0, 1, 2, 4, 3, 5, 6)
-    small = _downsample(patches, pool).reshape(b, t, (h // p) * (w // p), -1)
-    return (small - patch_mean) @ patch_proj, embeddings
+  def embed_gray(gray: jax.Array) -> jax.Array:
+    views = _descriptors(gray, layout_size)
+    return jnp.concatenate([losses.l2_normalize((v - mean) @ proj)
+                            for v, (mean, proj) in zip(views, fits)], axis=-1) / np.sqrt(2.0)
 
-  digest = hashlib.sha1(b"".join(a.tobytes() for a in (
-    frame_mean, frame_proj, patch_mean, patch_proj))).hexdigest()[:12]
-  return Teacher(name=f"pixels-pca{dim}-{digest}-seed{seed}", dim=dim, patch_size=patch_size,
-                 apply=apply)
+  def embed(frames: jax.Array) -> jax.Array:
+    return embed_gray(_standard_gray(frames))
+
+  def regions(frames: jax.Array, boxes: jax.Array) -> jax.Array:
+    crops = crop_boxes(frames.astype(jnp.float32).mean(-1), boxes, h)
+    crops = crops - crops.mean(axis=(-2, -1), keepdims=True)
+    return embed_gray(crops / (crops.std(axis=(-2, -1), keepdims=True) + 1e-6))
+
+  digest = hashlib.sha1(b"".join(a.tobytes() for fit in fits for a in fit)).hexdigest()[:12]
+  return Teacher(name=f"pixels-v2-pca{dim}-{digest}-seed{seed}", dim=dim, embed=embed,
+                 regions=regions)
 
 
 def encoder_teacher(export_dir: str, mesh: jax.sharding.Mesh) -> Teacher:
-  """An exported UniViT encoder applied to every frame as an image (T = 1)."""
+  """An exported UniViT encoder applied to every frame as an image (T = 1); a region is the mean
+  of its patch tokens inside the box (`region_features`)."""
   teacher = encoder.load_encoder(export_dir, mesh)
+  p = teacher.model.patch_size
 
-  def apply(frames: jax.Array) -> tuple[jax.Array, jax.Array]:
+  def embed(frames: jax.Array) -> jax.Array:
     b, t = frames.shape[:2]
-    embedding, aux = teacher.apply(frames.reshape(b * t, 1, *frames.shape[2:]))
-    tokens = aux["tokens"].astype(jnp.float32)
-    return tokens.reshape(b, t, tokens.shape[1], -1), embedding.reshape(b, t, -1)
+    embedding, _ = teacher.apply(frames.reshape(b * t, 1, *frames.shape[2:]))
+    return embedding.reshape(b, t, -1)
 
-  return Teacher(name=teacher.name, dim=teacher.model.width, patch_size=teacher.model.patch_size,
-                 apply=apply)
+  def regions(frames: jax.Array, boxes: jax.Array) -> jax.Array:
+    _, aux = teacher.apply(frames[:, None])
+    return region_features(aux["tokens"], boxes, (frames.shape[1] // p, frames.shape[2] // p))
+
+  return Teacher(name=teacher.name, dim=teacher.model.width, embed=embed, regions=regions)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,7 +329,7 @@ def fit_pixels_teacher(config: ml_collections.ConfigDict, cfg: ExtractConfig,
     if sum(len(f) for f in frames) >= cfg.pixels_fit_examples:
       break
   sample = np.concatenate(frames)[:cfg.pixels_fit_examples]
-  return pixels_teacher(sample, cfg.pixels_dim, config.model.patch_size, config.seed)
+  return pixels_teacher(sample, cfg.pixels_dim, config.seed)
 
 
 def make_teacher(config: ml_collections.ConfigDict, cfg: ExtractConfig,
@@ -314,17 +363,16 @@ def run_extract(config: ml_collections.ConfigDict, workdir: str,
     return {b: store.BankReader(workdir, b).meta["teacher"] for b in banks}
   teacher = teacher or make_teacher(config, cfg, data_cfg, mesh)
   batch_sharding = sharding.batch_sharding(mesh, config.sharding_rules)
-  grid = (data_cfg.image_size // teacher.patch_size,) * 2
   proposals = grid_proposals(cfg.proposal_grids)
 
   @jax.jit
   def object_step(frames, boxes):
-    tokens, embeddings = teacher.apply(frames)
-    return losses.l2_normalize(embeddings[:, 0]), region_features(tokens[:, 0], boxes, grid)
+    whole = jnp.broadcast_to(FULL_FRAME, (frames.shape[0], 1, 4))
+    return teacher.regions(frames[:, 0], whole)[:, 0], teacher.regions(frames[:, 0], boxes)
 
   @jax.jit
   def event_step(frames):
-    _, embeddings = teacher.apply(frames)
+    embeddings = teacher.embed(frames)
     return {g: event_features(embeddings, g, cfg.segment_frames) for g in cfg.granularities}
 
   def object_rows(batch, outputs):

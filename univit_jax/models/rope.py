@@ -18,6 +18,18 @@ gets is the allocation `mode`:
   interleaved   one spectrum; the axes are spread evenly over all pairs, each in proportion to
                 its share (Qwen3-VL's round robin, generalised to unequal shares).
 
+Time must be visible. With base 1e4 and a 64-step grid, `temporal_low` turns time's fastest pair
+by at most 0.063 rad across a whole clip (adjacent frames of a 16-frame clip: 0.004 rad, below
+bfloat16 resolution), so the encoder could not tell frame order from rotation. `temporal_span`
+(the config's `model.rope.temporal_span`, default pi) scales the temporal frequencies together
+so that the slowest temporal pair turns that many radians across the grid, unless the fastest
+would then pass 1 rad per grid step: with head dim 32 (the demo), `temporal_low` and `chunked`
+then turn 0.05-0.28 rad per grid step (adjacent frames of a 16-frame clip 0.21-1.2 rad apart);
+`per_axis` and `interleaved` give time a full spectrum whose fastest pair already turns 1 rad
+per step, so they stay as they are. Per unit of its own coordinate time still takes the
+spectrum's lowest frequencies in `temporal_low`; the span chooses that unit. 0 keeps the
+unscaled (earlier) behaviour.
+
 Positions are explicit float (t, h, w) per token. Time lives on a virtual grid of
 `virtual_frames` steps (0 .. virtual_frames - 1): a clip of T frames spans the whole grid
 whatever T is, so 2-, 8- and 16-frame clips share one temporal axis and an image sits at t = 0.
@@ -67,7 +79,8 @@ def _spread(counts: tuple[int, ...]) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=None)
-def _table(head_dim: int, mode: str, base: float, split: tuple[int, int, int]):
+def _table(head_dim: int, mode: str, base: float, split: tuple[int, int, int],
+           temporal_span: float, virtual_frames: int):
   n_t, n_h, n_w = axis_pairs(head_dim, split)
   pairs = head_dim // 2
   spectrum = base ** (-np.arange(pairs) / pairs)
@@ -85,6 +98,11 @@ def _table(head_dim: int, mode: str, base: float, split: tuple[int, int, int]):
     freqs = spectrum
   else:
     raise ValueError(f"rope mode={mode!r}: expected one of {MODES}")
+  if temporal_span:
+    time = axes == 0
+    freqs = freqs.copy()
+    freqs[time] *= min(temporal_span / ((virtual_frames - 1) * freqs[time].min()),
+                       1.0 / freqs[time].max())
   freqs.setflags(write=False)
   axes.setflags(write=False)
   return freqs, axes
@@ -92,9 +110,17 @@ def _table(head_dim: int, mode: str, base: float, split: tuple[int, int, int]):
 
 def rope_table(
     head_dim: int, mode: str = "temporal_low", base: float = 10_000.0,
-    split: tuple[int, int, int] = (4, 6, 6)) -> tuple[np.ndarray, np.ndarray]:
-  """Per-pair frequencies `[P]` (float64) and the axis each pair reads `[P]` (0=t, 1=h, 2=w)."""
-  return _table(int(head_dim), mode, float(base), tuple(int(s) for s in split))
+    split: tuple[int, int, int] = (4, 6, 6), temporal_span: float = 0.0,
+    virtual_frames: int = 64) -> tuple[np.ndarray, np.ndarray]:
+  """Per-pair frequencies `[P]` (float64) and the axis each pair reads `[P]` (0=t, 1=h, 2=w).
+
+  With `temporal_span` > 0 the temporal frequencies are scaled up together (their ratios kept)
+  until the slowest temporal pair turns `temporal_span` radians across the virtual time grid
+  (`virtual_frames - 1` steps), or the fastest turns 1 rad per grid step (the fastest spatial
+  rate), whichever comes first; 0 leaves them as the mode gives them.
+  """
+  return _table(int(head_dim), mode, float(base), tuple(int(s) for s in split),
+                float(temporal_span), int(virtual_frames))
 
 
 def frame_times(num_frames: int, virtual_frames: int = 64) -> np.ndarray:
@@ -127,9 +153,13 @@ def grid_positions(times: np.ndarray, grid_h: int, grid_w: int) -> np.ndarray:
 def rope_angles(
     positions: jnp.ndarray, head_dim: int, mode: str = "temporal_low",
     base: float = 10_000.0, split: tuple[int, int, int] = (4, 6, 6),
-    token_mask: jnp.ndarray | None = None) -> jnp.ndarray:
-  """Rotation angles `[..., N, P]` (float32) for positions `[..., N, 3]`; 0 where masked out."""
-  freqs, axes = rope_table(head_dim, mode, base, split)
+    token_mask: jnp.ndarray | None = None, temporal_span: float = 0.0,
+    virtual_frames: int = 64) -> jnp.ndarray:
+  """Rotation angles `[..., N, P]` (float32) for positions `[..., N, 3]`; 0 where masked out.
+
+  `temporal_span` and `virtual_frames` as in `rope_table`.
+  """
+  freqs, axes = rope_table(head_dim, mode, base, split, temporal_span, virtual_frames)
   positions = jnp.asarray(positions, jnp.float32)
   angles = jnp.take(positions, axes, axis=-1) * jnp.asarray(freqs, jnp.float32)
   if token_mask is not None:

@@ -1,8 +1,12 @@
 """The UniViT encoder: a pre-LN ViT over frames with U-RoPE and an attention-pooling head.
 
 One set of weights serves images (T = 1) and clips of any frame count: frames are patchified one
-by one (tubelet 1), there is no CLS token and no absolute position embedding, and every token
-carries an explicit (t, h, w) position used only by the rotary embedding (`rope.py`). A
+by one (tubelet 1), there is no CLS token and no spatial position embedding, and every token
+carries an explicit (t, h, w) position used by the rotary embedding (`rope.py`) and, for time,
+by a time embedding (`time_embedding="sincos"`): a learned projection of sinusoids of the
+frame's time on the virtual grid, added to the patch embeddings, so frame order is in every
+token from the first step (RoPE alone leaves a fresh encoder blind to order: reversing a clip
+changed its embedding by 1 - cos ~ 1e-6 to 1e-8; docs/training.md). A
 SigLIP2-style multihead attention-pooling (MAP) head turns the tokens into the embedding; the same
 head, given per-segment or per-region masks, pools one embedding per temporal segment and per box.
 
@@ -133,6 +137,20 @@ def _remat(fn, policy: str):
   return jax.checkpoint(fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
 
 
+TIME_FEATURES = 16  # sinusoid pairs of the time embedding
+
+
+def time_features(times: jax.Array, virtual_frames: int) -> jax.Array:
+  """Sinusoids `[..., 2 * TIME_FEATURES]` of time positions `[...]` on the virtual grid.
+
+  Frequencies are geometric from pi / virtual_frames (a half turn across the grid, so the
+  slowest pair orders every position) to 1 rad per grid step (adjacent frames differ).
+  """
+  freqs = (np.pi / virtual_frames) ** (np.arange(TIME_FEATURES) / (TIME_FEATURES - 1))
+  angles = times[..., None].astype(jnp.float32) * jnp.asarray(freqs, jnp.float32)
+  return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+
+
 class UniViT(nnx.Module):
   """The encoder. Call with frames `[B, T, H, W, C]`; returns `(embedding [B, D], aux)`."""
 
@@ -140,6 +158,9 @@ class UniViT(nnx.Module):
     self.cfg = cfg
     p, c = cfg.patch_size, cfg.channels
     self.patch_embed = _dense(p * p * c, cfg.width, ("patch", "embed"), cfg, rngs, use_bias=False)
+    if cfg.time_embedding == "sincos":
+      self.time_embed = _dense(2 * TIME_FEATURES, cfg.width, (None, "embed"), cfg, rngs,
+                               use_bias=False)
     self.norm_pre = _norm(cfg, rngs)
     if cfg.scan:
       @nnx.split_rngs(splits=cfg.depth)
@@ -209,10 +230,15 @@ class UniViT(nnx.Module):
     x = einops.rearrange(
       frames.astype(self.cfg.dtype), "b t (gh ph) (gw pw) c -> b (t gh gw) (ph pw c)",
       ph=p, pw=p)
-    x = self.norm_pre(self.patch_embed(x))
+    x = self.patch_embed(x)
+    if self.cfg.time_embedding == "sincos":
+      x = x + self.time_embed(
+        time_features(positions[..., 0], self.cfg.rope.virtual_frames).astype(self.cfg.dtype))
+    x = self.norm_pre(x)
     angles = rope.rope_angles(
       positions, self.cfg.head_dim, self.cfg.rope.mode, self.cfg.rope.base,
-      self.cfg.rope.split, token_mask)
+      self.cfg.rope.split, token_mask, self.cfg.rope.temporal_span,
+      self.cfg.rope.virtual_frames)
     x = self._encode(x, angles, token_mask[:, None, :])
     tokens = self.norm_post(x)
 

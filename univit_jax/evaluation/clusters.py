@@ -1,0 +1,79 @@
+"""How well a run's own clusters follow the ground truth: NMI and purity per bank.
+
+Each cluster row is an (example id, sub) of the training sources (`docs/training.md`). Its
+ground truth comes from the record: whole-image rows (`object`, sub -1) the record's `label`
+(when it has one, e.g. the demo's single digits), region rows (`object`, sub r) the box's class
+`box_labels[r]`, clip rows (`event_1`) the clip's `label`, and for the demo's event clips also
+the first action. Rows without ground truth are left out. A bootstrap teacher whose clusters
+group colour or placement scores near 0; clusters that follow what is in the picture score high.
+"""
+
+import os
+
+import ml_collections
+import numpy as np
+
+from univit_jax.clustering import labels as cluster_labels
+from univit_jax.data import demo, pipeline
+from univit_jax.evaluation import common, metrics
+
+
+def _truths(bank: str, record: dict, sub: int, source) -> dict[str, int]:
+  """Ground-truth labels of one cluster row, by name ({} when the row has none)."""
+  if bank == "object":
+    if sub < 0:
+      label = int(record.get("label", -1))
+      return {"image_class": label} if label >= 0 else {}
+    mask = record.get("box_mask")
+    if mask is None or not bool(mask[sub]):
+      return {}
+    return {"region_class": int(record["box_labels"][sub])}
+  if bank == "event_1":
+    label = int(record.get("label", -1))
+    if label < 0:
+      return {}
+    truths = {"clip_label": label}
+    if isinstance(source, demo.DemoSource) and source.kind == "events":
+      truths["first_action"] = demo.action_sequence(label)[0]
+    return truths
+  return {}
+
+
+def cluster_quality(config: ml_collections.ConfigDict, workdir: str,
+                    banks: tuple[str, ...] = ("object", "event_1")) -> dict[str, common.ProbeResult]:
+  """NMI (and purity in details) of each bank's top-1 cluster against each ground truth.
+
+  Args:
+    config: the run's config (its `data.sources` define the example ids).
+    workdir: the folder holding `clusters/<bank>/` (a run, or a pipeline round).
+    banks: banks to score; those not clustered in `workdir` are skipped.
+
+  Returns:
+    {"<bank>:<truth>/clusters": ProbeResult(metric "nmi", details purity, rows, clusters)}.
+  """
+  data_cfg = pipeline.DataConfig.from_config(config)
+  opened = pipeline.open_sources(data_cfg)
+  names = [spec.name for spec in data_cfg.sources]
+  offsets = np.cumsum([0] + [len(opened[n]) for n in names])
+  results = {}
+  for bank in banks:
+    if not os.path.exists(os.path.join(cluster_labels.clusters_dir(workdir, bank), "ids.npy")):
+      continue
+    out = cluster_labels.load_clusters(workdir, bank)
+    pairs: dict[str, tuple[list[int], list[int]]] = {}
+    records: dict[int, dict] = {}
+    for (example, sub), cluster in zip(out["ids"], out["labels"][:, 0]):
+      s = int(np.searchsorted(offsets, example, side="right") - 1)
+      source = opened[names[s]]
+      if example not in records:
+        records[example] = source[int(example - offsets[s])]
+      for truth, value in _truths(bank, records[example], int(sub), source).items():
+        pairs.setdefault(truth, ([], []))
+        pairs[truth][0].append(value)
+        pairs[truth][1].append(int(cluster))
+    for truth, (truth_labels, clusters) in pairs.items():
+      results[f"{bank}:{truth}/clusters"] = common.ProbeResult(
+        metric="nmi", value=metrics.nmi(np.array(truth_labels), np.array(clusters)),
+        details=dict(purity=metrics.purity(np.array(truth_labels), np.array(clusters)),
+                     rows=len(clusters), clusters=int(out["centroids"].shape[0])))
+  return results
