@@ -139,3 +139,36 @@ def test_training_logs_probe_metrics_every_eval_steps(tmp_path):
   assert [r["step"] for r in evals] == [3, 6]
   assert 0 <= evals[-1]["eval/digit_class/linear"] <= 1
   assert evals[-1]["eval/events/order"] >= 0
+  # --mode=eval's "checkpoint" encoder is the run's newest state: the same features as the live
+  # parameters it was saved from.
+  result = train.run_train(config, str(tmp_path))  # resumes at the end: returns the state
+  from_checkpoint = run.resolve_extractor(config, str(tmp_path), "checkpoint")
+  live = features.live(config, result.state.params["encoder"], result.step)
+  frames = np.random.default_rng(0).integers(0, 256, (2, 2, 32, 32, 3), dtype=np.uint8)
+  assert from_checkpoint.kind == "checkpoint" and "step 6" in from_checkpoint.name
+  np.testing.assert_allclose(from_checkpoint(frames)["embedding"], live(frames)["embedding"],
+                             atol=1e-6)
+
+
+def test_image_folder_classification_goes_through_the_same_probes(tmp_path):
+  """`eval.datasets`: class folders of real PNGs (demo digits 0 and 1) as a labelled set."""
+  from PIL import Image
+  from univit_jax.data import demo
+  for split, digits_split in (("train", "train"), ("test", "test")):
+    source = demo.DemoSource("items", digits_split, num_examples=120, image_size=32)
+    for i in range(len(source)):
+      record = source[i]
+      if record["label"] in (0, 1):
+        folder = tmp_path / split / f"digit_{record['label']}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(record["frames"][0]).save(folder / f"{i}.png")
+  config = _tiny_eval_config()
+  config.eval.demo = False
+  config.eval.datasets = {"zero_one": dict(
+    train=dict(type="image_folder", path=str(tmp_path / "train")),
+    test=dict(type="image_folder", path=str(tmp_path / "test")), num_classes=2, frames=1)}
+  ctx = run.make_context(config)
+  assert [t.name for t in ctx.tasks] == ["zero_one"]
+  results = run.evaluate(ctx, features.pixels("pixels_mean", 8), ("linear", "knn"), log=print)
+  assert set(results) == {"zero_one/linear", "zero_one/knn"}
+  assert results["zero_one/linear"].value > 0.6  # zeros and ones differ in shape

@@ -86,6 +86,16 @@ class Encoder:
     return self(frames)[0]
 
 
+def inference_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+  """The run's mesh axes with every device on `data` and the others of size 1: parameters
+  replicated, batches split."""
+  axes = tuple(config.mesh.axes)
+  shape = tuple(jax.device_count() if axis == "data" else 1 for axis in axes)
+  devices = jax.devices() if "data" in axes else jax.devices()[:1]
+  return jax.make_mesh(shape, axes, axis_types=(jax.sharding.AxisType.Auto,) * len(axes),
+                       devices=devices)
+
+
 def load_encoder(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = None) -> Encoder:
   """The export in `path`, its parameters placed by the run's sharding rules on `mesh`
   (default: every device on the `data` axis, the others of size 1: parameters replicated).
@@ -95,12 +105,7 @@ def load_encoder(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = None)
   """
   config = ml_collections.ConfigDict(checkpointing.read_export_config(path))
   graphdef, abstract = vit.abstract_encoder(config_lib.model_config(config))
-  if mesh is None:
-    axes = tuple(config.mesh.axes)
-    shape = tuple(jax.device_count() if axis == "data" else 1 for axis in axes)
-    devices = jax.devices() if "data" in axes else jax.devices()[:1]
-    mesh = jax.make_mesh(shape, axes, axis_types=(jax.sharding.AxisType.Auto,) * len(axes),
-                         devices=devices)
+  mesh = inference_mesh(config) if mesh is None else mesh
   shardings = sharding.tree_shardings(abstract, mesh, config.sharding_rules)
   params, _ = checkpointing.load_export(path, sharding.sharded_shapes(abstract, shardings))
   with open(os.path.join(path, "config.json"), "rb") as f:

@@ -18,7 +18,6 @@ import json
 import os
 from collections.abc import Callable
 
-import jax
 import ml_collections
 import numpy as np
 
@@ -111,8 +110,7 @@ def checkpoint(config: ml_collections.ConfigDict, workdir: str) -> FeatureExtrac
     sizes = json.load(f)["bank_sizes"]
   model_cfg = config_lib.model_config(config)
   tx = optim.make_optimizer(config.optim, int(config.total_steps))
-  mesh = jax.make_mesh((1,) * len(config.mesh.axes), tuple(config.mesh.axes),
-                       devices=jax.devices()[:1])
+  mesh = encoder.inference_mesh(config)
   rules = tuple(config.sharding_rules)
   _, abstract_params = state_lib.abstract_model(model_cfg, sizes)
   shardings = state_lib.state_shardings(abstract_params, tx, mesh, rules)
