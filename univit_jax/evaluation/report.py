@@ -2,8 +2,9 @@
 
 `results` (also the content of results.json):
 
-  encoders: `[{"name", "kind", "path"}]` in table row order.
-  tasks: `{task_key: {"metric", "chance", "description"}}`; insertion order is column order.
+  encoders: `[{"name", "kind", "path"}]` in table column order.
+  tasks: `{task_key: {"metric", "chance", "majority", "description"}}`; insertion order is row
+    order of the tables (a row per task column, a column per encoder).
   values: `{encoder_name: {task_key: ProbeResult.to_json()}}`, a cell optionally with "spread"
     (std over seeds) and "n" (number of seeds).
   meta: free-form (config summary, date, command).
