@@ -22,6 +22,7 @@ Writes benchmarks/results/demo_table.json (and the report, results.md and report
 
 import contextlib
 import io
+import json
 import os
 import platform
 import sys
@@ -80,6 +81,8 @@ _SUPERVISED_STEPS = flags.DEFINE_integer("supervised_steps", 600,
 _NUM_TRAIN = flags.DEFINE_integer("num_train", 1500, "probe-train records per task")
 _NUM_TEST = flags.DEFINE_integer("num_test", 500, "test records per task")
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/univit_demo_table", "pipelines and report")
+_FROM_JSON = flags.DEFINE_string("from_json", None,
+                                 "only print the tables of an earlier run's JSON")
 _OUT = flags.DEFINE_string("out", os.path.join(ROOT, "benchmarks", "results", "demo_table.json"),
                            "JSON results path")
 
@@ -122,6 +125,37 @@ def aggregate(per_seed: list[dict[str, common.ProbeResult]]) -> dict[str, dict]:
   return cells
 
 
+def _subset(results: dict, encoders: list[str], columns: list[str] | None = None) -> dict:
+  columns = columns or [c for c in results["tasks"]
+                        if any(c in results["values"][e] for e in encoders)]
+  return dict(encoders=[e for e in results["encoders"] if e["name"] in encoders],
+              tasks={c: results["tasks"][c] for c in columns},
+              values={e: results["values"][e] for e in encoders})
+
+
+def summary_tables(results: dict) -> str:
+  """Two Markdown tables: the baseline, supervised and univit encoders on every probe; the
+  ablations next to univit round 1 on their probes (order sensitivity aside), with each
+  encoder's mean over those probes."""
+  names = [e["name"] for e in results["encoders"]]
+  ablations = [n for n in names if n.endswith("(1 round)")]
+  main_rows = [n for n in names if n not in ablations]
+  text = report.markdown_table(_subset(results, main_rows))
+  if ablations:
+    compared = [n for n in ("univit round 1",) if n in names] + ablations
+    columns = [c for c in results["tasks"]
+               if all(c in results["values"][n] for n in compared)
+               and results["tasks"][c]["metric"] != "one_minus_cos"]
+    table = _subset(results, compared, columns)
+    table["tasks"]["mean of the rows above"] = dict(metric="mean", chance=None, majority=None)
+    for n in compared:
+      cells = [results["values"][n][c]["value"] for c in columns]
+      table["values"][n] = dict(table["values"][n], **{"mean of the rows above": dict(
+        value=float(np.mean(cells)))})
+    text += "\n" + report.markdown_table(table)
+  return text
+
+
 def _seed_list(flag: list[str] | None, default: list[int]) -> list[int]:
   return default if flag is None else [int(s) for s in flag if s]
 
@@ -129,6 +163,10 @@ def _seed_list(flag: list[str] | None, default: list[int]) -> list[int]:
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
+  if _FROM_JSON.value:
+    with open(_FROM_JSON.value) as f:
+      print(summary_tables(json.load(f)))
+    return
   seeds = [int(s) for s in _SEEDS.value]
   unknown = sorted(set(_VARIANTS.value) - set(VARIANTS))
   if unknown:
@@ -185,8 +223,8 @@ def main(argv):
               total_seconds=time.perf_counter() - start, pipeline_seconds=timings,
               machine=dict(platform=platform.platform(), cpus=os.cpu_count())))
   report.write_report(os.path.join(_WORKDIR.value, "report"), results)
-  atomic.write_json(_OUT.value, results)
-  print(report.markdown_table(results))
+  atomic.write_bytes(_OUT.value, json.dumps(results, indent=1).encode())  # keeps row order
+  print(summary_tables(results))
   print(f"total {time.perf_counter() - start:.0f} s; written {_OUT.value}")
 
 
