@@ -192,12 +192,21 @@ def _downsample(frames: jax.Array, size: int) -> jax.Array:
   return x.mean(axis=(-4, -2))
 
 
-def _standard_gray(frames: jax.Array) -> jax.Array:
-  """`[..., H, W, C]` -> grey `[..., H, W]` with zero mean and unit variance per frame: blind to
-  the canvas colour, the item's tint and the overall brightness."""
-  gray = frames.astype(jnp.float32).mean(-1)
+def _standardize(gray: jax.Array) -> jax.Array:
+  """Grey images `[..., H, W]` with zero mean and unit variance each."""
   gray = gray - gray.mean(axis=(-2, -1), keepdims=True)
   return gray / (gray.std(axis=(-2, -1), keepdims=True) + 1e-6)
+
+
+def _gray(frames: jax.Array) -> jax.Array:
+  """`[..., H, W, C]` -> the mean over channels `[..., H, W]`, float32."""
+  return frames.astype(jnp.float32).mean(-1)
+
+
+def _standard_gray(frames: jax.Array) -> jax.Array:
+  """`[..., H, W, C]` -> standardised grey `[..., H, W]`: blind to the canvas colour, the item's
+  tint and the overall brightness."""
+  return _standardize(_gray(frames))
 
 
 def _descriptors(gray: jax.Array, layout_size: int) -> tuple[jax.Array, jax.Array]:
@@ -255,9 +264,7 @@ def pixels_teacher(sample_frames: np.ndarray, dim: int, seed: int) -> Teacher:
     return embed_gray(_standard_gray(frames))
 
   def regions(frames: jax.Array, boxes: jax.Array) -> jax.Array:
-    crops = crop_boxes(frames.astype(jnp.float32).mean(-1), boxes, h)
-    crops = crops - crops.mean(axis=(-2, -1), keepdims=True)
-    return embed_gray(crops / (crops.std(axis=(-2, -1), keepdims=True) + 1e-6))
+    return embed_gray(_standardize(crop_boxes(_gray(frames), boxes, h)))
 
   digest = hashlib.sha1(b"".join(a.tobytes() for fit in fits for a in fit)).hexdigest()[:12]
   return Teacher(name=f"pixels-v2-pca{dim}-{digest}-seed{seed}", dim=dim, embed=embed,
@@ -367,8 +374,10 @@ def run_extract(config: ml_collections.ConfigDict, workdir: str,
 
   @jax.jit
   def object_step(frames, boxes):
+    # The whole-image row is the full-frame box, taken in the same pass as the regions.
     whole = jnp.broadcast_to(FULL_FRAME, (frames.shape[0], 1, 4))
-    return teacher.regions(frames[:, 0], whole)[:, 0], teacher.regions(frames[:, 0], boxes)
+    features = teacher.regions(frames[:, 0], jnp.concatenate([whole, boxes], axis=1))
+    return features[:, 0], features[:, 1:]
 
   @jax.jit
   def event_step(frames):
