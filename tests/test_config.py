@@ -41,6 +41,8 @@ def test_parse_arg():
   ("model.num_heads", 4, "head_dim=16 gives 8 rotary pairs, not divisible by 16"),
   ("model.rope.mode", "spiral", "model.rope.mode='spiral'"),
   ("model.remat", "sometimes", "model.remat='sometimes'"),
+  ("model.attention", "flash", "model.attention='flash'"),
+  ("model.attention", "cudnn", "model.attention='cudnn' needs model.dtype bfloat16"),
   ("model.dtype", "int8", "model.dtype='int8'"),
   ("model.depth", 0, "model.depth=0 must be positive"),
   ("mesh.shape", (3, 1, 1), r"mesh.shape=\(3, 1, 1\) .* cannot be laid over 8 devices"),

@@ -220,6 +220,23 @@ def test_sigkill_then_sigterm_then_resume_matches_uninterrupted_run(runs, cache,
   assert _data_state(workdir, 0) == _data_state(dirs["reference"], 5)
 
 
+def test_an_object_bank_of_whole_image_rows_only_trains(cache, tmp_path):
+  """A teacher without regions (`features:<folder>`) clusters whole images only: the region term
+  finds no labelled row, adds 0 and is left out of the log; the whole-image and event terms
+  train as usual. Images, whose co-occurrence sets come from region labels, fall back to the
+  contrastive identity target (no partner)."""
+  workdir = str(tmp_path)
+  train_fixtures.write_clusters(workdir, regions=False)
+  (report,) = _finish(_start(cache, [dict(workdir=workdir, total_steps=4)]))
+  assert report["step"] == 4 and report["error"] is None
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  assert len(records) == 4 and all(np.isfinite(r["loss"]) for r in records)
+  image_steps = [r for r in records if r.get("object/valid_rows", 0) > 0]
+  assert image_steps and not any(k.startswith("object_region/") for r in records for k in r)
+  assert all(r["contrastive/no_partner_fraction"] == 1 for r in image_steps)
+
+
 def test_train_mode_without_cluster_outputs_fails_with_one_clear_line(tmp_path):
   result = helpers.run_main("--config=configs/demo.py", f"--workdir={tmp_path}", "--mode=train")
   assert result.returncode == 1, result.stderr[-2000:]
@@ -232,7 +249,8 @@ def test_banks_start_from_centroids_only_from_an_encoder_teacher_of_the_same_wid
     name="b", centroids=np.ones((4, width), np.float32), keys=np.zeros(0, np.int64),
     labels=np.zeros((0, 2), np.int32), version="x", teacher=teacher)
   banks = dict(object=bank(32, "round_1/export"), event_1=bank(64, "round_1/export"),
-               event_2=bank(64, "pixels-pca64-ab12"))
+               event_2=bank(64, "pixels-pca64-ab12"), event_4=bank(64, "siglip:/c.npz:B/16:ab12"),
+               event_8=bank(64, "features:/feats:ab12"))
   assert set(loop.initial_centroids(banks, 64, "auto")) == {"event_1"}
   assert loop.initial_centroids(banks, 64, "random") == {}
   with pytest.raises(config_lib.ConfigError, match="train.bank_init"):

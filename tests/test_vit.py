@@ -194,6 +194,21 @@ def test_bfloat16_compute_keeps_float32_params():
   np.testing.assert_allclose(embedding, reference, atol=0.1)
 
 
+def test_attention_implementation_reaches_the_kernel():
+  """`model.attention` picks `jax.nn.dot_product_attention`'s kernel for the blocks: cuDNN's is
+  refused on a machine without cuDNN and agrees with XLA's where it runs."""
+  xla = dataclasses.replace(CFG, dtype="bfloat16")
+  graphdef, params = make(xla)
+  reference, _ = apply(graphdef, params, clip(2))
+  cudnn_graphdef, _ = make(dataclasses.replace(xla, attention="cudnn"))
+  if jax.default_backend() != "gpu":
+    with pytest.raises(RuntimeError, match="cuDNN"):
+      apply(cudnn_graphdef, params, clip(2))
+  else:
+    embedding, _ = apply(cudnn_graphdef, params, clip(2))
+    np.testing.assert_allclose(embedding, reference, atol=0.05)
+
+
 def test_bad_frame_size(model):
   with pytest.raises(ValueError, match="frame size 20x16 is not a multiple of the patch size 8"):
     apply(*model, jnp.zeros((1, 1, 20, 16, 3)))

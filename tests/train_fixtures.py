@@ -48,10 +48,13 @@ def _top_k(first: int, num_classes: int) -> list[int]:
   return [(first + j) % num_classes for j in range(TOP_K)]
 
 
-def write_clusters(workdir: str, version: str = "v1", width: int = 64, seed: int = 0) -> None:
+def write_clusters(workdir: str, version: str = "v1", width: int = 64, seed: int = 0,
+                   regions: bool = True) -> None:
   """Writes object / event_1 / event_2 cluster outputs for the sources of `tiny_config`.
 
   Ids follow the pipeline: sources in name order, so events are ids 0..15, objects 16..47.
+  `regions=False` leaves the object bank with whole-image rows only, as a teacher without
+  regions (precomputed features) gives it.
   """
   rng = np.random.default_rng(seed)
   events = demo.DemoSource("events", "train", num_examples=NUM_EVENTS, num_frames=4)
@@ -70,7 +73,7 @@ def write_clusters(workdir: str, version: str = "v1", width: int = 64, seed: int
     rows["object"][0].append((NUM_EVENTS + i, -1))
     rows["object"][1].append(_top_k(classes[0], BANK_SIZES["object"]))
     for r, c in enumerate(record["box_labels"]):
-      if record["box_mask"][r]:
+      if regions and record["box_mask"][r]:
         rows["object"][0].append((NUM_EVENTS + i, r))
         rows["object"][1].append(_top_k(int(c), BANK_SIZES["object"]))
   for bank, (ids, labels) in rows.items():

@@ -73,7 +73,19 @@ class RopeConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """What the encoder needs to know; built from `config.model` by `model_config`."""
+  """What the encoder needs to know; built from `config.model` by `model_config`.
+
+  The last four fields switch the encoder to the layout of a plain ViT whose pretrained weights
+  are loaded into it (`models/siglip.py`: a big_vision SigLIP image tower); UniViT's own
+  encoders keep the defaults, and `config.model` does not set them.
+
+  Attributes:
+    patch_bias: the patch embedding has a bias.
+    pos_grid: (gh, gw) of a learned position table `[1, gh * gw, D]` added to every frame's
+      patch embeddings (frames must then have exactly that patch grid); None: no table.
+    norm_pre: a layer norm between the patch embedding and the first block.
+    gelu_approximate: tanh-approximate GELU in the MLPs (else the exact erf form).
+  """
   width: int
   depth: int
   num_heads: int
@@ -86,6 +98,11 @@ class ModelConfig:
   remat: str = "none"
   rope: RopeConfig = RopeConfig()
   time_embedding: str = "sincos"
+  patch_bias: bool = False
+  pos_grid: tuple[int, int] | None = None
+  norm_pre: bool = True
+  gelu_approximate: bool = False
+  attention: str = "xla"
 
   @property
   def head_dim(self) -> int:
@@ -93,7 +110,13 @@ class ModelConfig:
 
 
 REMAT_POLICIES = ("none", "full", "dots")
+# `model.rope.mode`: one of U-RoPE's allocations (`rope.MODES`), or "none": no rotary embedding
+# (the identity rotation), for weights trained without one.
+ROPE_MODES = (*rope.MODES, "none")
 TIME_EMBEDDINGS = ("none", "sincos")
+# `jax.nn.dot_product_attention` implementations of the encoder's self-attention ("cudnn":
+# cuDNN's fused flash attention, NVIDIA GPUs with a 16-bit compute dtype).
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -110,12 +133,13 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
   if m.width % m.num_heads:
     raise ConfigError(
       f"model.width={m.width} is not divisible by model.num_heads={m.num_heads}")
-  try:
-    rope.axis_pairs(m.width // m.num_heads, tuple(m.rope.split))
-  except ValueError as e:
-    raise ConfigError(f"model.rope.split / model.num_heads: {e}") from e
-  if m.rope.mode not in rope.MODES:
-    raise ConfigError(f"model.rope.mode={m.rope.mode!r}: expected one of {rope.MODES}")
+  if m.rope.mode not in ROPE_MODES:
+    raise ConfigError(f"model.rope.mode={m.rope.mode!r}: expected one of {ROPE_MODES}")
+  if m.rope.mode != "none":
+    try:
+      rope.axis_pairs(m.width // m.num_heads, tuple(m.rope.split))
+    except ValueError as e:
+      raise ConfigError(f"model.rope.split / model.num_heads: {e}") from e
   if m.rope.virtual_frames < max(config.data.frames):
     raise ConfigError(
       f"model.rope.virtual_frames={m.rope.virtual_frames} is smaller than the longest "
@@ -125,6 +149,12 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
   if m.time_embedding not in TIME_EMBEDDINGS:
     raise ConfigError(
       f"model.time_embedding={m.time_embedding!r}: expected one of {TIME_EMBEDDINGS}")
+  if m.attention not in ATTENTION_IMPLEMENTATIONS:
+    raise ConfigError(
+      f"model.attention={m.attention!r}: expected one of {ATTENTION_IMPLEMENTATIONS}")
+  if m.attention == "cudnn" and m.dtype == "float32":
+    raise ConfigError("model.attention='cudnn' needs model.dtype bfloat16 or float16 "
+                      "(cuDNN's fused attention has no float32 kernel)")
   if m.remat not in REMAT_POLICIES:
     raise ConfigError(f"model.remat={m.remat!r}: expected one of {REMAT_POLICIES}")
   for field in ("dtype", "param_dtype"):
@@ -133,7 +163,7 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
   return ModelConfig(
     width=m.width, depth=m.depth, num_heads=m.num_heads, mlp_dim=m.mlp_dim,
     patch_size=m.patch_size, channels=m.channels, dtype=m.dtype, param_dtype=m.param_dtype,
-    scan=m.scan, remat=m.remat, time_embedding=m.time_embedding,
+    scan=m.scan, remat=m.remat, time_embedding=m.time_embedding, attention=m.attention,
     rope=RopeConfig(mode=m.rope.mode, base=float(m.rope.base), split=tuple(m.rope.split),
                     virtual_frames=m.rope.virtual_frames,
                     temporal_span=float(m.rope.temporal_span)))
@@ -283,6 +313,8 @@ def default_config(variant: str) -> ml_collections.ConfigDict:
     # each frame's time on the virtual grid is added to its patch embeddings ("none": RoPE only;
     # see docs/training.md, "Seeing time").
     time_embedding="sincos",
+    # The self-attention kernel (ATTENTION_IMPLEMENTATIONS): "cudnn" on NVIDIA GPUs in bf16.
+    attention="xla",
     # temporal_span: radians the slowest temporal rotary pair turns across the virtual grid (0:
     # unscaled, which leaves time nearly invisible: see models/rope.py).
     rope=dict(mode="temporal_low", base=10_000.0, split=(4, 6, 6), virtual_frames=64,
@@ -349,10 +381,13 @@ def default_config(variant: str) -> ml_collections.ConfigDict:
   c.rounds = 1  # extract -> cluster -> train rounds of --mode=pipeline
   c.summary = ml_collections.ConfigDict(dict(compile=True))
 
-  # Teacher features for clustering (--mode=extract), see univit_jax/clustering/extract.py.
+  # Teacher features for clustering (--mode=extract), see univit_jax/clustering/extract.py and
+  # docs/clustering.md ("Teachers"): "pixels", an export folder, "siglip:<file.npz>" (a big_vision
+  # SigLIP image tower of `siglip_variant`) or "features:<folder>" (precomputed embeddings).
   c.extract = ml_collections.ConfigDict(dict(
-    teacher="pixels", pixels_dim=32, pixels_fit_examples=256, batch_size=256, clip_frames=16,
-    granularities=(1, 2, 4, 8), segment_frames=2, proposal_grids=(2, 3)))
+    teacher="pixels", siglip_variant="B/16", pixels_dim=32, pixels_fit_examples=256,
+    batch_size=256, clip_frames=16, granularities=(1, 2, 4, 8), segment_frames=2,
+    proposal_grids=(2, 3)))
 
   # Offline clustering (--mode=cluster), see univit_jax/clustering/labels.py. One bank per
   # granularity: image regions ("object") and clips cut into 1, 2, 4, 8 ordered segments.

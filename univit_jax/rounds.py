@@ -1,10 +1,10 @@
 """`--mode=pipeline`: rounds of extract -> cluster -> train, each round's encoder exported.
 
-Round 1 extracts features with `config.extract.teacher` (the `pixels` bootstrap or a given
-export); round r > 1 uses round r - 1's exported encoder. Each round lives in
-`<workdir>/round_<r>/` (features/, clusters/, checkpoints/, metrics, export/), and every stage
-skips what is already complete there, so rerunning the same command after a crash or a SIGTERM
-continues where it stopped.
+Round 1 extracts features with `config.extract.teacher` (the `pixels` bootstrap, a given export,
+a SigLIP tower or precomputed features); round r > 1 uses round r - 1's exported encoder. Each
+round lives in `<workdir>/round_<r>/` (features/, clusters/, checkpoints/, metrics, export/),
+and every stage skips what is already complete there, so rerunning the same command after a
+crash or a SIGTERM continues where it stopped.
 """
 
 import os

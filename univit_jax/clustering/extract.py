@@ -10,10 +10,17 @@ Banks (see `store.py` for the on-disk layout; rows are `(example id, sub-index)`
             one row per segment s: the per-frame L2-normalised teacher embeddings of
             `segment_frames` frames spread over the segment, concatenated, L2-normalised again.
 
-The teacher is an exported UniViT encoder (any earlier round's) applied frame by frame (a
-region: the mean of its patch tokens inside the box), or, with no teacher yet, the `pixels`
-bootstrap: PCA of the amplitude spectrum and the layout of standardised grey frames, fitted on a
-sample of the training frames (a region: its crop, embedded the same way).
+The teacher (`extract.teacher`, docs/clustering.md "Teachers") is one of:
+  pixels              with no encoder yet, the bootstrap: PCA of the amplitude spectrum and the
+                      layout of standardised grey frames, fitted on a sample of the training
+                      frames (a region: its crop, embedded the same way);
+  <folder>            an exported UniViT encoder (any earlier round's) applied frame by frame (a
+                      region: the mean of its patch tokens inside the box);
+  siglip:<file.npz>   a big_vision SigLIP / SigLIP 2 image tower (`models/siglip.py`), run by our
+                      encoder code on frames in [-1, 1] (a region: its patches pooled by the MAP
+                      head, so the full-frame box is the image embedding);
+  features:<folder>   embeddings a user precomputed with any model, one `.npy` per data source
+                      (`PrecomputedFeatures`): no frame is read; images get whole-image rows only.
 
 Extraction is jitted and sharded over the mesh (a global batch per step), and resumable: batch i
 of a bank's sources is chunk i of the bank, so a killed run skips the chunks already committed.
@@ -24,22 +31,31 @@ import dataclasses
 import hashlib
 import logging
 import math
+import os
 from collections.abc import Callable, Iterator, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tqdm
+from flax import nnx
 from jax.experimental import multihost_utils
 
 from univit_jax import config_lib, encoder, losses, sharding
 from univit_jax.clustering import store
 from univit_jax.data import pipeline
-from univit_jax.models import masks
+from univit_jax.models import masks, siglip, vit
 
 OBJECT_BANK = "object"
 GLOBAL_ROW = -1
+SIGLIP = "siglip:"
+FEATURES = "features:"
+
+
+class TeacherError(config_lib.ConfigError):
+  """The files `extract.teacher` names are missing or malformed; the message names the file."""
 
 
 def event_bank(granularity: int) -> str:
@@ -51,7 +67,10 @@ class ExtractConfig:
   """Typed view of `config.extract`.
 
   Attributes:
-    teacher: "pixels" for the PCA bootstrap, else the folder of an exported encoder.
+    teacher: "pixels" for the PCA bootstrap, "siglip:<file.npz>" for a big_vision SigLIP image
+      tower, "features:<folder>" for precomputed embeddings, else the folder of an exported
+      encoder.
+    siglip_variant: big_vision's name of the SigLIP tower, e.g. "B/16" (its sizes and patch).
     pixels_dim: PCA components of the pixels teacher (its feature width).
     pixels_fit_examples: training examples whose frames fit the PCA.
     batch_size: global examples per extraction step.
@@ -61,6 +80,7 @@ class ExtractConfig:
     proposal_grids: n for the n x n grid boxes proposed when an image has no boxes.
   """
   teacher: str = "pixels"
+  siglip_variant: str = "B/16"
   pixels_dim: int = 32
   pixels_fit_examples: int = 256
   batch_size: int = 64
@@ -72,7 +92,7 @@ class ExtractConfig:
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> "ExtractConfig":
     e = config.extract
-    cfg = cls(teacher=e.teacher, pixels_dim=e.pixels_dim,
+    cfg = cls(teacher=e.teacher, siglip_variant=e.siglip_variant, pixels_dim=e.pixels_dim,
               pixels_fit_examples=e.pixels_fit_examples, batch_size=e.batch_size,
               clip_frames=e.clip_frames, granularities=tuple(e.granularities),
               segment_frames=e.segment_frames, proposal_grids=tuple(e.proposal_grids))
@@ -289,6 +309,152 @@ def encoder_teacher(export_dir: str, mesh: jax.sharding.Mesh) -> Teacher:
   return Teacher(name=teacher.name, dim=teacher.model.width, embed=embed, regions=regions)
 
 
+def siglip_teacher(path: str, variant: str, data_cfg: pipeline.DataConfig,
+                   mesh: jax.sharding.Mesh, rules: Sequence[tuple]) -> Teacher:
+  """A big_vision SigLIP / SigLIP 2 image tower (`models/siglip.py`) applied to every frame as an
+  image; its embedding is the MAP head's output.
+
+  A region is the tower's patches pooled by its MAP head with the probe attending only to the
+  patches whose centre lies in the box, L2-normalised (`vit.UniViT`'s `boxes`): the full-frame
+  box is then exactly the image embedding, so whole images and regions share the MAP head's
+  space (the mean of SigLIP's patch tokens lives in another one).
+
+  Frames arrive normalised by the data pipeline (`data.mean`, `data.std`); they are mapped back
+  to [0, 1], then to [-1, 1] (big_vision's `value_range(-1, 1)`, the input SigLIP was trained
+  on), and resized (bilinear) to the tower's resolution when `data.image_size` differs from it.
+
+  Args:
+    path: the big_vision `.npz`.
+    variant: its tower, e.g. "B/16" (`extract.siglip_variant`).
+    data_cfg: the data settings (normalisation of the incoming frames).
+    mesh: where the weights are placed, by `rules` (`config.sharding_rules`).
+    rules: logical-axis rules.
+  """
+  cfg, params = siglip.load_big_vision_npz(path, variant, scan=True)
+  digest = hashlib.sha1()
+  for x in jax.tree.leaves(params):
+    digest.update(np.asarray(x).tobytes())
+  graphdef, abstract = vit.abstract_encoder(cfg)
+  params = jax.device_put(params, sharding.tree_shardings(abstract, mesh, rules))
+  mean = np.asarray(data_cfg.transform.mean, np.float32)
+  std = np.asarray(data_cfg.transform.std, np.float32)
+  size = (cfg.pos_grid[0] * cfg.patch_size, cfg.pos_grid[1] * cfg.patch_size)
+
+  @jax.jit
+  def forward(params, frames, boxes):
+    x = (frames.astype(jnp.float32) * std + mean) * 2.0 - 1.0  # [B, H, W, C] in [-1, 1]
+    if x.shape[1:3] != size:
+      x = jax.image.resize(x, (x.shape[0], *size, x.shape[-1]), "bilinear")
+    return nnx.merge(graphdef, params)(x, boxes=boxes)
+
+  def embed(frames: jax.Array) -> jax.Array:
+    b, t = frames.shape[:2]
+    embedding, _ = forward(params, frames.reshape(b * t, *frames.shape[2:]), None)
+    return embedding.reshape(b, t, -1)
+
+  def regions(frames: jax.Array, boxes: jax.Array) -> jax.Array:
+    _, aux = forward(params, frames, boxes)
+    return losses.l2_normalize(aux["regions"])
+
+  return Teacher(name=f"{SIGLIP}{os.path.abspath(path)}:{variant}:{digest.hexdigest()[:12]}",
+                 dim=cfg.width, embed=embed, regions=regions)
+
+
+class FeatureFile(NamedTuple):
+  """One source's precomputed embeddings: its file, the memory-mapped array, its example ids."""
+  path: str
+  array: np.ndarray
+  ids: range
+
+
+@dataclasses.dataclass(frozen=True)
+class PrecomputedFeatures:
+  """The `features:<folder>` teacher: embeddings computed with any model, one file per source.
+
+  `<folder>/<source name>.npy`, for every configured data source, in the source's own record
+  order: float `[N, D]` for an image source (one embedding per image) or `[N, F, D]` for a clip
+  source (F = `extract.clip_frames` per-frame embeddings spread uniformly over the clip). Files
+  are memory-mapped; a batch of example ids reads only its rows, and no frame is decoded.
+
+  Attributes:
+    name: recorded in the store: the folder and a digest of the files' shapes and end rows.
+    dim: D.
+    files: per source name.
+  """
+  name: str
+  dim: int
+  files: dict[str, FeatureFile]
+
+  def rows(self, ids: np.ndarray) -> np.ndarray:
+    """float32 rows of example ids `[n]` of one kind (images or clips): `[n, D]` or `[n, F, D]`.
+
+    Raises:
+      TeacherError: naming the file and the first row read with a non-finite value.
+    """
+    out = None
+    for file in self.files.values():
+      inside = (ids >= file.ids.start) & (ids < file.ids.stop)
+      if not inside.any():
+        continue
+      local = ids[inside] - file.ids.start
+      rows = np.asarray(file.array[local], np.float32)
+      finite = np.isfinite(rows).reshape(len(rows), -1).all(axis=1)
+      if not finite.all():
+        raise TeacherError(f"{file.path}: row {local[~finite][0]} holds non-finite values "
+                           "(the first such row)")
+      if out is None:
+        out = np.empty((len(ids), *rows.shape[1:]), np.float32)
+      out[inside] = rows
+    return out
+
+
+def precomputed_features(folder: str, cfg: ExtractConfig, data_cfg: pipeline.DataConfig
+                         ) -> PrecomputedFeatures:
+  """Opens and checks `<folder>/<source>.npy` of every configured source (`PrecomputedFeatures`).
+
+  Row i of a source's file belongs to the source's record i, whose example id is
+  `pipeline.id_ranges(...)[source][i]` (sources concatenated in name order).
+
+  Raises:
+    TeacherError: naming the file, when it is missing, is not a float array of the source's
+      rank, has another row count than the source has records, another frame count than
+      `extract.clip_frames`, or another width D than the other files.
+  """
+  ranges = pipeline.id_ranges(data_cfg, pipeline.open_sources(data_cfg))
+  files = {}
+  for spec in data_cfg.sources:
+    path = os.path.join(folder, f"{spec.name}.npy")
+    if not os.path.exists(path):
+      raise TeacherError(f"extract.teacher={FEATURES}{folder}: no features for the data source "
+                         f"{spec.name!r}: {path} does not exist")
+    array = np.load(path, mmap_mode="r")
+    n = len(ranges[spec.name])
+    kind, want = (("clip", f"[N={n}, F={cfg.clip_frames}, D]") if spec.is_video
+                  else ("image", f"[N={n}, D]"))
+    if array.ndim != (3 if spec.is_video else 2) or array.dtype.kind != "f":
+      raise TeacherError(f"{path}: a {array.dtype} array of shape {array.shape}; the {kind} "
+                         f"source {spec.name!r} needs a float array {want}")
+    if array.shape[0] != n:
+      raise TeacherError(f"{path}: {array.shape[0]} rows, but the {kind} source {spec.name!r} "
+                         f"has {n} records (expected {want})")
+    if spec.is_video and array.shape[1] != cfg.clip_frames:
+      raise TeacherError(f"{path}: F={array.shape[1]} frame embeddings per clip, but "
+                         f"extract.clip_frames={cfg.clip_frames} (expected {want})")
+    files[spec.name] = FeatureFile(path, array, ranges[spec.name])
+  widths = {f.path: f.array.shape[-1] for f in files.values()}
+  if len(set(widths.values())) != 1:
+    raise TeacherError(f"extract.teacher={FEATURES}{folder}: the files differ in width D: "
+                       f"{widths}")
+  digest = hashlib.sha1()
+  for f in files.values():
+    digest.update(f"{f.path}{f.array.shape}{f.array.dtype}".encode())
+    if len(f.array):
+      digest.update(np.asarray(f.array[0]).tobytes() + np.asarray(f.array[-1]).tobytes())
+  return PrecomputedFeatures(
+    name=f"{FEATURES}{os.path.abspath(folder)}:{digest.hexdigest()[:12]}",
+    dim=int(next(iter(widths.values()))), files=files)
+
+
 # ---------------------------------------------------------------------------------------------
 # The stage.
 
@@ -341,9 +507,17 @@ def fit_pixels_teacher(config: ml_collections.ConfigDict, cfg: ExtractConfig,
 
 def make_teacher(config: ml_collections.ConfigDict, cfg: ExtractConfig,
                  data_cfg: pipeline.DataConfig, mesh: jax.sharding.Mesh) -> Teacher:
+  """The frame teacher `extract.teacher` names (`features:` reads no frames: see run_extract)."""
   if cfg.teacher == "pixels":
     return fit_pixels_teacher(config, cfg, data_cfg)
+  if cfg.teacher.startswith(SIGLIP):
+    return siglip_teacher(cfg.teacher[len(SIGLIP):], cfg.siglip_variant, data_cfg, mesh,
+                          config.sharding_rules)
   return encoder_teacher(cfg.teacher, mesh)
+
+
+# A batch's work: () -> (the gathered host batch, the teacher's outputs as NumPy).
+Work = Callable[[], tuple[dict, object]]
 
 
 def run_extract(config: ml_collections.ConfigDict, workdir: str,
@@ -368,9 +542,20 @@ def run_extract(config: ml_collections.ConfigDict, workdir: str,
   if all(_complete(workdir, b) for b in banks):
     logging.info("extract: banks %s are complete; nothing to do", banks)
     return {b: store.BankReader(workdir, b).meta["teacher"] for b in banks}
-  teacher = teacher or make_teacher(config, cfg, data_cfg, mesh)
+  precomputed = None
+  if teacher is None and cfg.teacher.startswith(FEATURES):
+    precomputed = precomputed_features(cfg.teacher[len(FEATURES):], cfg, data_cfg)
+    name, dim = precomputed.name, precomputed.dim
+  else:
+    teacher = teacher or make_teacher(config, cfg, data_cfg, mesh)
+    name, dim = teacher.name, teacher.dim
   batch_sharding = sharding.batch_sharding(mesh, config.sharding_rules)
   proposals = grid_proposals(cfg.proposal_grids)
+
+  @jax.jit
+  def events_of(embeddings):
+    # Per-frame embeddings [B, T, D] -> {g: event features [B, g, segment_frames * D]}.
+    return {g: event_features(embeddings, g, cfg.segment_frames) for g in cfg.granularities}
 
   @jax.jit
   def object_step(frames, boxes):
@@ -381,8 +566,7 @@ def run_extract(config: ml_collections.ConfigDict, workdir: str,
 
   @jax.jit
   def event_step(frames):
-    embeddings = teacher.embed(frames)
-    return {g: event_features(embeddings, g, cfg.segment_frames) for g in cfg.granularities}
+    return events_of(teacher.embed(frames))
 
   def object_rows(batch, outputs):
     global_rows, regions = outputs
@@ -403,26 +587,54 @@ def run_extract(config: ml_collections.ConfigDict, workdir: str,
                              np.stack([np.repeat(ids, g), np.tile(segs, len(ids))], 1))
     return rows
 
-  def run_group(names, num_frames, bank_names, dim, step, to_rows):
-    writers = {b: store.BankWriter(workdir, b, dim, teacher.name) for b in bank_names}
-    if all(w.complete for w in writers.values()):
-      return
+  def frame_batches(names: Sequence[str], num_frames: int) -> tuple[int, Iterator[Work]]:
+    """The teacher over the frames of the records of `names`, batch by batch."""
     total, batches = _batches(data_cfg, names, num_frames, cfg.batch_size)
-    for index, batch in enumerate(tqdm.tqdm(
-        batches, total=total, desc=f"extract {'+'.join(bank_names)}", unit="batch",
-        disable=jax.process_index() != 0)):
-      if all(w.has_chunk(index) for w in writers.values()):
-        continue
+
+    def work(batch):
       batch = dict(batch)
       if num_frames == 1:
         boxes, batch["_region_valid"] = object_boxes(batch, proposals)
         inputs = pipeline.to_global_batch(dict(frames=batch["frames"], boxes=boxes),
                                           batch_sharding)
-        outputs = jax.tree.map(_gather, step(inputs["frames"], inputs["boxes"]))
+        outputs = jax.tree.map(_gather, object_step(inputs["frames"], inputs["boxes"]))
       else:
         frames = pipeline.to_global_batch(dict(frames=batch["frames"]), batch_sharding)["frames"]
-        outputs = jax.tree.map(_gather, step(frames))
-      batch = {k: _gather_host(v) for k, v in batch.items()}
+        outputs = jax.tree.map(_gather, event_step(frames))
+      return {k: _gather_host(v) for k, v in batch.items()}, outputs
+
+    return total, (lambda batch=batch: work(batch) for batch in batches)
+
+  def precomputed_batches(names: Sequence[str], num_frames: int) -> tuple[int, Iterator[Work]]:
+    """The rows of the records of `names` read from the precomputed files, on process 0 only:
+    images get their whole-image row alone (no regions), clips their event features."""
+    if jax.process_index() != 0:
+      return 0, iter(())
+    ids = np.concatenate([np.asarray(precomputed.files[n].ids, np.int64) for n in names])
+    starts = range(0, len(ids), cfg.batch_size)
+
+    def work(chunk):
+      rows = precomputed.rows(chunk)
+      batch = dict(id=chunk, example_mask=np.ones(len(chunk), bool),
+                   _region_valid=np.zeros((len(chunk), 0), bool))
+      if num_frames == 1:
+        return batch, (np.asarray(losses.l2_normalize(rows)),
+                       np.zeros((len(chunk), 0, precomputed.dim), np.float32))
+      return batch, jax.tree.map(np.asarray, events_of(rows))
+
+    return len(starts), (lambda chunk=ids[i:i + cfg.batch_size]: work(chunk) for i in starts)
+
+  def run_group(names, num_frames, bank_names, bank_dim, to_rows):
+    writers = {b: store.BankWriter(workdir, b, bank_dim, name) for b in bank_names}
+    if all(w.complete for w in writers.values()):
+      return
+    total, works = (precomputed_batches if precomputed else frame_batches)(names, num_frames)
+    for index, work in enumerate(tqdm.tqdm(
+        works, total=total, desc=f"extract {'+'.join(bank_names)}", unit="batch",
+        disable=jax.process_index() != 0)):
+      if all(w.has_chunk(index) for w in writers.values()):
+        continue
+      batch, outputs = work()
       if jax.process_index() == 0:
         for bank, (features, ids) in to_rows(batch, outputs).items():
           writers[bank].write_chunk(index, features, ids)
@@ -431,12 +643,12 @@ def run_extract(config: ml_collections.ConfigDict, workdir: str,
         w.finish()
 
   if image_sources:
-    run_group(image_sources, 1, [OBJECT_BANK], teacher.dim, object_step, object_rows)
+    run_group(image_sources, 1, [OBJECT_BANK], dim, object_rows)
   if video_sources:
     run_group(video_sources, cfg.clip_frames, [event_bank(g) for g in cfg.granularities],
-              cfg.segment_frames * teacher.dim, event_step, event_rows)
+              cfg.segment_frames * dim, event_rows)
   multihost_utils.sync_global_devices("extract done")
-  return {b: teacher.name for b in banks}
+  return {b: name for b in banks}
 
 
 def _complete(workdir: str, bank: str) -> bool:

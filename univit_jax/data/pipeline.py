@@ -139,6 +139,21 @@ def open_sources(cfg: DataConfig) -> dict[str, sources_lib.Source]:
   return {spec.name: sources_lib.build_source(spec) for spec in cfg.sources}
 
 
+def id_ranges(cfg: DataConfig, sources: Mapping[str, sources_lib.Source]) -> dict[str, range]:
+  """The example ids of each source's records, by source name.
+
+  Ids number the records of all configured sources concatenated in `cfg.sources` order (by
+  name): record j of a source is id `id_ranges(...)[name][j]`, the `id` of its batches here and
+  the key of its rows in the feature store and the cluster outputs.
+  """
+  ranges, start = {}, 0
+  for spec in cfg.sources:
+    count = len(sources[spec.name])
+    ranges[spec.name] = range(start, start + count)
+    start += count
+  return ranges
+
+
 def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
   index = jax.process_index() if process_index is None else process_index
   count = jax.process_count() if process_count is None else process_count
@@ -170,21 +185,19 @@ class _Layout:
     for spec, src in zip(self.specs, self.sources):
       if not len(src):
         raise ValueError(f"data.sources.{spec.name} has no records")
-    self.offsets = np.cumsum([0] + [len(s) for s in self.sources]).tolist()
+    self.id_ranges = id_ranges(cfg, opened)
     has_boxes = any("boxes" in src[0] for src in self.sources)
     self.max_boxes = cfg.max_boxes if has_boxes else 0
 
   def indices(self, names: Sequence[str]) -> np.ndarray:
     """Global record indices of the named sources, in source order."""
-    return np.concatenate([
-      np.arange(self.offsets[i], self.offsets[i + 1])
-      for i, spec in enumerate(self.specs) if spec.name in names]).astype(np.int64)
+    return np.concatenate([np.arange(r.start, r.stop) for name, r in self.id_ranges.items()
+                           if name in names]).astype(np.int64)
 
   def ranges(self, names: Sequence[str]) -> grain.MapDataset:
     """The same indices as a MapDataset (index ranges, no materialised list)."""
-    return grain.MapDataset.concatenate([
-      grain.MapDataset.range(self.offsets[i], self.offsets[i + 1])
-      for i, spec in enumerate(self.specs) if spec.name in names])
+    return grain.MapDataset.concatenate([grain.MapDataset.range(r.start, r.stop)
+                                         for name, r in self.id_ranges.items() if name in names])
 
 
 class BadInputTracker:

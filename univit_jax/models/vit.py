@@ -10,6 +10,10 @@ changed its embedding by 1 - cos ~ 1e-6 to 1e-8; docs/training.md). A
 SigLIP2-style multihead attention-pooling (MAP) head turns the tokens into the embedding; the same
 head, given per-segment or per-region masks, pools one embedding per temporal segment and per box.
 
+The same code runs the pretrained weights of a plain ViT (a big_vision SigLIP image tower,
+`siglip.py`): `ModelConfig` switches add a patch-embedding bias and a learned position table,
+drop the pre-norm and the rotary embedding (`rope.mode="none"`) and take the tanh GELU.
+
 Parameters carry logical axis names (`embed`, `mlp`, `heads`, `kv`, `patch`, `layers`) that the
 config's sharding rules map to mesh axes (`univit_jax/sharding.py`). `dtype` is the compute dtype,
 `param_dtype` the storage dtype; layer-norm statistics and attention softmax run in float32.
@@ -46,21 +50,28 @@ def _norm(cfg: config_lib.ModelConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
 
 
 class Mlp(nnx.Module):
-  """Two dense layers with an exact (erf) GELU between them."""
+  """Two dense layers with a GELU between them (exact erf, or tanh-approximate by config)."""
 
   def __init__(self, cfg: config_lib.ModelConfig, *, rngs: nnx.Rngs):
     self.fc1 = _dense(cfg.width, cfg.mlp_dim, ("embed", "mlp"), cfg, rngs)
     self.fc2 = _dense(cfg.mlp_dim, cfg.width, ("mlp", "embed"), cfg, rngs)
+    self.approximate = cfg.gelu_approximate
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=self.approximate))
 
 
 class Attention(nnx.Module):
-  """Multi-head attention; queries and keys are rotated by U-RoPE when angles are given."""
+  """Multi-head attention; queries and keys are rotated by U-RoPE when angles are given.
 
-  def __init__(self, cfg: config_lib.ModelConfig, *, rngs: nnx.Rngs):
+  `implementation` is `jax.nn.dot_product_attention`'s ("xla" or "cudnn"); the pooling head
+  keeps "xla", whose few queries and arbitrary masks gain nothing from a fused kernel.
+  """
+
+  def __init__(self, cfg: config_lib.ModelConfig, *, rngs: nnx.Rngs,
+               implementation: str = "xla"):
     h, k, d = cfg.num_heads, cfg.head_dim, cfg.width
+    self.implementation = implementation
 
     def proj(kernel_shape, kernel_names, bias_shape, bias_names, equation):
       return nnx.Einsum(
@@ -86,7 +97,8 @@ class Attention(nnx.Module):
     q, k, v = self.query(queries), self.key(tokens), self.value(tokens)
     if angles is not None:
       q, k = rope.apply_rope(q, angles), rope.apply_rope(k, angles)
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None],
+                                       implementation=self.implementation)
     return self.out(out)
 
 
@@ -95,11 +107,11 @@ class Block(nnx.Module):
 
   def __init__(self, cfg: config_lib.ModelConfig, *, rngs: nnx.Rngs):
     self.norm1 = _norm(cfg, rngs)
-    self.attn = Attention(cfg, rngs=rngs)
+    self.attn = Attention(cfg, rngs=rngs, implementation=cfg.attention)
     self.norm2 = _norm(cfg, rngs)
     self.mlp = Mlp(cfg, rngs=rngs)
 
-  def __call__(self, x: jax.Array, angles: jax.Array, mask: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, angles: jax.Array | None, mask: jax.Array) -> jax.Array:
     y = self.norm1(x)
     x = x + self.attn(y, y, mask, angles)
     return x + self.mlp(self.norm2(x))
@@ -157,11 +169,17 @@ class UniViT(nnx.Module):
   def __init__(self, cfg: config_lib.ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     p, c = cfg.patch_size, cfg.channels
-    self.patch_embed = _dense(p * p * c, cfg.width, ("patch", "embed"), cfg, rngs, use_bias=False)
+    self.patch_embed = _dense(p * p * c, cfg.width, ("patch", "embed"), cfg, rngs,
+                              use_bias=cfg.patch_bias)
+    if cfg.pos_grid is not None:
+      self.pos_embed = nnx.Param(
+        _init((None, None, "embed"), nnx.initializers.normal(cfg.width ** -0.5))(
+          rngs.params(), (1, cfg.pos_grid[0] * cfg.pos_grid[1], cfg.width), cfg.param_dtype))
     if cfg.time_embedding == "sincos":
       self.time_embed = _dense(2 * TIME_FEATURES, cfg.width, (None, "embed"), cfg, rngs,
                                use_bias=False)
-    self.norm_pre = _norm(cfg, rngs)
+    if cfg.norm_pre:
+      self.norm_pre = _norm(cfg, rngs)
     if cfg.scan:
       @nnx.split_rngs(splits=cfg.depth)
       @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
@@ -173,7 +191,7 @@ class UniViT(nnx.Module):
     self.norm_post = _norm(cfg, rngs)
     self.head = MapHead(cfg, rngs=rngs)
 
-  def _encode(self, x: jax.Array, angles: jax.Array, mask: jax.Array) -> jax.Array:
+  def _encode(self, x: jax.Array, angles: jax.Array | None, mask: jax.Array) -> jax.Array:
     def apply(block: Block, x: jax.Array) -> jax.Array:
       return block(x, angles, mask)
 
@@ -219,6 +237,11 @@ class UniViT(nnx.Module):
     if h % p or w % p:
       raise ValueError(f"frame size {h}x{w} is not a multiple of the patch size {p}")
     gh, gw = h // p, w // p
+    if self.cfg.pos_grid is not None and (gh, gw) != tuple(self.cfg.pos_grid):
+      raise ValueError(
+        f"frame size {h}x{w} gives a {gh}x{gw} patch grid; the position table is for "
+        f"{self.cfg.pos_grid[0]}x{self.cfg.pos_grid[1]} ({self.cfg.pos_grid[0] * p}x"
+        f"{self.cfg.pos_grid[1] * p} pixels)")
     if positions is None:
       positions = np.broadcast_to(
         rope.grid_positions(rope.frame_times(t, self.cfg.rope.virtual_frames), gh, gw),
@@ -231,11 +254,14 @@ class UniViT(nnx.Module):
       frames.astype(self.cfg.dtype), "b t (gh ph) (gw pw) c -> b (t gh gw) (ph pw c)",
       ph=p, pw=p)
     x = self.patch_embed(x)
+    if self.cfg.pos_grid is not None:
+      x = x + jnp.tile(self.pos_embed[...].astype(x.dtype), (1, t, 1))
     if self.cfg.time_embedding == "sincos":
       x = x + self.time_embed(
         time_features(positions[..., 0], self.cfg.rope.virtual_frames).astype(self.cfg.dtype))
-    x = self.norm_pre(x)
-    angles = rope.rope_angles(
+    if self.cfg.norm_pre:
+      x = self.norm_pre(x)
+    angles = None if self.cfg.rope.mode == "none" else rope.rope_angles(
       positions, self.cfg.head_dim, self.cfg.rope.mode, self.cfg.rope.base,
       self.cfg.rope.split, token_mask, self.cfg.rope.temporal_span,
       self.cfg.rope.virtual_frames)

@@ -35,6 +35,7 @@ from jax.experimental import multihost_utils
 from jax.experimental.compilation_cache import compilation_cache
 
 from univit_jax import atomic, checkpointing, config_lib, optim, sharding
+from univit_jax.clustering import extract
 from univit_jax.data import pipeline
 from univit_jax.train import labels as labels_lib
 from univit_jax.train import logs
@@ -89,13 +90,18 @@ def _compilation_cache(train: ml_collections.ConfigDict, workdir: str) -> None:
 BANK_INITS = ("auto", "random")
 
 
+# Teacher names (as `extract` records them) whose feature space is not one of our encoders'.
+FOREIGN_TEACHERS = ("pixels", extract.SIGLIP, extract.FEATURES)
+
+
 def initial_centroids(banks: dict[str, labels_lib.BankLabels], width: int, mode: str
                       ) -> dict[str, np.ndarray]:
   """The banks initialised from their k-means centroids (`train.bank_init`).
 
-  "auto": every bank whose centroids have the encoder's width and come from an encoder teacher;
-  a bank clustered in another feature space (the `pixels` bootstrap, or a width that differs,
-  e.g. concatenated segment features) starts from N(0, 0.01) instead. "random": none.
+  "auto": every bank whose centroids have the encoder's width and come from a UniViT encoder
+  teacher; a bank clustered in another feature space (the `pixels` bootstrap, a SigLIP tower,
+  precomputed features, or a width that differs, e.g. concatenated segment features) starts
+  from N(0, 0.01) instead. "random": none.
 
   Raises:
     config_lib.ConfigError: for an unknown mode.
@@ -104,7 +110,7 @@ def initial_centroids(banks: dict[str, labels_lib.BankLabels], width: int, mode:
     raise config_lib.ConfigError(f"train.bank_init={mode!r}: expected one of {BANK_INITS}")
   chosen = {} if mode == "random" else {
     name: bank.centroids for name, bank in banks.items()
-    if bank.centroids.shape[1] == width and not bank.teacher.startswith("pixels")}
+    if bank.centroids.shape[1] == width and not bank.teacher.startswith(FOREIGN_TEACHERS)}
   for name, bank in banks.items():
     logging.info("Bank %s: %d classes, initialised from %s", name, bank.num_classes,
                  "its k-means centroids" if name in chosen else
