@@ -126,12 +126,14 @@ _CONFIG = config_flags.DEFINE_config_file(
   lock_config=True)
 _STEPS = flags.DEFINE_integer("steps", 1000, "training steps")
 _SEED = flags.DEFINE_integer("seed", 0, "initialisation and batch-order seed")
+_RECORDS = flags.DEFINE_integer("records", 2000, "training records per image kind (clips: half; "
+                                "each record is a fresh rendering, so more records augment)")
 
 
 def main(argv):
   del argv
   config = _CONFIG.value
-  extractor = train_supervised(config, _SEED.value, _STEPS.value)
+  extractor = train_supervised(config, _SEED.value, _STEPS.value, _RECORDS.value)
   ctx = run.make_context(config)
   results = {extractor.name: run.evaluate(ctx, extractor, ctx.cfg.probes)}
   out = run.results_dict(ctx, [extractor], results, {})

@@ -292,8 +292,23 @@ def test_set_jaccard_matches_numpy():
 def test_object_sets_use_the_top_cluster_of_valid_regions():
   region_labels = np.array([[[5, 1], [6, 2], [-1, -1]], [[6, 3], [5, 4], [9, 9]]], np.int32)
   region_valid = np.array([[True, True, True], [True, True, False]])
-  targets = losses.set_jaccard(*losses.object_sets(region_labels, region_valid))
+  image_labels = np.array([[7, 8], [9, 1]], np.int32)
+  targets = losses.set_jaccard(*losses.object_sets(
+    region_labels, region_valid, image_labels, np.array([True, True])))
   assert targets[0, 1] == 1.0  # {5, 6} both: co-occurrence, order of regions irrelevant
+
+
+def test_images_without_regions_fall_back_to_their_whole_image_cluster():
+  # Rows 0-1: single items (no boxes) of the same whole-image cluster 4; row 2: regions {4, 6};
+  # row 3: no regions and no object label (a clip's row, or an unlabelled image).
+  region_labels = np.array([[[-1]] * 2, [[-1]] * 2, [[4], [6]], [[-1]] * 2], np.int32)
+  region_valid = np.array([[False, False], [False, False], [True, True], [False, False]])
+  image_labels = np.array([[4], [4], [4], [4]], np.int32)
+  image_valid = np.array([True, True, True, False])
+  targets = np.asarray(losses.set_jaccard(*losses.object_sets(
+    region_labels, region_valid, image_labels, image_valid)))
+  assert targets[0, 1] == 1.0 and targets[0, 2] == 0.5  # {4} vs {4, 6}
+  assert targets[3].max() == 0.0  # still no partner: the identity is its positive
 
 
 def test_shuffled_copy_is_a_negative_when_order_matters():

@@ -400,19 +400,30 @@ def set_jaccard(ids: jax.Array, valid: jax.Array) -> jax.Array:
   return jnp.where(union > 0, inter / jnp.maximum(union, 1.0), 0.0)
 
 
-def object_sets(region_labels: jax.Array, region_valid: jax.Array
-                ) -> tuple[jax.Array, jax.Array]:
-  """An image's set of object clusters: the top-1 cluster of each valid region.
+def object_sets(region_labels: jax.Array, region_valid: jax.Array, image_labels: jax.Array,
+                image_valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """An image's set of object clusters: the top-1 cluster of each valid region, or, for an image
+  without any (a single item from a source without boxes, batched with images that have them),
+  its whole-image top-1 cluster, which indexes the same object bank.
+
+  Without the fallback such an image has an empty set, hence no partner, and the contrastive
+  term never relates two images of the same item cluster.
 
   Args:
     region_labels: [B, R, k] object-bank ids per region (top-k, nearest first), -1 = padding.
     region_valid: [B, R] bool.
+    image_labels: [B, k] object-bank ids of the whole image, -1 = padding.
+    image_valid: [B] bool, True where `image_labels` index the object bank.
 
   Returns:
     (ids [B, R, 1], valid [B, R]) for `set_jaccard`.
   """
-  top1 = region_labels[..., 0]
-  return top1[..., None], region_valid & (top1 >= 0)
+  top1, image_top1 = jnp.asarray(region_labels)[..., 0], jnp.asarray(image_labels)[:, 0]
+  valid = jnp.asarray(region_valid) & (top1 >= 0)
+  fallback = ~valid.any(axis=1) & jnp.asarray(image_valid) & (image_top1 >= 0)
+  top1 = top1.at[:, 0].set(jnp.where(fallback, image_top1, top1[:, 0]))
+  valid = valid.at[:, 0].set(valid[:, 0] | fallback)
+  return top1[..., None], valid
 
 
 def transition_sets(segment_clusters: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -126,7 +126,9 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
         None, loss_config.temperature)
     else:
       if spec.has_boxes:
-        ids, valid = losses.object_sets(batch["labels_regions"], batch["regions_valid"])
+        ids, valid = losses.object_sets(
+          batch["labels_regions"], batch["regions_valid"], batch["labels_global"],
+          batch["global_bank"] == labels_lib.GLOBAL_BANKS.index(heads.OBJECT_BANK))
       else:
         ids = batch["labels_global"][..., None]
         valid = (batch["labels_global"] >= 0) & (batch["global_bank"] >= 0)[:, None]
