@@ -3,7 +3,8 @@
   python benchmarks/demo_table.py                      # every variant, 3 seeds
   python benchmarks/demo_table.py --seeds=0 --variants=univit --probes=linear,order
 
-Rows: raw pixels (time-averaged, and frames in order), random init, the supervised upper bound
+Rows: raw pixels (time-averaged, and frames in order), the pixels bootstrap teacher (the features
+round 1's clusters are made of: `features.pixels_teacher`), random init, the supervised upper bound
 (`supervised_demo.py`: the same architecture trained on the demo's labels), the demo pipeline's
 round 1 and round 2 exports, and one-round ablations of the demo config: image-only (object bank only),
 video-only (event banks only), single granularity (event_1 only), each other U-RoPE allocation
@@ -76,7 +77,7 @@ _ABLATION_SEEDS = flags.DEFINE_list("ablation_seeds", None,
                                     "seeds of the ablation variants (default: --seeds)")
 _SUPERVISED_SEEDS = flags.DEFINE_list("supervised_seeds", None,
                                       "seeds of the supervised row (default: --seeds; '' = none)")
-_SUPERVISED_STEPS = flags.DEFINE_integer("supervised_steps", 600,
+_SUPERVISED_STEPS = flags.DEFINE_integer("supervised_steps", 1000,
                                          "steps of the supervised upper bound")
 _NUM_TRAIN = flags.DEFINE_integer("num_train", 1500, "probe-train records per task")
 _NUM_TEST = flags.DEFINE_integer("num_test", 500, "test records per task")
@@ -189,6 +190,7 @@ def main(argv):
   for mode in features_lib.PIXEL_BASELINES:
     probe(features_lib.pixels(mode, base.model.patch_size).name,
           features_lib.pixels(mode, base.model.patch_size))
+  probe("pixels bootstrap teacher", features_lib.pixels_teacher(base))
   for seed in seeds:
     probe("random init", features_lib.random_init(base, seed))
   for seed in _seed_list(_SUPERVISED_SEEDS.value, seeds):

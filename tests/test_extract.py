@@ -12,6 +12,8 @@ import pytest
 
 from helpers import ROOT, load_config
 from univit_jax.clustering import extract, store
+from univit_jax.data import pipeline
+from univit_jax.evaluation import features, tasks
 
 
 def test_event_features_have_the_documented_shapes():
@@ -114,6 +116,27 @@ def test_demo_extraction_writes_every_bank(tmp_path):
   before = os.path.getmtime(tmp_path / "features" / "object" / "meta.json")
   extract.run_extract(config, str(tmp_path))
   assert os.path.getmtime(tmp_path / "features" / "object" / "meta.json") == before
+
+
+def test_teacher_baseline_reproduces_the_rows_round_1_clusters(tmp_path):
+  """The evaluation's "teacher" row (`features.pixels_teacher`) embeds a record exactly as the
+  extract stage wrote it: an image's whole-image object row, a clip's event_1 row."""
+  config = small_demo(num_images=16, num_clips=8)
+  extract.run_extract(config, str(tmp_path))
+  teacher = features.pixels_teacher(config)
+  data_cfg = pipeline.DataConfig.from_config(config)
+  opened = pipeline.open_sources(data_cfg)
+  ids = pipeline.id_ranges(data_cfg, opened)
+  for source, bank, sub in (("digits", "object", -1), ("events", "event_1", 0)):
+    feats, row_ids = read_bank(tmp_path, bank)
+    by_id = {(int(i), int(j)): f for (i, j), f in zip(row_ids, feats)}
+    num_frames = config.extract.clip_frames if bank == "event_1" else 1
+    records = [opened[source][i] for i in range(4)]
+    frames = np.stack([tasks.eval_frames(r, num_frames, config.data.image_size)
+                       for r in records])
+    embedding = teacher(frames)["embedding"]
+    expected = np.stack([by_id[(ids[source][i], sub)] for i in range(4)])
+    np.testing.assert_allclose(embedding, expected, atol=2e-3, err_msg=source)
 
 
 def test_extraction_resumes_after_sigkill(tmp_path):

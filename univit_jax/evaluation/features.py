@@ -10,7 +10,8 @@ and reports its token `grid(T, H, W) -> (T, gh, gw)`. UniViT extractors go throu
 
 Kinds (`FeatureExtractor.kind`): "export" (an exported encoder), "checkpoint" (a run's newest
 checkpoint), "random" (a fresh encoder of the config's architecture: the baseline every trained
-encoder must beat), "live" (parameters of a run in progress), "pixels" (raw-pixel baselines).
+encoder must beat), "live" (parameters of a run in progress), "pixels" (raw-pixel baselines),
+"teacher" (the round-1 bootstrap teacher's features, which the first clusters are made of).
 """
 
 import dataclasses
@@ -22,6 +23,8 @@ import ml_collections
 import numpy as np
 
 from univit_jax import checkpointing, config_lib, encoder, optim
+from univit_jax.clustering import extract
+from univit_jax.data import pipeline
 from univit_jax.models import vit
 from univit_jax.train import loop as train_loop
 from univit_jax.train import state as state_lib
@@ -162,3 +165,34 @@ def pixels(mode: str, patch_size: int) -> FeatureExtractor:
   title = {"pixels_mean": "raw pixels, 8x8 mean-pooled",
            "pixels_ordered": "raw pixels, 8x8 grey, frames in order"}[mode]
   return FeatureExtractor(name=title, kind="pixels", path=None, patch_size=patch_size, fn=fn)
+
+
+def pixels_teacher(config: ml_collections.ConfigDict) -> FeatureExtractor:
+  """The `pixels` bootstrap teacher fitted as round 1 fits it (`extract.fit_pixels_teacher`).
+
+  The embedding is the feature the first clusters are made of: for an image, its object-bank
+  whole-image row (the full-frame box); for a clip, its `event_1` row (`extract.event_features`
+  of `extract.segment_frames` frames). A student that learns only its clusters cannot probe much
+  above this row. The teacher has no patch tokens: tokens are every patch's raw pixels, as for
+  the pixel baselines.
+  """
+  cfg = extract.ExtractConfig.from_config(config)
+  data_cfg = pipeline.DataConfig.from_config(config)
+  teacher = extract.fit_pixels_teacher(config, cfg, data_cfg)
+  mean = np.asarray(data_cfg.transform.mean, np.float32)
+  std = np.asarray(data_cfg.transform.std, np.float32)
+  patch = config.model.patch_size
+
+  def fn(frames: np.ndarray) -> dict[str, np.ndarray]:
+    x = (frames.astype(np.float32) / 255.0 - mean) / std
+    if x.shape[1] == 1:
+      whole = np.broadcast_to(extract.FULL_FRAME, (len(x), 1, 4))
+      embedding = teacher.regions(x[:, 0], whole)[:, 0]
+    else:
+      embedding = extract.event_features(teacher.embed(x), 1, cfg.segment_frames)[:, 0]
+    tokens = _patches(frames, patch)
+    return dict(embedding=np.asarray(embedding, np.float32), tokens=tokens,
+                mean_tokens=tokens.mean(axis=1))
+
+  return FeatureExtractor(name=f"bootstrap teacher ({teacher.name})", kind="teacher", path=None,
+                          patch_size=patch, fn=fn)

@@ -7,10 +7,11 @@
 The encoder under test is `config.eval.encoder`: an export folder, "checkpoint" (the newest
 checkpoint of the run in DIR), "random" (a fresh encoder of the config's architecture), or ""
 (DIR's export: `DIR/export`, else the last pipeline round's). `config.eval.baselines` adds rows
-to compare against ("random", "pixels_mean", "pixels_ordered"). Probes are named in
-`config.eval.probes` and resolved through the one mapping `EVALUATORS`; each takes the shared
-`tasks.EvalData` and an extractor and returns `{column: common.ProbeResult}`, with columns named
-"<task>/<probe>". Outputs go to `DIR/eval/` (`results.json`, `results.md`, `report.html`).
+to compare against ("random", "pixels_mean", "pixels_ordered", and "teacher": the round-1
+bootstrap teacher's features). Probes are named in `config.eval.probes` and resolved through the
+one mapping `EVALUATORS`; each takes the shared `tasks.EvalData` and an extractor and returns
+`{column: common.ProbeResult}`, with columns named "<task>/<probe>". Outputs go to `DIR/eval/`
+(`results.json`, `results.md`, `report.html`).
 """
 
 import dataclasses
@@ -27,7 +28,7 @@ from univit_jax import config_lib, encoder
 from univit_jax.evaluation import attentive, common, dense, knn, linear, qa, report, tasks
 from univit_jax.evaluation import features as features_lib
 
-BASELINES = ("random",) + features_lib.PIXEL_BASELINES
+BASELINES = ("random",) + features_lib.PIXEL_BASELINES + ("teacher",)
 EVAL_DIR = "eval"
 
 
@@ -263,6 +264,8 @@ def resolve_extractor(config: ml_collections.ConfigDict, workdir: str | None, sp
     return features_lib.random_init(config, config.seed)
   if spec in features_lib.PIXEL_BASELINES:
     return features_lib.pixels(spec, patch)
+  if spec == "teacher":
+    return features_lib.pixels_teacher(config)
   if spec == "checkpoint":
     if not workdir:
       raise FileNotFoundError("eval.encoder='checkpoint' needs --workdir (the training run)")
