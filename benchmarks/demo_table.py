@@ -8,7 +8,9 @@ round 1's clusters are made of: `features.pixels_teacher`), random init, the sup
 (`supervised_demo.py`: the same architecture trained on the demo's labels), the demo pipeline's
 round 1 and round 2 exports, and one-round ablations of the demo config: image-only (object bank only),
 video-only (event banks only), single granularity (event_1 only), each other U-RoPE allocation
-mode, and no structured contrastive term. Each variant runs `configs/demo.py` with
+mode, and no structured contrastive term; on request (`--variants`), the learning issue's
+image-only rounds (`items_only`, `items_only_augment`, `items_and_objects`: 600 steps, object bank
+only, no contrastive term). Each variant runs `configs/demo.py` with
 `seed` = `data.shuffle_seed` = `cluster.seed` = the seed, in `--workdir/<variant>/seed_<s>` (a
 finished pipeline is reused; the XLA compilation cache is shared by all runs). Every encoder is
 then probed by `univit_jax.evaluation` on one shared set of held-out demo records (the records do
@@ -30,6 +32,7 @@ import sys
 import time
 
 from absl import app, flags, logging
+import ml_collections
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,6 +56,14 @@ def _weights(**overrides) -> dict:
   return weights
 
 
+_DIGITS = dict(type="demo", kind="items", split="train", num_examples=1024, frames=(1,))
+_OBJECTS = dict(type="demo", kind="objects", split="train", num_examples=1024, frames=(1,))
+_IMAGE_ROUND = (
+  ("data.frames", (1,)), ("data.bucket_weights", (1,)),
+  ("loss.bank_weights", dict(object=1.0, event_1=0.0)), ("loss.event_schedule", ((0.0, (1,)),)),
+  ("loss.contrastive.weight", 0.0), ("total_steps", 600), ("data.augment", False))
+ITEMS_ONLY = (("data.sources", ml_collections.ConfigDict(dict(digits=_DIGITS))),) + _IMAGE_ROUND
+
 # variant -> (rounds, config overrides as (dotted field, value)).
 VARIANTS = {
   "univit": (2, ()),
@@ -64,10 +75,19 @@ VARIANTS = {
   "rope_chunked": (1, (("model.rope.mode", "chunked"),)),
   "rope_interleaved": (1, (("model.rope.mode", "interleaved"),)),
   "no_contrastive": (1, (("loss.contrastive.weight", 0.0),)),
+  # The learning issue's localisation (docs/training.md): round 1 on images only, object bank
+  # only, no contrastive term, 600 steps, no random crops: the single items alone (also with the
+  # crops), and the items with the multi-object images.
+  "items_only": (1, ITEMS_ONLY),
+  "items_only_augment": (1, ITEMS_ONLY + (("data.augment", True),)),
+  "items_and_objects": (1, (("data.sources", ml_collections.ConfigDict(
+    dict(digits=_DIGITS, objects=_OBJECTS))),) + _IMAGE_ROUND),
 }
 
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "training seeds")
-_VARIANTS = flags.DEFINE_list("variants", list(VARIANTS), "pipeline variants to run")
+ON_REQUEST = ("items_only", "items_only_augment", "items_and_objects")
+_VARIANTS = flags.DEFINE_list("variants", [v for v in VARIANTS if v not in ON_REQUEST],
+                              f"pipeline variants to run (of {list(VARIANTS)})")
 _PROBES = flags.DEFINE_list("probes", ["linear", "knn", "attentive", "dense", "qa", "order"],
                             "probes of the baseline and univit rows (evaluation.run.EVALUATORS)")
 _ABLATION_PROBES = flags.DEFINE_list("ablation_probes", ["linear", "knn", "dense", "order"],
