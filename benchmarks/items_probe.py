@@ -31,7 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 # pylint: disable=wrong-import-position
-from univit_jax import config_lib, encoder, losses  # noqa: E402
+from univit_jax import config_lib, losses  # noqa: E402
 from univit_jax.clustering import labels as cluster_labels  # noqa: E402
 from univit_jax.data import pipeline  # noqa: E402
 from univit_jax.evaluation import features, report, run  # noqa: E402
@@ -107,9 +107,7 @@ def main(argv):
   with nnx.use_eager_sharding(False):
     encoder_params = nnx.split(nnx.merge(graphdef, params).encoder)[1]
   name = f"items only, {_LABELS.value}, {_STEPS.value} steps"
-  extractor = features.from_encoder(
-    encoder.Encoder(config, vit.abstract_encoder(cfg)[0], encoder_params, name=name), name,
-    "export")
+  extractor = features.from_params(config, encoder_params, name, "export", name)
   ctx = run.make_context(config)
   results = {extractor.name: run.evaluate(ctx, extractor, ("linear",))}
   print(report.markdown_table(run.results_dict(ctx, [extractor], results, {})))

@@ -27,7 +27,6 @@ every row (a run cut short keeps what it measured).
 """
 
 import dataclasses
-import json
 import os
 import platform
 import statistics
@@ -43,7 +42,7 @@ from absl import app, flags
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from univit_jax import config_lib, sharding, summary
+from univit_jax import atomic, config_lib, sharding, summary
 from univit_jax.models import rope, variants, vit
 
 FLAGS = flags.FLAGS
@@ -355,20 +354,13 @@ class Bucket:
   batch: int
 
 
-def _write(path: str, result: dict) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(result, f, indent=1)
-  os.replace(tmp, path)
-
-
 def main(argv):
   del argv
   backend = jax.default_backend()
   device = jax.devices()[0]
   out = FLAGS.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                   f"step_vs_torch_{backend}.json")
+  os.makedirs(os.path.dirname(out), exist_ok=True)
   have_torch = False
   if FLAGS.torch:
     try:
@@ -398,7 +390,7 @@ def main(argv):
 
   def record(row: dict) -> None:
     result["rows"].append(row)
-    _write(out, result)
+    atomic.write_json(out, result)
     samples = row.get("samples_per_s")
     print(f"{row['variant']:>6} T={row['frames']:<2} b={row['batch']:<4} {row['dtype']:>8} "
           f"{row['impl']:<13} " + (

@@ -33,7 +33,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 # pylint: disable=wrong-import-position
-from univit_jax import config_lib, encoder  # noqa: E402
+from univit_jax import config_lib  # noqa: E402
 from univit_jax.data import demo  # noqa: E402
 from univit_jax.evaluation import features, report, run, tasks  # noqa: E402
 from univit_jax.models import vit  # noqa: E402
@@ -119,9 +119,8 @@ def train_supervised(config: ml_collections.ConfigDict, seed: int, steps: int,
           f"({time.perf_counter() - start:.0f} s)")
   with nnx.use_eager_sharding(False):
     encoder_params = nnx.split(nnx.merge(graphdef, params).encoder)[1]
-  enc = encoder.Encoder(config, vit.abstract_encoder(cfg)[0], encoder_params,
-                        name=f"supervised:{seed}")
-  return features.from_encoder(enc, f"supervised (seed {seed})", "supervised")
+  return features.from_params(config, encoder_params, f"supervised (seed {seed})", "supervised",
+                              f"supervised:{seed}")
 
 
 _CONFIG = config_flags.DEFINE_config_file(

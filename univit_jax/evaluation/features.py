@@ -75,10 +75,13 @@ def from_encoder(enc: encoder.Encoder, name: str, kind: str, path: str | None = 
                           fn=fn)
 
 
-def _encoder_from_params(config: ml_collections.ConfigDict, params, name: str
-                         ) -> encoder.Encoder:
+def from_params(config: ml_collections.ConfigDict, params, name: str, kind: str,
+                encoder_name: str, path: str | None = None) -> FeatureExtractor:
+  """Features of encoder parameters (`nnx.State` of `vit.UniViT`) of `config`'s architecture;
+  `encoder_name` is the `encoder.Encoder`'s identity, `name` the table's row."""
   graphdef, _ = vit.abstract_encoder(config_lib.model_config(config))
-  return encoder.Encoder(config, graphdef, params, name=name)
+  return from_encoder(encoder.Encoder(config, graphdef, params, name=encoder_name), name, kind,
+                      path)
 
 
 def export(path: str, name: str | None = None) -> FeatureExtractor:
@@ -90,14 +93,12 @@ def export(path: str, name: str | None = None) -> FeatureExtractor:
 def random_init(config: ml_collections.ConfigDict, seed: int = 0) -> FeatureExtractor:
   """A freshly initialised encoder of `config`'s architecture (no training)."""
   _, params = vit.init_encoder(config_lib.model_config(config), seed)
-  enc = _encoder_from_params(config, params, f"random:{seed}")
-  return from_encoder(enc, f"random init (seed {seed})", "random")
+  return from_params(config, params, f"random init (seed {seed})", "random", f"random:{seed}")
 
 
 def live(config: ml_collections.ConfigDict, encoder_params, step: int) -> FeatureExtractor:
   """The encoder parameters of a run in progress (evaluation during training)."""
-  enc = _encoder_from_params(config, encoder_params, f"live:{step}")
-  return from_encoder(enc, f"step {step}", "live")
+  return from_params(config, encoder_params, f"step {step}", "live", f"live:{step}")
 
 
 def checkpoint(config: ml_collections.ConfigDict, workdir: str) -> FeatureExtractor:
@@ -123,8 +124,8 @@ def checkpoint(config: ml_collections.ConfigDict, workdir: str) -> FeatureExtrac
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
     state = ckpt.restore(step, abstract)
-  enc = _encoder_from_params(config, state.params["encoder"], f"checkpoint:{workdir}:{step}")
-  return from_encoder(enc, f"checkpoint {workdir} step {step}", "checkpoint", workdir)
+  return from_params(config, state.params["encoder"], f"checkpoint {workdir} step {step}",
+                     "checkpoint", f"checkpoint:{workdir}:{step}", workdir)
 
 
 def _patches(frames: np.ndarray, patch_size: int) -> np.ndarray:
