@@ -160,7 +160,7 @@ def time_univit_step(variant: str, dtype: str, attention: str, image_size: int,
   config.data.image_size = image_size
   cfg = config_lib.model_config(config)
   loss_cfg = config_lib.loss_config(config)
-  banks = tuple(name for name, weight in loss_cfg.bank_weights if weight > 0)
+  banks = loss_cfg.trained_banks
   sizes = dict.fromkeys(banks, bank_classes)
   mesh = sharding.make_mesh(config, jax.devices()[:1])
   rules = tuple(config.sharding_rules)

@@ -1,4 +1,5 @@
-"""Shared test helpers: loading config files the way `--config=configs/<name>.py:arg` does."""
+"""Shared test helpers: loading config files the way `--config=configs/<name>.py:arg` does,
+running `univit_jax.main`, writing small inputs (videos, a tiny pipeline's config file)."""
 
 import importlib.util
 import os
@@ -17,9 +18,63 @@ def load_config(name: str, arg: str | None = None):
   return module.get_config(arg)
 
 
+def encode_video(path, num_frames: int, fps: int = 10, size: int = 64, rng=None) -> str:
+  """Writes an H.264 (libx264, yuv420p) clip whose frame i has brightness 8 * i, or random pixels
+  drawn from `rng` (a NumPy Generator) when given; returns its path."""
+  import av  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  with av.open(str(path), "w") as container:
+    stream = container.add_stream("libx264", rate=fps)
+    stream.width = stream.height = size
+    stream.pix_fmt = "yuv420p"
+    for i in range(num_frames):
+      frame = (np.full((size, size, 3), 8 * i, np.uint8) if rng is None else
+               rng.integers(0, 256, (size, size, 3), np.uint8))
+      container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+    container.mux(stream.encode())
+  return str(path)
+
+
 def run_main(*args: str, devices: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
   """Runs `python -m univit_jax.main ARGS` in a subprocess with `devices` fake CPU devices."""
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
              JAX_PLATFORMS="cpu")
   return subprocess.run([sys.executable, "-m", "univit_jax.main", *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=timeout)
+
+
+# A one-round pipeline small enough for a CPU test; `loss` keeps its defaults.
+TINY_PIPELINE = """
+import ml_collections
+from univit_jax import config_lib
+
+
+def get_config(arg=None):
+  c = config_lib.default_config("mu/8")
+  c.mode = "pipeline"
+  c.data.image_size = 32
+  c.data.tokens_per_batch = 16 * 16
+  c.data.read_threads = 1
+  c.data.sources = ml_collections.ConfigDict({sources!r})
+  c.extract.batch_size = 16
+  c.extract.clip_frames = 8
+  c.extract.pixels_dim = 8
+  c.extract.pixels_fit_examples = 16
+  c.extract.proposal_grids = (2,)
+  c.cluster.num_clusters = dict(object=4, event_1=4, event_2=4, event_4=4, event_8=4)
+  c.cluster.top_k = 2
+  c.cluster.iterations = 2
+  c.optim.warmup_steps = 1
+  c.total_steps = 2
+  c.train.log_every = 1
+  c.train.checkpoint_every = 2
+  c.train.progress_bar = False
+  return c
+"""
+
+
+def write_tiny_config(folder, sources: dict) -> str:
+  """A config file of a tiny one-round pipeline over `sources` (`data.sources` entries)."""
+  path = folder / "tiny_config.py"
+  path.write_text(TINY_PIPELINE.format(sources=sources))
+  return str(path)

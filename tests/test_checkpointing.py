@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import os
 
 import grain
 import jax
@@ -9,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from univit_jax import checkpointing
+from univit_jax import checkpointing, rounds
 
 
 def _state(step):
@@ -59,3 +60,51 @@ def test_export_errors(tmp_path):
     checkpointing.save_export(tmp_path / "e", dict(w=jnp.ones(1)), "{not json")
   with pytest.raises(FileNotFoundError, match="not an export"):
     checkpointing.load_export(tmp_path / "missing")
+
+
+class _Killed(BaseException):
+  """Stands in for SIGKILL: raised mid-export, with no cleanup running after it."""
+
+
+@pytest.mark.parametrize("previous", [False, True], ids=["first_export", "re_export"])
+def test_export_killed_midway_is_not_taken_as_done_and_a_rerun_completes_it(
+    tmp_path, monkeypatch, previous):
+  folder = tmp_path / "round_1"
+  path = folder / "export"
+  config = json.dumps(dict(model=dict(width=8)))
+  old, new = dict(w=jnp.zeros(3)), dict(w=jnp.ones(3))
+  abstract = jax.eval_shape(lambda: new)
+  if previous:
+    checkpointing.save_export(path, old, config)
+
+  def kill(*args):
+    raise _Killed()
+
+  # The kill lands after the new parameters and config are written, before the marker.
+  with monkeypatch.context() as m:
+    m.setattr(checkpointing.atomic, "fsync_tree", kill)
+    with pytest.raises(_Killed):
+      checkpointing.save_export(path, new, config)
+  assert rounds.is_exported(str(folder)) == previous
+  if previous:  # the old export is untouched and still loads
+    np.testing.assert_array_equal(checkpointing.load_export(path, abstract)[0]["w"], old["w"])
+  else:
+    assert not path.exists()
+    with pytest.raises(FileNotFoundError, match="not an export"):
+      checkpointing.load_export(path, abstract)
+
+  checkpointing.save_export(path, new, config)
+  assert rounds.is_exported(str(folder))
+  np.testing.assert_array_equal(checkpointing.load_export(path, abstract)[0]["w"], new["w"])
+  assert sorted(os.listdir(folder)) == ["export"]  # no partial or set-aside folder left
+
+
+def test_export_folder_without_completion_marker_is_not_an_export(tmp_path):
+  """What a kill inside a non-atomic rewrite left: config.json beside params; not done."""
+  folder = tmp_path / "round_1"
+  checkpointing.save_export(folder / "export", dict(w=jnp.ones(3)), json.dumps({}))
+  os.remove(folder / "export" / "COMPLETE")
+  assert (folder / "export" / "config.json").exists()
+  assert not rounds.is_exported(str(folder))
+  with pytest.raises(FileNotFoundError, match="not an export"):
+    checkpointing.read_export_config(folder / "export")

@@ -112,7 +112,7 @@ def test_eval_mode_writes_results_table_and_report(tmp_path):
 def test_eval_mode_without_an_export_fails_with_one_line(tmp_path):
   result = helpers.run_main("--config=configs/demo.py", f"--workdir={tmp_path}", "--mode=eval")
   assert result.returncode == 2
-  assert result.stderr.strip().startswith("Evaluation error: no export in")
+  assert result.stderr.strip().startswith("Input error: no export in")
   assert "Traceback" not in result.stderr
 
 

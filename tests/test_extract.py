@@ -177,3 +177,36 @@ def test_bad_extract_config_names_the_field():
   from univit_jax import config_lib
   with pytest.raises(config_lib.ConfigError, match="extract.granularities"):
     extract.ExtractConfig.from_config(config)
+
+
+def test_features_made_from_other_inputs_are_refused_never_reused(tmp_path):
+  """Issue 13: the stage skips complete banks and resumes unfinished ones, but only for the
+  inputs they record (`extract.feature_inputs`); another data source or extract setting is
+  refused, naming the change, before any work."""
+  from univit_jax import config_lib
+  config = small_demo(num_images=8, num_clips=4)
+  inputs = extract.feature_inputs(extract.ExtractConfig.from_config(config),
+                                  pipeline.DataConfig.from_config(config))
+  banks = config_lib.active_parts(config).banks
+  for bank in banks:
+    writer = store.BankWriter(str(tmp_path), bank, 4, "t", inputs)
+    writer.write_chunk(0, np.eye(4, dtype=np.float32), np.arange(4))
+    writer.finish()
+  assert extract.run_extract(config, str(tmp_path)) == {b: "t" for b in banks}  # kept as is
+  more = small_demo(num_images=9, num_clips=4)
+  with pytest.raises(store.FeatureStoreError,
+                     match=r"features in \S+/features/\w+ were extracted from other inputs.*"
+                           r"data\.sources\.digits\.records was 8, now 9.*delete \S+/features"):
+    extract.run_extract(more, str(tmp_path))
+  config.extract.pixels_dim = 8
+  with pytest.raises(store.FeatureStoreError, match="extract.pixels_dim was 16, now 8"):
+    extract.run_extract(config, str(tmp_path))
+  # An unfinished bank is not resumed for other inputs, nor one that records none.
+  unfinished = tmp_path / "unfinished"
+  store.BankWriter(str(unfinished), "object", 4, "t", inputs).write_chunk(
+    0, np.eye(4, dtype=np.float32), np.arange(4))
+  with pytest.raises(store.FeatureStoreError, match="data.sources.objects.records was 8, now 9"):
+    extract.run_extract(more, str(unfinished))
+  store.BankWriter(str(tmp_path / "old"), "object", 4, "t")
+  with pytest.raises(store.FeatureStoreError, match="nothing was recorded"):
+    extract.run_extract(more, str(tmp_path / "old"))

@@ -194,6 +194,24 @@ def test_stage_writes_the_mean_of_a_centred_bank(tmp_path):
   assert not os.path.exists(mean_path)
 
 
+def test_cluster_version_folds_in_what_the_features_were_made_from(tmp_path):
+  """Features of other data (their meta.json `inputs`) get another cluster version, and
+  stats.json carries the inputs, which training checks against its data sources."""
+  x, _ = cluster_worker.planted(40, 2, 4, noise=0.1, seed=0)
+  spec = kmeans.ClusterSpec(num_clusters=2, iterations=1, top_k=1)
+  for name, records in (("a", 40), ("b", 41)):
+    inputs = dict(data=dict(sources=dict(digits=dict(records=records))))
+    writer = store.BankWriter(str(tmp_path / name), "object", 4, teacher="t", inputs=inputs)
+    writer.write_chunk(0, x, np.arange(40))
+    writer.finish()
+  versions = {name: labels.version_id(store.BankReader(str(tmp_path / name), "object"), spec)
+              for name in ("a", "b")}
+  assert versions["a"] != versions["b"]
+  stats = labels.cluster_bank(str(tmp_path / "b"), "object", spec, log=_quiet)
+  assert stats["version"] == versions["b"]
+  assert stats["inputs"] == dict(data=dict(sources=dict(digits=dict(records=41))))
+
+
 def test_screen_dtype_resolution_and_validation():
   assert kmeans.resolve_screen_dtype("float32") == np.float32
   assert kmeans.resolve_screen_dtype("auto") in (np.float32, jnp.bfloat16)

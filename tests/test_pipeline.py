@@ -171,6 +171,25 @@ def test_data_config_from_demo_config():
     pipeline.DataConfig.from_config(c)
 
 
+def test_sources_fingerprint_changes_when_the_ids_would_name_other_records(tmp_path):
+  """Issue 13: ids are positions over the sources, so an output keyed by id is valid only for the
+  sources it records: their specs, record counts and, for file lists, the files in order."""
+  spec = sources.SourceSpec.from_dict("files", dict(type="image_folder", path=str(tmp_path)))
+  cfg = _config(sources=(spec,), frames=(1,), bucket_weights=(1,))
+  entries = [sources.FileEntry(str(tmp_path / f"{i}.png")) for i in range(3)]
+
+  def fingerprint(listed):
+    return pipeline.sources_fingerprint(cfg, dict(files=sources.FileSource(listed, "image")))
+
+  base = fingerprint(entries)["files"]
+  assert base["spec"] == dict(type="image_folder", path=str(tmp_path)) and base["records"] == 3
+  renamed = fingerprint(entries[:2] + [sources.FileEntry(str(tmp_path / "x.png"))])["files"]
+  reordered = fingerprint(entries[::-1])["files"]
+  assert renamed["records"] == reordered["records"] == 3
+  assert len({base["content"], renamed["content"], reordered["content"]}) == 3
+  assert fingerprint(list(entries))["files"] == base
+
+
 def test_demo_source_wiring():
   demo = pytest.importorskip("univit_jax.data.demo")
   del demo

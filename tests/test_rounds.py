@@ -4,7 +4,8 @@ import json
 
 import numpy as np
 
-from helpers import run_main
+from helpers import load_config, run_main
+from univit_jax import rounds
 from univit_jax.clustering import store
 
 SMALL = [
@@ -39,6 +40,30 @@ def test_two_round_pipeline(tmp_path):
     assert (folder / "export" / "config.json").exists()
     assert np.load(folder / "clusters" / "event_2" / "labels.npy").shape == (32, 2)
     assert (folder / "training.png").exists()
+  # Both rounds compiled into the pipeline's one cache; round 2 reused round 1's programs.
+  assert (tmp_path / "jax_cache").is_dir() and not (tmp_path / "round_1" / "jax_cache").exists()
   # Rerunning finds every round complete and does no work.
   again = run_main("--config=configs/demo.py", f"--workdir={tmp_path}", *SMALL, timeout=300)
   assert again.returncode == 0 and "round 2: complete" in again.stdout
+  # Rerunning with another data source is refused, finished rounds included, naming the change
+  # (issue 13: the ids would shift, and the old labels land on other records).
+  shifted = [a.replace("events.num_examples=16", "events.num_examples=17") for a in SMALL]
+  refused = run_main("--config=configs/demo.py", f"--workdir={tmp_path}", *shifted, timeout=300)
+  assert refused.returncode == 2, refused.stderr[-3000:]
+  assert ("Feature store error: the features in " f"{tmp_path}/round_1/features/"
+          in refused.stderr)
+  assert "data.sources.events.records was 16, now 17" in refused.stderr
+  assert len(refused.stderr.strip().splitlines()) == 1
+
+
+def test_later_rounds_learn_from_and_start_at_the_previous_export(tmp_path):
+  config = load_config("demo")
+  first, second = (rounds.round_config(config, str(tmp_path), r) for r in (1, 2))
+  previous = str(tmp_path / "round_1" / "export")
+  assert first.extract.teacher == "pixels" and first.train.init_encoder == ""
+  assert second.extract.teacher == previous and second.train.init_encoder == previous
+  assert first.train.compilation_cache_dir == second.train.compilation_cache_dir == str(
+    tmp_path / "jax_cache")
+  with config.unlocked():
+    config.train.warm_start = False
+  assert rounds.round_config(config, str(tmp_path), 2).train.init_encoder == ""

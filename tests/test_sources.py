@@ -1,6 +1,8 @@
 """Sources: manifests, folder trees, image conversion and bad images, TFDS under mock_data."""
 
 import itertools
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -75,6 +77,48 @@ def test_images_are_converted_or_skipped(tmp_path):
   for path in (broken, junk, tmp_path / "missing.png"):
     with pytest.raises(sources.BadRecordError, match=path.name):
       sources.load_clip(dict(path=str(path), kind="image"), 1, "uniform", 1, None)
+
+
+def _png_header(width, height):
+  """A PNG that declares `width` x `height` RGB pixels but holds no pixel data."""
+  def chunk(kind, data):
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+  header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+  return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
+def test_only_allowed_formats_decode_and_huge_images_are_refused_before_decoding(tmp_path):
+  rng = np.random.default_rng(0)
+  pixels = rng.integers(0, 255, (6, 8, 3), np.uint8)
+  tiff = _save(tmp_path / "ok.tiff", pixels)
+  frames, _ = sources.load_clip(dict(path=str(tiff), kind="image"), 1, "uniform", 1, None)
+  np.testing.assert_array_equal(frames[0], pixels)
+  # A format outside the allow-list (here TGA), whatever the file is called.
+  disguised = tmp_path / "disguised.png"
+  Image.fromarray(pixels).save(disguised, format="TGA")
+  # A decompression bomb: a tiny file declaring 9000 x 9000 pixels (under PIL's own limit).
+  bomb = tmp_path / "bomb.png"
+  bomb.write_bytes(_png_header(9000, 9000))
+  for path, reason in ((disguised, "not an image in an allowed format"),
+                       (bomb, "9000x9000 image is above MAX_IMAGE_PIXELS")):
+    with pytest.raises(sources.BadRecordError, match=f"{path.name}: {reason}"):
+      sources.load_clip(dict(path=str(path), kind="image"), 1, "uniform", 1, None)
+
+
+def test_in_memory_images_of_other_dtypes_convert_when_unambiguous():
+  expected = np.array([[0, 255]], np.uint8)[..., None]
+  for image in (np.array([[False, True]]), np.array([[0, 65535]], np.uint16),
+                np.array([[0.0, 1.0]], np.float32)):
+    converted = sources.to_uint8_image(image, "tfds:x/train record 3")
+    assert converted.dtype == np.uint8
+    np.testing.assert_array_equal(converted, expected)
+  np.testing.assert_array_equal(
+    sources.to_uint8_image(np.array([[[0.5]]], np.float16), "r"), [[[128]]])
+  for image, reason in ((np.array([[0.0, 2.0]]), "float64 image with values outside"),
+                        (np.array([[np.nan]], np.float32), "float32 image with values outside"),
+                        (np.array([[0, 300]], np.int32), "int32 image: expected")):
+    with pytest.raises(sources.BadRecordError, match=f"tfds:x/train record 3: {reason}"):
+      sources.to_uint8_image(image, "tfds:x/train record 3")
 
 
 def test_tfds_mnist_images_under_mock_data():

@@ -8,7 +8,7 @@ import pytest
 from fakes import FakeSource
 
 from univit_jax import config_lib
-from univit_jax.data import pipeline, sources, transforms
+from univit_jax.data import pipeline, sources, streams, transforms
 from univit_jax.models import rope
 
 
@@ -97,3 +97,37 @@ def test_eval_pass_is_deterministic_complete_and_equal_across_hosts():
                                            process_count=4))
   for a, b in zip(batches[0], again):
     np.testing.assert_array_equal(a["frames"], b["frames"])
+
+
+class _FlakySource(FakeSource):
+  """FakeSource whose record 2 fails in the reader and record 3 holds int32 frames."""
+
+  def __getitem__(self, index: int) -> dict:
+    if index == 2:
+      raise RuntimeError("reader failed")
+    record = super().__getitem__(index)
+    if index == 3:
+      record["frames"] = record["frames"].astype(np.int32)
+    return record
+
+  def __repr__(self) -> str:
+    return "FlakySource"
+
+
+def test_any_exception_of_one_record_is_a_bad_record_named_by_its_key(caplog):
+  loader = streams.ExampleLoader([FakeSource(4), _FlakySource(6)], streams.ExampleConfig(
+    num_frames=1, transform=transforms.TransformConfig(16, augment=False)))
+  example = loader(4 + 2, None)
+  assert example["id"] == 4 + 4  # records 2 and 3 replaced by the next readable one
+  assert example["skipped"] == ("record 2 of FlakySource: RuntimeError: reader failed",
+                                "record 3 of FlakySource: ValueError: frames must be uint8, "
+                                "got int32")
+  cfg = _config(frames=(1,), bucket_weights=(1,), max_bad_fraction=0.5, bad_check_after=4)
+  ds = pipeline.build_train_dataset(
+    cfg, sources=dict(img=_FlakySource(6), vid=FakeSource(2, num_frames=3)), process_index=0,
+    process_count=1)
+  with caplog.at_level("WARNING"):
+    batches = list(itertools.islice(iter(ds), 3))
+  ids = np.concatenate([b["id"] for b in batches])
+  assert not {2, 3} & set(ids.tolist())
+  assert "Skipped unreadable record record 2 of FlakySource" in caplog.text

@@ -7,6 +7,7 @@ compilation cache shared by the whole module, so only the first run compiles.
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,9 +20,9 @@ import pytest
 import train_fixtures
 from jax.sharding import PartitionSpec as P
 
-from univit_jax import config_lib, optim, sharding
+from univit_jax import checkpointing, config_lib, optim, sharding
 from univit_jax.train import labels as labels_lib
-from univit_jax.train import loop
+from univit_jax.train import logs, loop
 from univit_jax.train import state as state_lib
 
 WORKER = os.path.join(helpers.ROOT, "tests", "train_worker.py")
@@ -63,11 +64,7 @@ def _wait_until(condition, proc: subprocess.Popen, what: str) -> None:
 
 
 def _logged_steps(workdir: str) -> list[int]:
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line)["step"] for line in f if line.strip()]
+  return [r["step"] for r in logs.read_metrics(workdir)]
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +76,8 @@ def cache(tmp_path_factory) -> str:
 def runs(tmp_path_factory, cache):
   """One worker process, several phases in their own workdirs:
   train: 0 steps (initial params), 12 steps (weight decay off), then a rerun with other
-  cluster-label versions; nan: NaN at step 3, then a resume to step 4; reference: 6 steps."""
+  cluster-label versions; nan: NaN at step 3 of 6, then a resume to step 4 (a schedule change,
+  allowed by `train.allow_schedule_change`); reference: 6 steps."""
   dirs = {name: str(tmp_path_factory.mktemp(name)) for name in ("train", "nan", "reference")}
   for workdir in dirs.values():
     train_fixtures.write_clusters(workdir)
@@ -89,7 +87,7 @@ def runs(tmp_path_factory, cache):
     dict(workdir=dirs["train"], total_steps=12, optim=no_decay),
     dict(workdir=dirs["train"], total_steps=14, optim=no_decay, clusters_version="v2"),
     dict(workdir=dirs["nan"], total_steps=6, train=dict(debug_nan_step=3)),
-    dict(workdir=dirs["nan"], total_steps=4),
+    dict(workdir=dirs["nan"], total_steps=4, train=dict(allow_schedule_change=True)),
     dict(workdir=dirs["reference"], total_steps=6),
   ]
   return dirs, _finish(_start(cache, phases))
@@ -106,21 +104,38 @@ def test_label_attacher_looks_up_rows_by_id_and_sub():
     event_2=bank("event_2", [(0, 0), (0, 1)], [[3, 1], [4, 2]]))
   batch = dict(id=np.array([0, 1, 9]), frames=np.zeros((3, 2, 8, 8, 3)),
                boxes=np.zeros((3, 2, 4)), box_mask=np.array([[1, 1], [1, 1], [1, 0]], bool))
-  out = labels_lib.LabelAttacher(banks)(batch)
+  out = labels_lib.LabelAttacher(banks, "whole")(batch)
   np.testing.assert_array_equal(out["labels_global"], [[1, 2], [5, 6], [-1, -1]])
   np.testing.assert_array_equal(out["global_bank"], [1, 0, -1])
   np.testing.assert_array_equal(out["labels_segments_2"][0], [[3, 1], [4, 2]])
   np.testing.assert_array_equal(out["segments_valid_2"], [[1, 1], [0, 0], [0, 0]])
   np.testing.assert_array_equal(out["labels_regions"][1], [[7, 8], [-1, -1]])
   np.testing.assert_array_equal(out["regions_valid"], [[0, 0], [1, 0], [0, 0]])
-  shapes = labels_lib.label_shapes(banks, 2, 3, 2)
+  shapes = labels_lib.label_shapes(banks, 2, 3, 2, "whole")
   assert {k: v[0] for k, v in shapes.items()} == {
     k: out[k].shape for k in shapes}
 
 
+def test_image_labels_are_the_set_of_its_objects_clusters():
+  """`image_labels="objects"`: an image's targets are its regions' distinct top-1 clusters (one
+  slot per box), and an image without valid regions keeps its whole-image row."""
+  bank = labels_lib.BankLabels(
+    name="object", centroids=np.zeros((9, 4), np.float32),
+    keys=np.array([i * labels_lib._SUB_SPAN + s + 1 for i, s in
+                   [(1, -1), (1, 0), (1, 1), (1, 2), (2, -1), (2, 0)]], np.int64),
+    labels=np.array([[5, 6], [7, 8], [3, 1], [7, 2], [3, 4], [0, 1]], np.int32), version="x")
+  batch = dict(id=np.array([1, 2]), frames=np.zeros((2, 1, 8, 8, 3)),
+               boxes=np.zeros((2, 3, 4)), box_mask=np.array([[1, 1, 1], [0, 0, 0]], bool))
+  out = labels_lib.LabelAttacher(dict(object=bank))(batch)
+  np.testing.assert_array_equal(out["labels_global"], [[3, 7, -1], [3, 4, -1]])
+  np.testing.assert_array_equal(out["global_bank"], [0, 0])
+  shapes = labels_lib.label_shapes(dict(object=bank), 1, 2, 3)
+  assert shapes["labels_global"][0] == out["labels_global"].shape
+
+
 def test_missing_cluster_outputs_name_the_bank(tmp_path):
   with pytest.raises(labels_lib.LabelError, match="bank 'event_4'.*clusters/event_4"):
-    labels_lib.load_banks(str(tmp_path), ("event_4",))
+    labels_lib.load_banks(str(tmp_path), ("event_4",), train_fixtures.data_sources())
 
 
 def test_state_is_born_sharded_with_banks_from_centroids():
@@ -146,6 +161,38 @@ def test_state_is_born_sharded_with_banks_from_centroids():
   bank_step = np.abs(np.asarray(updates["heads"]["banks"]["object"]["centres"][...])).max()
   bias_step = np.abs(np.asarray(updates["encoder"]["norm_post"]["bias"][...])).max()
   np.testing.assert_allclose(bank_step / bias_step, 10.0, rtol=1e-3)
+
+
+def test_a_fresh_state_starts_from_an_exported_encoder(tmp_path):
+  """`train.init_encoder` (the pipeline's warm start): the new state's encoder equals the
+  export, on this run's shardings, with fresh banks; an export of another shape is refused."""
+  config = train_fixtures.tiny_config()
+  config.mesh.shape = (2, 2, 2)
+  cfg = config_lib.model_config(config)
+  tx = optim.make_optimizer(config.optim, 10)
+  mesh = sharding.make_mesh(config)
+  sizes = dict(object=8)
+  _, abstract_params = state_lib.abstract_model(cfg, sizes)
+  shardings = state_lib.state_shardings(abstract_params, tx, mesh, config.sharding_rules)
+  abstract = state_lib.abstract_state(cfg, sizes, tx, shardings)
+  donor = state_lib.create_state(cfg, sizes, {}, tx, shardings, seed=7)
+  path = str(tmp_path / "export")
+  checkpointing.save_export(path, donor.params["encoder"], config.to_json_best_effort())
+  start = state_lib.load_encoder_params(path, config, abstract)
+  state = state_lib.create_state(cfg, sizes, {}, tx, shardings, 0, start)
+  fresh = state_lib.create_state(cfg, sizes, {}, tx, shardings, 0)
+  for got, want, spec in zip(jax.tree.leaves(state.params["encoder"]),
+                             jax.tree.leaves(donor.params["encoder"]),
+                             jax.tree.leaves(shardings.params["encoder"])):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert got.sharding == spec
+  np.testing.assert_array_equal(
+    np.asarray(state.params["heads"]["banks"]["object"]["centres"][...]),
+    np.asarray(fresh.params["heads"]["banks"]["object"]["centres"][...]))
+  wider = train_fixtures.tiny_config()
+  wider.model.width = 2 * cfg.width
+  with pytest.raises(config_lib.ConfigError, match="train.init_encoder.*differs"):
+    state_lib.load_encoder_params(path, wider, abstract)
 
 
 def test_training_lowers_discrimination_loss_and_reaches_every_parameter(runs):
@@ -177,15 +224,73 @@ def test_checkpoint_of_other_cluster_labels_is_refused(runs):
   assert "'v1'" in reports[2]["error"] and "'v2'" in reports[2]["error"]
 
 
+def test_labels_made_for_other_data_sources_are_refused(tmp_path):
+  """Issue 13: one more events record shifts the ids of every objects record, so labels looked up
+  by id would be other records' labels."""
+  train_fixtures.write_clusters(str(tmp_path))
+  config = train_fixtures.tiny_config()
+  config.data.sources.events.num_examples = train_fixtures.NUM_EVENTS + 1
+  with pytest.raises(labels_lib.LabelError,
+                     match=r"bank 'event_1': the labels in \S+ were made for other data.*"
+                           r"data\.sources\.events\.records was 16, now 17.*other records"):
+    labels_lib.load_banks(str(tmp_path), ("event_1",), train_fixtures.data_sources(config))
+
+
+def test_a_finished_run_rerun_with_other_data_or_optimiser_is_refused_before_any_step(
+    runs, tmp_path):
+  """Issue 13, end to end on a finished run's workdir (real checkpoints and train_run.json):
+  another data source is refused by its labels, and, once labels for the new sources exist, by
+  the checkpoints' data record; so are another token budget, optimiser structure (not an Orbax
+  traceback) and total_steps (without `train.allow_schedule_change`). Nothing is trained."""
+  workdir = str(tmp_path / "train")
+  shutil.copytree(runs[0]["train"], workdir)
+  train_fixtures.write_clusters(workdir)  # the labels its checkpoints were trained on (v1)
+  checkpoints = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    metrics = f.read()
+
+  def rerun(error, match, total_steps=12, **changes):
+    config = train_fixtures.tiny_config(compilation_cache_dir="none")
+    config.total_steps = total_steps
+    for section, fields in changes.items():
+      for field, value in fields.items():
+        config[section][field] = value
+    with pytest.raises(error, match=match):
+      loop.run_train(config, workdir)
+    return config
+
+  shifted = dict(sources=dict(events=dict(
+    type="demo", kind="events", split="train", num_examples=train_fixtures.NUM_EVENTS + 1,
+    num_frames=4), objects=dict(type="demo", kind="objects", split="train",
+                                num_examples=train_fixtures.NUM_OBJECTS, frames=(1,))))
+  config = rerun(labels_lib.LabelError, r"data\.sources\.events\.records was 16, now 17",
+                 data=shifted)
+  train_fixtures.write_clusters(workdir, sources=train_fixtures.data_sources(config))
+  rerun(loop.CheckpointMismatchError,
+        r"other data .*data\.sources\.events\.records was 16, now 17", data=shifted)
+  train_fixtures.write_clusters(workdir)
+  rerun(loop.CheckpointMismatchError, "data.tokens_per_batch was 256, now 512",
+        data=dict(tokens_per_batch=512))
+  rerun(loop.CheckpointMismatchError, "optimiser state parts", optim=dict(grad_clip_norm=0.0))
+  rerun(loop.CheckpointMismatchError, "another schedule: total_steps was 12, now 14",
+        total_steps=14)
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == checkpoints
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    assert f.read() == metrics
+
+
 def test_nan_stops_the_run_naming_step_and_term_and_keeps_last_checkpoint(runs):
-  reports = runs[1]
+  dirs, reports = runs
   assert reports[3]["error_type"] == "NonFiniteError"
   assert "['contrastive'] at step 3" in reports[3]["error"]
   assert "last good checkpoint is step 2" in reports[3]["error"]
   assert reports[3]["checkpoints"] == ["2"]
-  # The checkpoint restores: the rerun (NaN off) resumes from step 2 and saves step 4.
+  # The checkpoint restores: the rerun (NaN off, total_steps 4 under allow_schedule_change)
+  # resumes from step 2 and saves step 4; the run file now records the new schedule.
   assert reports[4]["step"] == 4 and reports[4]["error"] is None
   assert reports[4]["checkpoints"] == ["2", "4"]
+  with open(os.path.join(dirs["nan"], loop.RUN_FILE)) as f:
+    assert json.load(f)["schedule"]["total_steps"] == 4
 
 
 def test_sigkill_then_sigterm_then_resume_matches_uninterrupted_run(runs, cache, tmp_path):
@@ -203,9 +308,19 @@ def test_sigkill_then_sigterm_then_resume_matches_uninterrupted_run(runs, cache,
   assert proc.returncode == -signal.SIGKILL
   assert not os.path.isdir(os.path.join(checkpoints, "6"))
 
-  os.remove(os.path.join(workdir, "metrics.jsonl"))
+  # The killed run's metrics.jsonl stays, ending in a line torn mid-append. The resume drops that
+  # line and the records past its checkpoint, then logs on (the torn line gone says it has).
+  torn = '{"step": 99, "lo'
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  with open(metrics, "a") as f:
+    f.write(torn)
   proc = _start(cache, [dict(workdir=workdir, total_steps=6, train=slow)])
-  _wait_until(lambda: 3 in _logged_steps(workdir), proc, "step 3")
+
+  def resumed_to_step_3():
+    with open(metrics) as f:
+      return torn not in f.read() and 3 in _logged_steps(workdir)
+
+  _wait_until(resumed_to_step_3, proc, "step 3 of the resumed run")
   proc.send_signal(signal.SIGTERM)
   (report,) = _finish(proc)
   assert report["preempted"] and report["step"] in (3, 4)
@@ -213,6 +328,7 @@ def test_sigkill_then_sigterm_then_resume_matches_uninterrupted_run(runs, cache,
 
   (report,) = _finish(_start(cache, [dict(workdir=workdir, total_steps=6)]))
   assert report["step"] == 6 and not report["preempted"]
+  assert _logged_steps(workdir) == [1, 2, 3, 4, 5, 6]  # one history: no torn line, no repeats
   reference, resumed = _params(dirs["reference"], 5), _params(workdir, 0)
   assert reference.keys() == resumed.keys()
   for key in reference:
@@ -239,8 +355,9 @@ def test_an_object_bank_of_whole_image_rows_only_trains(cache, tmp_path):
 
 def test_train_mode_without_cluster_outputs_fails_with_one_clear_line(tmp_path):
   result = helpers.run_main("--config=configs/demo.py", f"--workdir={tmp_path}", "--mode=train")
-  assert result.returncode == 1, result.stderr[-2000:]
-  assert re.search(r"Training stopped: bank '\w+': cannot read cluster outputs", result.stderr)
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert re.fullmatch(r"Cluster label error: bank '\w+': cannot read cluster outputs .*\n",
+                      result.stderr)
   assert "run --mode=cluster" in result.stderr
 
 

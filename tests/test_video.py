@@ -7,20 +7,8 @@ import av
 import numpy as np
 import pytest
 
+from helpers import encode_video as _encode
 from univit_jax.data import pipeline, sources, transforms, video
-
-
-def _encode(path, num_frames, fps=10, size=64):
-  """An H.264 (libx264, yuv420p) clip whose frame i has brightness 8 * i."""
-  with av.open(str(path), "w") as container:
-    stream = container.add_stream("libx264", rate=fps)
-    stream.width = stream.height = size
-    stream.pix_fmt = "yuv420p"
-    for i in range(num_frames):
-      frame = np.full((size, size, 3), 8 * i, np.uint8)
-      container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-    container.mux(stream.encode())
-  return str(path)
 
 
 def _frame_ids(frames):
@@ -104,3 +92,29 @@ def test_window_late_in_a_longer_clip_is_sought(tmp_path):
   assert _frame_ids(frames) == [22, 23, 24, 25] and mask.all()
   frames, _ = video.read_clip(path, 3, "uniform", 1, None, start=2.5)
   assert _frame_ids(frames) == [25, 27, 29]
+
+
+@pytest.mark.parametrize("suffix", [".mkv", ".ts"])
+def test_container_without_frame_count_decodes_only_up_to_the_last_frame_needed(
+    tmp_path, monkeypatch, suffix):
+  path = _encode(tmp_path / f"clip{suffix}", 20)
+  with av.open(path) as container:
+    assert container.streams.video[0].frames == 0  # the header does not state its frame count
+  decoded = []
+  indexed_frames = video._indexed_frames
+
+  def recording(*args):
+    for i, frame in indexed_frames(*args):
+      decoded.append(i)
+      yield i, frame
+
+  monkeypatch.setattr(video, "_indexed_frames", recording)
+  frames, mask = video.read_clip(path, 4, "uniform", 1, None)
+  assert _frame_ids(frames) == [2, 7, 12, 17] and mask.all()
+  assert max(decoded) == 17  # not the whole clip: decoding stopped at the last frame needed
+  decoded.clear()
+  frames, _ = video.read_clip(path, 3, "random_window", 1, None)  # the centred window 8..10
+  assert _frame_ids(frames) == [8, 9, 10] and max(decoded) == 10
+  frames, mask = video.read_clip(path, 8, "uniform", 1, None, start=1.0, end=1.5)
+  assert _frame_ids(frames) == [10, 11, 12, 13, 14, 14, 14, 14]
+  assert mask.tolist() == [True] * 5 + [False] * 3

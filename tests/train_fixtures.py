@@ -11,7 +11,7 @@ import helpers
 import numpy as np
 
 from univit_jax import atomic
-from univit_jax.data import demo
+from univit_jax.data import demo, pipeline
 
 NUM_EVENTS, NUM_OBJECTS, TOP_K = 16, 32, 3
 BANK_SIZES = dict(object=10, event_1=8, event_2=8)
@@ -48,14 +48,23 @@ def _top_k(first: int, num_classes: int) -> list[int]:
   return [(first + j) % num_classes for j in range(TOP_K)]
 
 
+def data_sources(config=None) -> dict:
+  """`pipeline.sources_fingerprint` of `config`'s data (default: `tiny_config`'s), as the cluster
+  stage records it in stats.json."""
+  data_cfg = pipeline.DataConfig.from_config(config or tiny_config())
+  return pipeline.sources_fingerprint(data_cfg, pipeline.open_sources(data_cfg))
+
+
 def write_clusters(workdir: str, version: str = "v1", width: int = 64, seed: int = 0,
-                   regions: bool = True) -> None:
+                   regions: bool = True, sources: dict | None = None) -> None:
   """Writes object / event_1 / event_2 cluster outputs for the sources of `tiny_config`.
 
   Ids follow the pipeline: sources in name order, so events are ids 0..15, objects 16..47.
   `regions=False` leaves the object bank with whole-image rows only, as a teacher without
-  regions (precomputed features) gives it.
+  regions (precomputed features) gives it. stats.json records `sources` (default:
+  `data_sources()`) as the data the labels were made for.
   """
+  inputs = dict(data=dict(sources=sources or data_sources()))
   rng = np.random.default_rng(seed)
   events = demo.DemoSource("events", "train", num_examples=NUM_EVENTS, num_frames=4)
   objects = demo.DemoSource("objects", "train", num_examples=NUM_OBJECTS)
@@ -83,4 +92,5 @@ def write_clusters(workdir: str, version: str = "v1", width: int = 64, seed: int
     atomic.save_npy(os.path.join(out, "centroids.npy"), centroids)
     atomic.save_npy(os.path.join(out, "labels.npy"), np.asarray(labels, np.int32))
     atomic.save_npy(os.path.join(out, "ids.npy"), np.asarray(ids, np.int64))
-    atomic.write_json(os.path.join(out, "stats.json"), dict(bank=bank, version=version))
+    atomic.write_json(os.path.join(out, "stats.json"),
+                      dict(bank=bank, version=version, inputs=inputs))

@@ -1,14 +1,21 @@
 """Atomic file writes: readers see either the old file or the complete new one, never a part.
 
-Every file that another stage reads (features, centroids, labels, stats, exports, metrics) goes
-through here: the bytes go to a temporary file in the destination folder, are fsynced, and
-`os.replace` swaps it in; the folder is fsynced too so the rename itself survives a crash.
+The files another stage reads whole (features, centroids, labels, stats, an export's
+`config.json` and completion marker, reports, `training.png`) go through here: the bytes go to a
+temporary file in the destination folder, are fsynced, and `os.replace` swaps it in; the folder
+is fsynced too so the rename itself survives a crash.
+
+Not everything is one file: an export's `params/` is written by Orbax, and the export folder is
+made atomic by a rename of the whole folder (`checkpointing.save_export`). `metrics.jsonl` is
+appended line by line, which is not atomic; it is rewritten through here on resume, which drops
+a line torn by a kill (`train.logs`).
 """
 
 import contextlib
 import io
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from typing import IO, Any
@@ -55,6 +62,23 @@ def fsync_tree(directory: str) -> None:
         os.close(fd)
     _fsync_dir(root)
   _fsync_dir(os.path.dirname(os.path.abspath(directory)))
+
+
+def replace_dir(src: str, dst: str) -> None:
+  """Moves the finished folder `src` to `dst`, replacing any folder there.
+
+  Readers of `dst` see the old folder, for a moment no folder, or the new one; never a mix. The
+  old `dst` is first renamed aside (a rename is atomic; deleting a tree is not, and a kill
+  midway would leave part of it) and deleted after the swap.
+  """
+  parent = os.path.dirname(os.path.abspath(dst))
+  aside = os.path.join(parent, f".{os.path.basename(dst)}.old")
+  shutil.rmtree(aside, ignore_errors=True)
+  if os.path.exists(dst):
+    os.replace(dst, aside)
+  os.replace(src, dst)
+  _fsync_dir(parent)
+  shutil.rmtree(aside, ignore_errors=True)
 
 
 def write_bytes(path: str, data: bytes) -> None:

@@ -17,7 +17,10 @@ asynchronous (`wait_until_finished` before exiting) and the newest `max_to_keep`
 Exports (`save_export` / `load_export`) are params-only Orbax checkpoints plus the config as
 JSON, for inference and as the next round's teacher:
   <path>/params/       the parameter pytree
-  <path>/config.json   written atomically
+  <path>/config.json   the run's config
+  <path>/COMPLETE      written last: only a folder holding it is an export (`is_export`)
+An export is built in a sibling folder and renamed into place, so a kill while (re-)exporting
+leaves the previous export or none, never old files beside missing or partial new ones.
 """
 
 import json
@@ -28,10 +31,12 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
 from univit_jax import atomic
 
 _STATE, _DATA = "state", "data"
+_EXPORT_COMPLETE = "COMPLETE"
 
 
 class Checkpointer:
@@ -111,9 +116,12 @@ class Checkpointer:
 
 
 def save_export(path: str | os.PathLike, params: Any, config_json: str) -> None:
-  """Writes a params-only export: `<path>/params/` (Orbax) and `<path>/config.json`.
+  """Writes a params-only export: `<path>/params/` (Orbax), `<path>/config.json`, then the
+  completion marker `<path>/COMPLETE`.
 
-  Blocks until written. An existing export at `path` is replaced.
+  The three are written to the sibling folder `.<name>.partial`, which then replaces `path` by a
+  rename (`atomic.replace_dir`): `path` holds the previous export until the new one is complete.
+  Blocks until written. Every process calls this (Orbax writes each process's shards).
 
   Args:
     path: export folder.
@@ -125,11 +133,31 @@ def save_export(path: str | os.PathLike, params: Any, config_json: str) -> None:
   """
   json.loads(config_json)
   path = epath.Path(path)
+  partial = path.parent / f".{path.name}.partial"
+  primary = jax.process_index() == 0
+  if primary and partial.exists():
+    partial.rmtree()  # left by a kill mid-export
+  _barrier("univit_export_start")
   with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(path / "params", params, force=True)
+    checkpointer.save(partial / "params", params)
     checkpointer.wait_until_finished()
-  if jax.process_index() == 0:
-    atomic.write_bytes(str(path / "config.json"), config_json.encode())
+  if primary:
+    atomic.write_bytes(str(partial / "config.json"), config_json.encode())
+    atomic.fsync_tree(str(partial))
+    atomic.write_bytes(str(partial / _EXPORT_COMPLETE), b"")
+    atomic.replace_dir(str(partial), str(path))
+  _barrier("univit_export_done")
+
+
+def is_export(path: str | os.PathLike) -> bool:
+  """Whether `path` holds a complete export (its completion marker is written last)."""
+  return (epath.Path(path) / _EXPORT_COMPLETE).exists()
+
+
+def _barrier(name: str) -> None:
+  """Waits for every process (a no-op with one)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
 
 
 def load_export(path: str | os.PathLike,
@@ -145,7 +173,7 @@ def load_export(path: str | os.PathLike,
     (params, config dict).
 
   Raises:
-    FileNotFoundError: if `path` holds no export.
+    FileNotFoundError: if `path` holds no complete export.
   """
   config = read_export_config(path)
   with ocp.StandardCheckpointer() as checkpointer:
@@ -158,9 +186,10 @@ def read_export_config(path: str | os.PathLike) -> dict[str, Any]:
   abstract parameters `load_export` restores onto).
 
   Raises:
-    FileNotFoundError: if `path` holds no export.
+    FileNotFoundError: if `path` holds no complete export.
   """
-  path = epath.Path(path)
-  if not (path / "params").exists() or not (path / "config.json").exists():
-    raise FileNotFoundError(f"{path} is not an export (needs params/ and config.json)")
-  return json.loads((path / "config.json").read_text())
+  if not is_export(path):
+    raise FileNotFoundError(
+      f"{path} is not an export (no {_EXPORT_COMPLETE} marker: missing, or interrupted while "
+      "written; exporting again, e.g. rerunning --mode=train, replaces it)")
+  return json.loads((epath.Path(path) / "config.json").read_text())

@@ -198,6 +198,72 @@ def check_buckets(image_size: int, patch_size: int, frames: tuple[int, ...],
       f"data.frames={frames}")
 
 
+@dataclasses.dataclass(frozen=True)
+class ActiveParts:
+  """The parts of the recipe a run uses, decided by what its data sources yield.
+
+  Images feed the object bank; clips feed the event banks, the event schedule (and so the
+  contrastive term's event-order form) and the clip buckets. Every stage asks `active_parts`,
+  so extraction, clustering, training and the loss agree on the banks.
+
+  Attributes:
+    images: some source yields images: the object bank is used.
+    clips: some source yields clips: the event banks, the schedule and the clip buckets are.
+    frames: the frame-count buckets trained (`data.frames`, see `active_parts`).
+    bucket_weights: their mixing weights.
+    granularities: the event granularities extracted and clustered (`extract.granularities`;
+      () without clips).
+  """
+  images: bool
+  clips: bool
+  frames: tuple[int, ...]
+  bucket_weights: tuple[float, ...]
+  granularities: tuple[int, ...]
+
+  @property
+  def banks(self) -> tuple[str, ...]:
+    """The feature banks extraction writes and clustering clusters, e.g. ("object", "event_1")."""
+    return ((heads.OBJECT_BANK,) if self.images else ()) + tuple(
+      heads.event_bank_name(g) for g in self.granularities)
+
+  def feeds(self, bank: str) -> bool:
+    """Whether the data feeds a bank named in the config: event banks need clips, the object
+    bank images."""
+    return self.clips if heads.event_granularity(bank) is not None else self.images
+
+
+def active_parts(config: ml_collections.ConfigDict) -> ActiveParts:
+  """What `config.data.sources` yield, and so the banks and buckets every stage uses.
+
+  Without clips, the buckets no source feeds are dropped (image data leaves the default clip
+  buckets empty); with clips, every bucket of `data.frames` must be fed. A config without
+  sources (a recipe completed by overrides, or one only summarised) keeps every part.
+
+  Raises:
+    ConfigError: naming the field, for malformed buckets or sources, or a bucket no source feeds
+      when some source yields clips (or when none of them is fed).
+  """
+  # data.sources imports this module (for ConfigError), so it cannot be imported at the top.
+  from univit_jax.data import sources  # pylint: disable=import-outside-toplevel
+  validate_data(config)
+  d = config.data
+  specs = [sources.SourceSpec.from_dict(name, spec.to_dict())
+           for name, spec in sorted(d.sources.items())]
+  images = not specs or any(not s.is_video for s in specs)
+  clips = not specs or any(s.is_video for s in specs)
+  fed = {t for s in specs for t in s.buckets(tuple(d.frames))} if specs else set(d.frames)
+  unfed = [t for t in d.frames if t not in fed]
+  if unfed and (clips or len(unfed) == len(d.frames)):
+    raise ConfigError(
+      f"no source feeds the {unfed}-frame bucket(s) of data.frames={tuple(d.frames)}; add a "
+      "video source (or a source whose `frames` include them) or remove them")
+  kept = [(t, w) for t, w in zip(d.frames, d.bucket_weights) if t in fed]
+  return ActiveParts(
+    images=images, clips=clips, frames=tuple(t for t, _ in kept),
+    bucket_weights=tuple(float(w) for _, w in kept),
+    granularities=tuple(int(g) for g in config.extract.granularities) if clips else ())
+
+
 def tokens_per_frame(image_size: int, patch_size: int) -> int:
   """(image_size / patch_size)^2 patch tokens per frame."""
   return (image_size // patch_size) ** 2
@@ -247,17 +313,19 @@ def batch_shards(config: ml_collections.ConfigDict, num_devices: int) -> int:
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> ModelConfig:
-  """Validates a whole config before any compute; returns the typed model config.
+  """Validates the model, the data buckets and sources and the mesh of a config for a device
+  count; returns the typed model config. (`preflight.check` runs it with every other check a
+  stage makes.)
 
   Raises:
     ConfigError: naming the first invalid field.
   """
-  validate_data(config)
+  parts = active_parts(config)
   model = model_config(config)
   shards = batch_shards(config, num_devices)
   d = config.data
   per_frame = tokens_per_frame(d.image_size, config.model.patch_size)
-  for t in d.frames:
+  for t in parts.frames:
     batch = d.tokens_per_batch // (t * per_frame)
     if batch < 1 or batch % shards:
       raise ConfigError(
@@ -374,8 +442,17 @@ def default_config(variant: str) -> ml_collections.ConfigDict:
     # "auto": banks start from their k-means centroids when these have the encoder's width
     # (else N(0, 0.01)); "random": always N(0, 0.01).
     bank_init="auto",
+    # An export whose encoder a fresh run starts from ("" = random init); a checkpoint, once
+    # written, takes precedence. `--mode=pipeline` sets it to round r - 1's export for round r
+    # when `warm_start` (the round's banks still start from its own new clusters).
+    init_encoder="",
+    warm_start=True,
     compilation_cache_dir="",  # persistent XLA cache; "" = <workdir>/jax_cache, "none" = off
     progress_bar=True,  # tqdm bar with ETA on the terminal
+    # Resume from a checkpoint although total_steps or the learning-rate / loss schedule changed:
+    # the new schedules then apply from the restored step on (docs/training.md, "Resuming with
+    # another config"); without it such a resume is refused.
+    allow_schedule_change=False,
     debug_nan_step=-1,  # testing aid: make the contrastive term NaN at this step (-1 = off)
     debug_step_sleep=0.0))  # testing aid: seconds to sleep after each step
   c.rounds = 1  # extract -> cluster -> train rounds of --mode=pipeline
@@ -429,6 +506,10 @@ def default_config(variant: str) -> ml_collections.ConfigDict:
     # sample shares, which otherwise collapses encoders whose inputs share most of their content
     # (docs/training.md, "Embedding collapse"). Off in the papers' recipe.
     center_embeddings=False,
+    # The object term's targets for an image embedding: "objects", the set of its regions' top-1
+    # clusters (the paper: an image carries the set of its objects' clusters; images without
+    # regions fall back to their whole-image row); "whole", the top-k of the whole-image row.
+    image_labels="objects",
     bank_weights=dict(object=1.0, event_1=1.0, event_2=1.0, event_4=1.0, event_8=1.0),
     contrastive=dict(weight=1.0, temperature=0.1),
     # Curriculum, coarse to fine: (training progress from which it applies, active event
@@ -438,6 +519,7 @@ def default_config(variant: str) -> ml_collections.ConfigDict:
 
 
 LOSS_KINDS = ("mlcd", "cosface_slot")
+IMAGE_LABELS = ("objects", "whole")  # loss.image_labels: see default_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -452,45 +534,58 @@ class DiscriminationConfig:
   center_embeddings: bool = False
 
 
+# The event schedule of a run without clips: no event granularity at any time.
+NO_EVENT_SCHEDULE = ((0.0, ()),)
+
+
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-  """Typed view of `config.loss`, built by `loss_config`."""
+  """Typed view of `config.loss`, built by `loss_config`: `bank_weights` of the banks the data
+  feeds, and `NO_EVENT_SCHEDULE` when it has no clips."""
   discrimination: DiscriminationConfig = DiscriminationConfig()
   bank_weights: tuple[tuple[str, float], ...] = ()
   contrastive_weight: float = 1.0
   temperature: float = 0.1
   event_schedule: tuple[tuple[float, tuple[int, ...]], ...] = ((0.0, (1,)),)
+  image_labels: str = "objects"
+
+  @property
+  def trained_banks(self) -> tuple[str, ...]:
+    """The banks training reads clusters for and scores against: those with a positive weight."""
+    return tuple(name for name, weight in self.bank_weights if weight > 0)
 
 
-def loss_config(config: ml_collections.ConfigDict) -> LossConfig:
-  """Validated typed view of `config.loss`.
+def _bank_weights(bank_weights: ml_collections.ConfigDict, parts: ActiveParts
+                  ) -> tuple[tuple[str, float], ...]:
+  """`loss.bank_weights` restricted to the banks the data feeds (`ActiveParts.feeds`).
 
   Raises:
-    ConfigError: naming the field, for unknown kinds, out-of-range values, a malformed schedule,
-      or an event granularity of the schedule without a bank weight.
+    ConfigError: for an unknown bank or a negative weight, or when no bank the data feeds has a
+      positive weight.
   """
-  l = config.loss
-  if l.kind not in LOSS_KINDS:
-    raise ConfigError(f"loss.kind={l.kind!r}: expected one of {LOSS_KINDS}")
-  if l.scale <= 0:
-    raise ConfigError(f"loss.scale={l.scale} must be positive")
-  if not 0 <= l.margin < 1:
-    raise ConfigError(f"loss.margin={l.margin} must be in [0, 1)")
-  if not 0 < l.sample_ratio <= 1:
-    raise ConfigError(f"loss.sample_ratio={l.sample_ratio} must be in (0, 1]")
-  if l.num_positive_slots < 1:
-    raise ConfigError(f"loss.num_positive_slots={l.num_positive_slots} must be positive")
-  if not -1 <= l.filter_threshold <= 1:
-    raise ConfigError(f"loss.filter_threshold={l.filter_threshold} must be a cosine in [-1, 1]")
-  if l.contrastive.weight < 0:
-    raise ConfigError(f"loss.contrastive.weight={l.contrastive.weight} must be >= 0")
-  if l.contrastive.temperature <= 0:
-    raise ConfigError(f"loss.contrastive.temperature={l.contrastive.temperature} must be positive")
-  weights = tuple((str(name), float(w)) for name, w in l.bank_weights.items())
+  weights = tuple((str(name), float(w)) for name, w in bank_weights.items())
   for name, w in weights:
+    if name != heads.OBJECT_BANK and heads.event_granularity(name) is None:
+      raise ConfigError(f"loss.bank_weights.{name}: unknown bank; expected "
+                        f"{heads.OBJECT_BANK!r} or 'event_<g>'")
     if w < 0:
       raise ConfigError(f"loss.bank_weights.{name}={w} must be >= 0")
-  schedule = tuple((float(start), tuple(int(g) for g in gs)) for start, gs in l.event_schedule)
+  fed = tuple((name, w) for name, w in weights if parts.feeds(name))
+  if not any(w > 0 for _, w in fed):
+    raise ConfigError(
+      f"loss.bank_weights={dict(weights)}: no bank the data feeds has a positive weight "
+      f"(images feed {heads.OBJECT_BANK!r}, clips 'event_<g>'); there is nothing to train")
+  return fed
+
+
+def _event_schedule(entries: Sequence, weights: tuple[tuple[str, float], ...]
+                    ) -> tuple[tuple[float, tuple[int, ...]], ...]:
+  """The validated `loss.event_schedule`.
+
+  Raises:
+    ConfigError: for a malformed schedule, or an event granularity without a bank weight.
+  """
+  schedule = tuple((float(start), tuple(int(g) for g in gs)) for start, gs in entries)
   starts = [start for start, _ in schedule]
   if not schedule or starts[0] != 0.0 or any(b <= a for a, b in zip(starts, starts[1:])):
     raise ConfigError(
@@ -507,6 +602,41 @@ def loss_config(config: ml_collections.ConfigDict) -> LossConfig:
       raise ConfigError(
         f"loss.event_schedule uses granularities without a weight in loss.bank_weights: "
         f"{missing}")
+  return schedule
+
+
+def loss_config(config: ml_collections.ConfigDict) -> LossConfig:
+  """Validated typed view of `config.loss`, for the banks the data feeds (`active_parts`):
+  without clips the event banks and the event schedule are left out, without images the object
+  bank.
+
+  Raises:
+    ConfigError: naming the field, for unknown kinds, out-of-range values, bank weights that
+      leave nothing to train, or (with clips) a malformed schedule or an event granularity of
+      the schedule without a bank weight.
+  """
+  l = config.loss
+  if l.kind not in LOSS_KINDS:
+    raise ConfigError(f"loss.kind={l.kind!r}: expected one of {LOSS_KINDS}")
+  if l.image_labels not in IMAGE_LABELS:
+    raise ConfigError(f"loss.image_labels={l.image_labels!r}: expected one of {IMAGE_LABELS}")
+  if l.scale <= 0:
+    raise ConfigError(f"loss.scale={l.scale} must be positive")
+  if not 0 <= l.margin < 1:
+    raise ConfigError(f"loss.margin={l.margin} must be in [0, 1)")
+  if not 0 < l.sample_ratio <= 1:
+    raise ConfigError(f"loss.sample_ratio={l.sample_ratio} must be in (0, 1]")
+  if l.num_positive_slots < 1:
+    raise ConfigError(f"loss.num_positive_slots={l.num_positive_slots} must be positive")
+  if not -1 <= l.filter_threshold <= 1:
+    raise ConfigError(f"loss.filter_threshold={l.filter_threshold} must be a cosine in [-1, 1]")
+  if l.contrastive.weight < 0:
+    raise ConfigError(f"loss.contrastive.weight={l.contrastive.weight} must be >= 0")
+  if l.contrastive.temperature <= 0:
+    raise ConfigError(f"loss.contrastive.temperature={l.contrastive.temperature} must be positive")
+  parts = active_parts(config)
+  weights = _bank_weights(l.bank_weights, parts)
+  schedule = _event_schedule(l.event_schedule, weights) if parts.clips else NO_EVENT_SCHEDULE
   return LossConfig(
     discrimination=DiscriminationConfig(
       kind=l.kind, scale=float(l.scale), margin=float(l.margin),
@@ -514,7 +644,8 @@ def loss_config(config: ml_collections.ConfigDict) -> LossConfig:
       filter_threshold=float(l.filter_threshold),
       center_embeddings=bool(l.center_embeddings)),
     bank_weights=weights, contrastive_weight=float(l.contrastive.weight),
-    temperature=float(l.contrastive.temperature), event_schedule=schedule)
+    temperature=float(l.contrastive.temperature), event_schedule=schedule,
+    image_labels=str(l.image_labels))
 
 
 def pretraining_config(arg: str | None, variant: str, tokens_per_batch: int

@@ -1,8 +1,11 @@
 """The entry point: `python -m univit_jax.main --config=configs/<name>.py[:args] --workdir=DIR`.
 
 `--mode` picks the stage (default: the config's own `mode`); `--config.a.b=value` overrides any
-field of the locked config, so a typo fails at start-up instead of being ignored. Library INFO
-logs are hidden unless `--verbosity=0` is given.
+field of the locked config, so a typo fails at start-up instead of being ignored. Every config
+check a stage of the mode would run is run before the first one starts (`preflight.py`). An
+error in the user's config, data or files prints one line, `<Kind> error: <message>`, and exits
+2; a non-finite loss prints `Training stopped: ...` and exits 1. Library INFO logs are hidden
+unless `--verbosity=0` is given; `--verbosity=1` also shows those errors' tracebacks.
 """
 
 import os
@@ -18,6 +21,10 @@ _CONFIG = config_flags.DEFINE_config_file(
   lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where outputs, checkpoints and logs go.")
 _MODE = flags.DEFINE_string("mode", None, "Stage to run; default: the config's `mode`.")
+
+# The exit code of a train or pipeline run stopped by SIGTERM once its checkpoint is saved
+# (EX_TEMPFAIL): rerunning the same command resumes, so schedulers restart on it (see launch/).
+PREEMPTED_EXIT_CODE = 75
 
 
 def _summary(config, workdir):
@@ -41,12 +48,19 @@ def _require(workdir: str | None) -> str:
   return workdir
 
 
+def _debugging() -> bool:
+  """Whether `--verbosity=1` (or more) asked for tracebacks instead of one-line errors."""
+  return logging.get_verbosity() >= logging.DEBUG
+
+
 def _stopping_cleanly(run):
-  """Runs a training stage; its errors about inputs or numerics end the run with one line."""
+  """Runs a training stage; a non-finite loss or gradient ends the run with one line (exit 1)."""
   from univit_jax import train
   try:
     return run()
-  except (train.LabelError, train.CheckpointMismatchError, train.NonFiniteError) as e:
+  except train.NonFiniteError as e:
+    if _debugging():
+      raise
     print(f"Training stopped: {e}", file=sys.stderr)
     sys.exit(1)
 
@@ -58,27 +72,44 @@ def _train(config, workdir):
   result = _stopping_cleanly(lambda: train.run_train(config, _require(workdir), evaluate))
   how = "stopped by SIGTERM (checkpoint saved)" if result.preempted else "finished"
   print(f"Training {how} at step {result.step}; cluster labels {result.label_versions}")
-  if not result.preempted:
-    path = encoder.export_encoder(config, workdir, result.state.params["encoder"])
-    print(f"Encoder export (univit_jax.load_encoder): {path}")
+  if result.preempted:
+    sys.exit(PREEMPTED_EXIT_CODE)
+  path = encoder.export_encoder(config, workdir, result.state.params["encoder"])
+  print(f"Encoder export (univit_jax.load_encoder): {path}")
 
 
 def _pipeline(config, workdir):
   from univit_jax import rounds
-  _stopping_cleanly(lambda: rounds.run_pipeline(config, _require(workdir)))
+  summary = _stopping_cleanly(lambda: rounds.run_pipeline(config, _require(workdir)))
+  if summary.get("preempted"):
+    sys.exit(PREEMPTED_EXIT_CODE)
 
 
 def _eval(config, workdir):
   from univit_jax.evaluation import run
-  try:
-    run.run_eval(config, workdir)
-  except FileNotFoundError as e:
-    print(f"Evaluation error: {e}", file=sys.stderr)
-    sys.exit(2)
+  run.run_eval(config, workdir)
 
 
 MODES = {"summary": _summary, "extract": _extract, "cluster": _cluster, "train": _train,
          "pipeline": _pipeline, "eval": _eval}
+
+
+def _user_errors() -> dict[type[Exception], str]:
+  """The exceptions that report a problem in the user's config, data or files (not a bug), each
+  with the word that names its kind in the one line `main` prints for it."""
+  from univit_jax import train
+  from univit_jax.clustering import kmeans, store
+  from univit_jax.data import pipeline, sources
+  return {config_lib.ConfigError: "Config", sources.SourceError: "Data",
+          pipeline.BadInputError: "Data", store.FeatureStoreError: "Feature store",
+          kmeans.KMeansError: "Clustering", train.LabelError: "Cluster label",
+          train.CheckpointMismatchError: "Checkpoint", FileNotFoundError: "Input"}
+
+
+def _one_line(message: str) -> str:
+  """A message as one line: its lines (e.g. a rejected manifest's bad rows) joined by "; "."""
+  lines = (line.strip() for line in message.splitlines())
+  return "; ".join(line for line in lines if line).replace(":; ", "; ")
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -104,17 +135,23 @@ def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)
   if os.environ.get("UNIVIT_DISTRIBUTED"):
     import jax
-    jax.distributed.initialize()  # Multi-host: discovers the slice (see launch/).
+    jax.distributed.initialize()  # Multi-host: discovers the TPU slice or SLURM job (launch/).
   config = _CONFIG.value
   if config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/demo.py")
   mode = _MODE.value or config.mode
   if mode not in MODES:
     raise app.UsageError(f"--mode={mode!r}: expected one of {sorted(MODES)}")
+  from univit_jax import preflight
+  errors = _user_errors()
   try:
+    preflight.check(config, mode)
     MODES[mode](config, _WORKDIR.value)
-  except config_lib.ConfigError as e:
-    print(f"Config error: {e}", file=sys.stderr)
+  except tuple(errors) as e:
+    if _debugging():
+      raise
+    kind = next(kind for cls, kind in errors.items() if isinstance(e, cls))
+    print(f"{kind} error: {_one_line(str(e))}", file=sys.stderr)
     sys.exit(2)
 
 

@@ -9,9 +9,12 @@ import jax
 import ml_collections
 import optax
 
+from univit_jax import config_lib
 from univit_jax.models import heads
 
 SCHEDULES = ("cosine", "linear", "constant")
+# The `config.optim` fields `learning_rate` reads (with total_steps): the learning-rate schedule.
+SCHEDULE_FIELDS = ("lr", "schedule", "warmup_steps", "end_lr_fraction")
 
 
 def learning_rate(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
@@ -19,7 +22,7 @@ def learning_rate(optim: ml_collections.ConfigDict, total_steps: int) -> optax.S
   `optim.lr * optim.end_lr_fraction` at `total_steps`.
 
   Raises:
-    ValueError: naming `optim.schedule` when it is unknown.
+    config_lib.ConfigError: naming `optim.schedule` when it is unknown.
   """
   warmup = min(int(optim.warmup_steps), max(total_steps - 1, 0))
   end = optim.lr * optim.end_lr_fraction
@@ -31,7 +34,8 @@ def learning_rate(optim: ml_collections.ConfigDict, total_steps: int) -> optax.S
   elif optim.schedule == "constant":
     decay = optax.constant_schedule(optim.lr)
   else:
-    raise ValueError(f"optim.schedule={optim.schedule!r}: expected one of {SCHEDULES}")
+    raise config_lib.ConfigError(
+      f"optim.schedule={optim.schedule!r}: expected one of {SCHEDULES}")
   if warmup == 0:
     return decay
   return optax.join_schedules([optax.linear_schedule(0.0, optim.lr, warmup), decay], [warmup])

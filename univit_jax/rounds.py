@@ -4,7 +4,9 @@ Round 1 extracts features with `config.extract.teacher` (the `pixels` bootstrap,
 a SigLIP tower or precomputed features); round r > 1 uses round r - 1's exported encoder. Each
 round lives in `<workdir>/round_<r>/` (features/, clusters/, checkpoints/, metrics, export/),
 and every stage skips what is already complete there, so rerunning the same command after a
-crash or a SIGTERM continues where it stopped.
+crash or a SIGTERM continues where it stopped. A rerun whose data or extract settings differ
+from those a round's features record is refused, finished rounds included
+(`extract.checked_inputs`).
 """
 
 import os
@@ -12,7 +14,7 @@ from collections.abc import Callable
 
 import ml_collections
 
-from univit_jax import atomic, encoder, train
+from univit_jax import atomic, checkpointing, encoder, preflight, train
 from univit_jax.clustering import extract, labels
 from univit_jax.evaluation import run as eval_run
 from univit_jax.train import logs as train_logs
@@ -22,27 +24,45 @@ def round_dir(workdir: str, r: int) -> str:
 
 
 def is_exported(folder: str) -> bool:
-  return os.path.exists(os.path.join(encoder.export_dir(folder), "config.json"))
+  """Whether the round in `folder` is done: its export is complete (an export interrupted by a
+  kill is not, so the round runs again and replaces it)."""
+  return checkpointing.is_export(encoder.export_dir(folder))
 
 
 def round_config(config: ml_collections.ConfigDict, workdir: str, r: int
                  ) -> ml_collections.ConfigDict:
-  """`config` with round r's teacher: round r - 1's export for r > 1."""
-  if r == 1:
-    return config
+  """`config` for round r: round r - 1's export is the teacher for r > 1, and where its encoder
+  starts when `train.warm_start`; every round compiles into one persistent cache,
+  `<workdir>/jax_cache` (unless `train.compilation_cache_dir` names one), so later rounds reuse
+  the first round's programs."""
   c = config.copy_and_resolve_references()
   with c.unlocked():
-    c.extract.teacher = encoder.export_dir(round_dir(workdir, r - 1))
+    c.train.compilation_cache_dir = (config.train.compilation_cache_dir or
+                                     os.path.join(workdir, "jax_cache"))
+    if r > 1:
+      previous = encoder.export_dir(round_dir(workdir, r - 1))
+      c.extract.teacher = previous
+      if c.train.warm_start:
+        c.train.init_encoder = previous
   return c
 
 
 def run_pipeline(config: ml_collections.ConfigDict, workdir: str,
                  log: Callable[[str], None] = print) -> dict:
-  """Runs `config.rounds` rounds in `workdir`; returns a summary (also in pipeline.json)."""
+  """Runs `config.rounds` rounds in `workdir`; returns a summary (also in pipeline.json).
+
+  Raises:
+    config_lib.ConfigError: for any invalid field, before the first stage runs
+      (`preflight.check`).
+    clustering.store.FeatureStoreError: a round's features were made from other inputs than
+      `config` gives (`extract.checked_inputs`), as any refusal of the stages themselves.
+  """
+  preflight.check(config, "pipeline")
   summary = dict(workdir=workdir, rounds=[])
   for r in range(1, config.rounds + 1):
     folder, cfg = round_dir(workdir, r), round_config(config, workdir, r)
     if is_exported(folder):
+      extract.checked_inputs(cfg, folder)  # a finished round made from other data is refused
       log(f"round {r}: complete ({encoder.export_dir(folder)})")
     else:
       log(f"round {r}: extract with teacher {cfg.extract.teacher!r}")

@@ -127,7 +127,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | None) -> dict:
     devices=f"{len(devices)} x {devices[0].platform}",
     device_bytes=dict(params=param_bytes, optimizer=opt_bytes),
     buckets={}, parameters=rows)
-  for t in config.data.frames:
+  frames = config_lib.active_parts(config).frames
+  for t in frames:
     summary["buckets"][t] = dict(
       global_batch=config_lib.bucket_batch_size(config, t),
       tokens_per_sample=t * config_lib.tokens_per_frame(
@@ -138,7 +139,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | None) -> dict:
   if config.summary.compile:
     if cfg.scan:
       print("(layers are scanned: XLA's flop count covers the loop body once, not depth times)")
-    for t in config.data.frames:
+    for t in frames:
       summary["buckets"][t].update(compile_bucket(
         graphdef, param_shardings, abstract_params, mesh, config, cfg, t))
       _print_bucket(t, summary["buckets"][t])

@@ -24,6 +24,8 @@ The teacher (`extract.teacher`, docs/clustering.md "Teachers") is one of:
 
 Extraction is jitted and sharded over the mesh (a global batch per step), and resumable: batch i
 of a bank's sources is chunk i of the bank, so a killed run skips the chunks already committed.
+Each bank records what it was made from (`feature_inputs`); a rerun whose config gives other
+inputs is refused, naming what changed (`checked_inputs`), never served the old features.
 Process 0 writes the store; every process takes part in the sharded forward passes.
 """
 
@@ -43,12 +45,11 @@ import tqdm
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from univit_jax import config_lib, encoder, losses, sharding
+from univit_jax import config_lib, encoder, losses, provenance, sharding
 from univit_jax.clustering import store
 from univit_jax.data import pipeline
-from univit_jax.models import masks, siglip, vit
+from univit_jax.models import heads, masks, siglip, vit
 
-OBJECT_BANK = "object"
 GLOBAL_ROW = -1
 SIGLIP = "siglip:"
 FEATURES = "features:"
@@ -56,10 +57,6 @@ FEATURES = "features:"
 
 class TeacherError(config_lib.ConfigError):
   """The files `extract.teacher` names are missing or malformed; the message names the file."""
-
-
-def event_bank(granularity: int) -> str:
-  return f"event_{granularity}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +102,10 @@ class ExtractConfig:
       raise config_lib.ConfigError(
         f"extract.segment_frames={cfg.segment_frames}, extract.pixels_dim={cfg.pixels_dim} and "
         f"extract.batch_size={cfg.batch_size} must be >= 1")
+    if cfg.teacher == "pixels" and cfg.pixels_dim % 2:
+      raise config_lib.ConfigError(f"extract.pixels_dim={cfg.pixels_dim} must be even (two views)")
+    if cfg.teacher.startswith(SIGLIP):
+      siglip.decode_variant(cfg.siglip_variant)
     return cfg
 
 
@@ -516,6 +517,33 @@ def make_teacher(config: ml_collections.ConfigDict, cfg: ExtractConfig,
   return encoder_teacher(cfg.teacher, mesh)
 
 
+def feature_inputs(cfg: ExtractConfig, data_cfg: pipeline.DataConfig) -> dict:
+  """What a feature store is made from, recorded in each bank's meta.json: the data sources
+  (`pipeline.sources_fingerprint`: what its example ids name), the frame settings they are read
+  with (`data.image_size`, `max_boxes`, `mean`, `std`) and the `extract` section (the teacher,
+  and `batch_size`: chunk i of a bank is batch i)."""
+  sources = pipeline.sources_fingerprint(data_cfg, pipeline.open_sources(data_cfg))
+  return provenance.jsonable(dict(
+    data=dict(sources=sources, image_size=data_cfg.image_size, max_boxes=data_cfg.max_boxes,
+              mean=data_cfg.transform.mean, std=data_cfg.transform.std),
+    extract=dataclasses.asdict(cfg)))
+
+
+def checked_inputs(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """`feature_inputs` of `config`, after refusing every bank already in `workdir` that was made
+  from other ones: a complete bank is never silently kept, nor an unfinished one resumed, for
+  other data or settings (docs/clustering.md, "Reruns").
+
+  Raises:
+    store.FeatureStoreError: naming the bank's folder and what changed.
+  """
+  inputs = feature_inputs(ExtractConfig.from_config(config),
+                          pipeline.DataConfig.from_config(config))
+  for bank in config_lib.active_parts(config).banks:
+    store.check_inputs(workdir, bank, inputs)
+  return inputs
+
+
 # A batch's work: () -> (the gathered host batch, the teacher's outputs as NumPy).
 Work = Callable[[], tuple[dict, object]]
 
@@ -531,14 +559,17 @@ def run_extract(config: ml_collections.ConfigDict, workdir: str,
 
   Returns:
     The teacher name recorded for each bank.
+
+  Raises:
+    store.FeatureStoreError: `workdir` holds features made from other inputs (`checked_inputs`).
   """
+  inputs = checked_inputs(config, workdir)
   cfg = ExtractConfig.from_config(config)
   data_cfg = pipeline.DataConfig.from_config(config)
   mesh = sharding.make_mesh(config)
   image_sources = [s.name for s in data_cfg.sources if not s.is_video]
   video_sources = [s.name for s in data_cfg.sources if s.is_video]
-  banks = ([OBJECT_BANK] if image_sources else []) + (
-    [event_bank(g) for g in cfg.granularities] if video_sources else [])
+  banks = config_lib.active_parts(config).banks
   if all(_complete(workdir, b) for b in banks):
     logging.info("extract: banks %s are complete; nothing to do", banks)
     return {b: store.BankReader(workdir, b).meta["teacher"] for b in banks}
@@ -576,14 +607,14 @@ def run_extract(config: ml_collections.ConfigDict, workdir: str,
     b_idx, r_idx = np.nonzero(valid)
     feats.append(regions[b_idx, r_idx])
     row_ids.append(np.stack([ids[b_idx], r_idx], 1))
-    return {OBJECT_BANK: (np.concatenate(feats), np.concatenate(row_ids))}
+    return {heads.OBJECT_BANK: (np.concatenate(feats), np.concatenate(row_ids))}
 
   def event_rows(batch, outputs):
     ids, keep = batch["id"][batch["example_mask"]], batch["example_mask"]
     rows = {}
     for g, feats in outputs.items():
       segs = np.arange(g)
-      rows[event_bank(g)] = (feats[keep].reshape(-1, feats.shape[-1]),
+      rows[heads.event_bank_name(g)] = (feats[keep].reshape(-1, feats.shape[-1]),
                              np.stack([np.repeat(ids, g), np.tile(segs, len(ids))], 1))
     return rows
 
@@ -625,7 +656,7 @@ def run_extract(config: ml_collections.ConfigDict, workdir: str,
     return len(starts), (lambda chunk=ids[i:i + cfg.batch_size]: work(chunk) for i in starts)
 
   def run_group(names, num_frames, bank_names, bank_dim, to_rows):
-    writers = {b: store.BankWriter(workdir, b, bank_dim, name) for b in bank_names}
+    writers = {b: store.BankWriter(workdir, b, bank_dim, name, inputs) for b in bank_names}
     if all(w.complete for w in writers.values()):
       return
     total, works = (precomputed_batches if precomputed else frame_batches)(names, num_frames)
@@ -643,10 +674,10 @@ def run_extract(config: ml_collections.ConfigDict, workdir: str,
         w.finish()
 
   if image_sources:
-    run_group(image_sources, 1, [OBJECT_BANK], dim, object_rows)
+    run_group(image_sources, 1, [heads.OBJECT_BANK], dim, object_rows)
   if video_sources:
-    run_group(video_sources, cfg.clip_frames, [event_bank(g) for g in cfg.granularities],
-              cfg.segment_frames * dim, event_rows)
+    event_banks = [heads.event_bank_name(g) for g in cfg.granularities]
+    run_group(video_sources, cfg.clip_frames, event_banks, cfg.segment_frames * dim, event_rows)
   multihost_utils.sync_global_devices("extract done")
   return {b: name for b in banks}
 

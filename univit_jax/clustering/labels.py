@@ -9,8 +9,10 @@ For each bank `workdir/features/<bank>/` (see `store`) it writes `workdir/cluste
   ids.npy        int64 [N, 2] the store's (sample id, sub-index) of each row of labels.npy
   sizes.png      histogram of cluster sizes (rows whose nearest centroid it is)
   stats.json     sizes summary, objective, empty clusters and rows searched per iteration,
-                 seconds, the ClusterSpec (`config`), and `version`: a hash of the bank's
-                 metadata and the spec, which training records
+                 seconds, the ClusterSpec (`config`), `inputs`: what the features were made
+                 from (the bank's meta.json `inputs`: data sources, extract settings; training
+                 refuses labels made for other data sources), and `version`: a hash of the
+                 bank's metadata (so of those inputs) and the spec, which training records
 
 stats.json is written last and marks the bank done: a reader that finds it with the expected
 version finds the other files complete (all files are written atomically, and stats.json is
@@ -32,7 +34,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from univit_jax import atomic
+from univit_jax import atomic, config_lib
 from univit_jax.clustering import kmeans, store
 from univit_jax.clustering.kmeans import ClusterSpec
 
@@ -58,20 +60,21 @@ def cluster_specs(config: ml_collections.ConfigDict) -> dict[str, ClusterSpec]:
 
 
 def extracted_specs(config: ml_collections.ConfigDict, workdir: str) -> dict[str, ClusterSpec]:
-  """`cluster_specs` restricted to the banks extraction wrote (a run without videos has no
-  event banks).
+  """`cluster_specs` of the banks extraction writes for the data (`config_lib.active_parts`: no
+  event banks without clips, no object bank without images).
 
   Raises:
-    store.FeatureStoreError: if no configured bank has features in `workdir`.
+    store.FeatureStoreError: if one of them has no features in `workdir`.
   """
   specs = cluster_specs(config)
-  present = {b: s for b, s in specs.items()
-             if os.path.exists(os.path.join(store.bank_dir(workdir, b), "meta.json"))}
-  if not present:
+  banks = [b for b in config_lib.active_parts(config).banks if b in specs]
+  missing = [b for b in banks
+             if not os.path.exists(os.path.join(store.bank_dir(workdir, b), "meta.json"))]
+  if missing:
     raise store.FeatureStoreError(
-      f"no feature bank of {sorted(specs)} under {os.path.join(workdir, 'features')}; "
+      f"no features of bank(s) {missing} under {os.path.join(workdir, 'features')}; "
       "run --mode=extract first")
-  return present
+  return {b: specs[b] for b in banks}
 
 
 def _as_spec(bank: str, spec: ClusterSpec | Mapping[str, Any]) -> ClusterSpec:
@@ -84,7 +87,8 @@ def _as_spec(bank: str, spec: ClusterSpec | Mapping[str, Any]) -> ClusterSpec:
 
 
 def version_id(reader: store.BankReader, spec: ClusterSpec) -> str:
-  """Hash of what determines the outputs: bank metadata (teacher, dim, chunks) and the spec."""
+  """Hash of what determines the outputs: the bank's metadata (teacher, dim, chunks, and the
+  `inputs` the features were made from: data sources, extract settings) and the spec."""
   payload = json.dumps(dict(format=STAGE_FORMAT, bank=reader.meta, spec=dataclasses.asdict(spec)),
                        sort_keys=True)
   return hashlib.sha256(payload.encode()).hexdigest()[:16]
@@ -162,7 +166,8 @@ def cluster_bank(workdir: str, bank: str, spec: ClusterSpec,
       for p in range(jax.process_count())])
     sizes = np.bincount(labels[:, 0], minlength=spec.num_clusters)
     stats = dict(
-      bank=bank, version=version, teacher=reader.teacher, num_rows=reader.num_rows,
+      bank=bank, version=version, teacher=reader.teacher, inputs=reader.meta.get("inputs"),
+      num_rows=reader.num_rows,
       dim=reader.dim, config=dataclasses.asdict(spec), processes=jax.process_count(),
       objective=result.objective, empty_per_iteration=result.empty,
       searched_per_iteration=result.searched, seconds_per_pass=result.seconds,

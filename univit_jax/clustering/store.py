@@ -2,7 +2,9 @@
 
 Layout of a bank (`workdir/features/<bank>/`):
 
-  meta.json            {"bank", "dim", "teacher", "chunks": [{"name", "rows"}...], "complete"}
+  meta.json            {"bank", "dim", "teacher", "inputs", "chunks": [{"name", "rows"}...],
+                        "complete"}; `inputs`: what the features were made from (the data
+                        sources, the extract settings: `extract.feature_inputs`)
   chunk_00000.npy      float32 [n_0, D] features
   chunk_00000.ids.npy  int64 [n_0, 2] (sample id, sub-index: segment or region; 0 if none)
   ...
@@ -12,15 +14,18 @@ memory-maps chunks. Every file is written atomically (`atomic`), and a chunk onl
 the bank when its entry is committed to meta.json, which happens after both of its files are on
 disk. A killed writer therefore leaves at worst orphan chunk files that the resumed writer
 overwrites; it never leaves a chunk that a reader could see half-written. One writer per bank.
+A bank is reused (resumed, or kept when complete) only for the inputs it records
+(`check_inputs`).
 """
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import numpy as np
 
-from univit_jax import atomic
+from univit_jax import atomic, provenance
 
 FORMAT_VERSION = 1
 # Rows with an L2 norm at or below this cannot be put on the sphere.
@@ -79,6 +84,23 @@ def _read_meta(workdir: str, bank: str) -> dict:
       raise FeatureStoreError(f"bank {bank!r}: {path} is not valid JSON: {e}") from e
 
 
+def check_inputs(workdir: str, bank: str, inputs: Mapping[str, Any]) -> None:
+  """Refuses a bank in `workdir` (complete or not) made from other `inputs` than these.
+
+  Raises:
+    FeatureStoreError: naming the folder and each input that differs (`provenance.differences`).
+  """
+  if not os.path.exists(os.path.join(bank_dir(workdir, bank), "meta.json")):
+    return
+  changed = provenance.differences(_read_meta(workdir, bank).get("inputs"), inputs)
+  if changed:
+    features = os.path.join(workdir, "features")
+    raise FeatureStoreError(
+      f"the features in {bank_dir(workdir, bank)} were extracted from other inputs than the "
+      f"config now gives: {'; '.join(changed)}. Use a new workdir, or delete {features} (and "
+      "the clusters/ and checkpoints/ made from it) to extract again")
+
+
 class BankWriter:
   """Appends feature chunks to a bank; reopening an unfinished bank resumes it.
 
@@ -86,7 +108,10 @@ class BankWriter:
   writing a chunk that is already committed is a no-op.
   """
 
-  def __init__(self, workdir: str, bank: str, dim: int, teacher: str):
+  def __init__(self, workdir: str, bank: str, dim: int, teacher: str,
+               inputs: Mapping[str, Any] | None = None):
+    """Opens (or creates) the bank; `inputs` (JSON) is recorded in a new bank's meta.json, and
+    must be checked against an existing one's first (`check_inputs`)."""
     self.bank, self.dim, self.teacher = bank, int(dim), str(teacher)
     self.directory = bank_dir(workdir, bank)
     self._meta_path = os.path.join(self.directory, "meta.json")
@@ -100,7 +125,7 @@ class BankWriter:
       self._meta = meta
     else:
       self._meta = dict(format=FORMAT_VERSION, bank=bank, dim=self.dim, teacher=self.teacher,
-                        chunks=[], complete=False)
+                        inputs=inputs, chunks=[], complete=False)
       atomic.write_json(self._meta_path, self._meta)
 
   @property

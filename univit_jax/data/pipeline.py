@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from univit_jax import config_lib
+from univit_jax import config_lib, provenance
 from univit_jax.data import sources as sources_lib
 from univit_jax.data import streams
 from univit_jax.data import transforms
@@ -100,16 +100,18 @@ class DataConfig:
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> "DataConfig":
-    """Reads `config.data` (and `config.model.patch_size` / `rope.virtual_frames`).
+    """Reads `config.data` (and `config.model.patch_size` / `rope.virtual_frames`); the buckets
+    are those `config_lib.active_parts` keeps for the sources.
 
     Raises:
       config_lib.ConfigError: naming the offending field.
     """
     d = config.data
+    parts = config_lib.active_parts(config)
     specs = tuple(sources_lib.SourceSpec.from_dict(name, spec.to_dict())
                   for name, spec in sorted(d.sources.items()))
     return cls(
-      sources=specs, frames=tuple(d.frames), bucket_weights=tuple(d.bucket_weights),
+      sources=specs, frames=parts.frames, bucket_weights=parts.bucket_weights,
       tokens_per_batch=d.tokens_per_batch, image_size=d.image_size,
       patch_size=config.model.patch_size, virtual_frames=config.model.rope.virtual_frames,
       transform=transforms.TransformConfig(
@@ -123,10 +125,8 @@ class DataConfig:
       bad_check_after=d.bad_check_after)
 
   def source_buckets(self, spec: sources_lib.SourceSpec) -> tuple[int, ...]:
-    """The buckets a source feeds: its `frames`, else all (videos) or (1,) (images)."""
-    if spec.frames is not None:
-      return spec.frames
-    return self.frames if spec.is_video else (1,)
+    """The buckets a source feeds (`SourceSpec.buckets` of these frames)."""
+    return spec.buckets(self.frames)
 
   def batch_sizes(self, batch_multiple: int = 1) -> dict[int, int]:
     """Global batch size per bucket (see `config_lib.bucket_batch_sizes`)."""
@@ -154,6 +154,36 @@ def id_ranges(cfg: DataConfig, sources: Mapping[str, sources_lib.Source]) -> dic
   return ranges
 
 
+def sources_fingerprint(cfg: DataConfig, sources: Mapping[str, sources_lib.Source]) -> dict:
+  """What the example ids of `id_ranges` stand for, per source name: its spec (`data.sources.
+  <name>`), its record count and, for a source that lists its records (`FileSource`), a digest
+  of them (`content_key`). Every output keyed by example id (features, clusters, checkpoints)
+  records it, and a rerun refuses one recorded with another (`provenance`): the same id would
+  name another record, and its label another record's."""
+  out = {}
+  for spec in cfg.sources:
+    source = sources[spec.name]
+    out[spec.name] = dict(spec=spec.to_dict(), records=len(source))
+    if isinstance(source, sources_lib.FileSource):
+      out[spec.name]["content"] = source.content_key()
+  return provenance.jsonable(out)
+
+
+def batches_fingerprint(cfg: DataConfig, sources: Mapping[str, sources_lib.Source],
+                        batch_sizes: Mapping[int, int]) -> dict:
+  """What fixes the training batches and the meaning of the data iterator's saved position
+  (`build_train_dataset`), by `config.data` field: the sources (`sources_fingerprint`), the
+  buckets and their weights, the token budget and frame size that set the batch sizes, the
+  global batch sizes themselves (`batch_sizes`: also rounded to the data-parallel size), the
+  shuffle seed, the worker count and the process count (grain saves one position per process,
+  laid out by workers). A checkpoint's iterator position is resumed only under the same."""
+  return provenance.jsonable(dict(
+    sources=sources_fingerprint(cfg, sources), frames=cfg.frames,
+    bucket_weights=cfg.bucket_weights, tokens_per_batch=cfg.tokens_per_batch,
+    image_size=cfg.image_size, batch_sizes=dict(batch_sizes), shuffle_seed=cfg.shuffle_seed,
+    worker_count=cfg.worker_count, processes=jax.process_count()))
+
+
 def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
   index = jax.process_index() if process_index is None else process_index
   count = jax.process_count() if process_count is None else process_count
@@ -179,12 +209,12 @@ class _Layout:
     if missing:
       raise ValueError(f"no source object for data.sources {missing}")
     if not cfg.sources:
-      raise ValueError("data.sources is empty: configure at least one source")
+      raise config_lib.ConfigError("data.sources is empty: configure at least one source")
     self.specs = cfg.sources
     self.sources = [opened[s.name] for s in cfg.sources]
     for spec, src in zip(self.specs, self.sources):
       if not len(src):
-        raise ValueError(f"data.sources.{spec.name} has no records")
+        raise sources_lib.SourceError(f"data.sources.{spec.name} has no records")
     self.id_ranges = id_ranges(cfg, opened)
     has_boxes = any("boxes" in src[0] for src in self.sources)
     self.max_boxes = cfg.max_boxes if has_boxes else 0
@@ -282,7 +312,8 @@ def build_train_dataset(
     `global batch size / process_count` examples.
 
   Raises:
-    ValueError: a bucket with no source, an empty host shard, or an impossible batch size.
+    config_lib.ConfigError: a bucket with no source, or an impossible batch size.
+    sources_lib.SourceError: an empty source or host shard.
   """
   index, count = _process(process_index, process_count)
   layout = _Layout(cfg, open_sources(cfg) if sources is None else sources)
@@ -291,12 +322,14 @@ def build_train_dataset(
   for t, weight in zip(cfg.frames, cfg.bucket_weights):
     names = [s.name for s in cfg.sources if t in cfg.source_buckets(s)]
     if not names:
-      raise ValueError(f"no source feeds the {t}-frame bucket of data.frames={cfg.frames}; "
-                       "set a video source or a source's `frames` to include it")
+      raise config_lib.ConfigError(
+        f"no source feeds the {t}-frame bucket of data.frames={cfg.frames}; set a video "
+        "source or a source's `frames` to include it")
     records = layout.ranges(names)[index::count]
     if not len(records):
-      raise ValueError(f"host {index} of {count} gets no record of the {t}-frame bucket "
-                       f"({len(layout.ranges(names))} records)")
+      raise sources_lib.SourceError(
+        f"host {index} of {count} gets no record of the {t}-frame bucket "
+        f"({len(layout.ranges(names))} records)")
     loader = streams.ExampleLoader(layout.sources, streams.ExampleConfig(
       num_frames=t, transform=cfg.transform, sampling=cfg.frame_sampling,
       stride=cfg.frame_stride, max_boxes=layout.max_boxes))

@@ -14,6 +14,7 @@ SOURCE_TYPES); `build_source` turns a spec into a source.
 
 import csv
 import dataclasses
+import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -28,7 +29,13 @@ from univit_jax.data import video
 
 SOURCE_TYPES = ("tfds", "video_folder", "image_folder", "demo")
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+# The only formats PIL may decode (by content, whatever the extension): common photo formats,
+# not the dozens of rarely used decoders PIL would otherwise try on an untrusted file.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+# Images with more pixels are refused before decoding (8192 x 8192, 192 MiB as RGB), so a small
+# file declaring a huge size (a decompression bomb) cannot exhaust a worker's memory.
+MAX_IMAGE_PIXELS = 8192 * 8192
 MANIFEST_COLUMNS = ("path", "label", "start", "end")
 
 
@@ -39,6 +46,11 @@ class BadRecordError(Exception):
     super().__init__(f"{where}: {reason}")
     self.where = where
     self.reason = reason
+
+
+class SourceError(ValueError):
+  """A source's records cannot be listed (a missing path, a rejected manifest, no matching files,
+  no records): the user's data or paths need fixing; the message names them."""
 
 
 class Source(Protocol):
@@ -100,6 +112,18 @@ class SourceSpec:
       return True
     return self.type == "demo" and dict(self.options).get("kind") == "events"
 
+  def buckets(self, frames: tuple[int, ...]) -> tuple[int, ...]:
+    """The buckets of `frames` (`data.frames`) this source feeds: its own `frames`, else every
+    bucket (clips) or the 1-frame bucket (images)."""
+    if self.frames is not None:
+      return self.frames
+    return frames if self.is_video else (1,)
+
+  def to_dict(self) -> dict[str, Any]:
+    """The spec as `config.data.sources.<name>` gives it (the inverse of `from_dict`)."""
+    frames = {} if self.frames is None else dict(frames=self.frames)
+    return dict(type=self.type, **frames, **dict(self.options))
+
 
 # Per type: field -> required.
 _SOURCE_FIELDS = {
@@ -156,6 +180,15 @@ class FileSource:
       record["end"] = e.end
     return record
 
+  def content_key(self) -> str:
+    """A digest of every entry's path and time span, in order: it changes when files are added,
+    removed, renamed or reordered, even at the same count (the example ids then name other
+    files; `pipeline.sources_fingerprint`)."""
+    digest = hashlib.sha256()
+    for e in self._entries:
+      digest.update(f"{e.path}\0{e.start}\0{e.end}\n".encode())
+    return digest.hexdigest()[:16]
+
   def __repr__(self) -> str:
     return f"FileSource({len(self)} {self._kind} files)"
 
@@ -169,13 +202,13 @@ def read_entries(path: str, kind: str) -> list[FileEntry]:
   directly under root get label -1.
 
   Raises:
-    ValueError: the path does not exist, the manifest has unknown or missing columns, or names
+    SourceError: the path does not exist, the manifest has unknown or missing columns, or names
       missing files; the message lists the offending rows.
   """
   if os.path.isdir(path):
     return _scan_tree(path, VIDEO_EXTENSIONS if kind == "video" else IMAGE_EXTENSIONS)
   if not os.path.isfile(path):
-    raise ValueError(f"source path {path!r} is neither a manifest file nor a directory")
+    raise SourceError(f"source path {path!r} is neither a manifest file nor a directory")
   rows = _read_manifest_rows(path)
   return _manifest_entries(path, rows, kind)
 
@@ -191,7 +224,7 @@ def _scan_tree(root: str, extensions: tuple[str, ...]) -> list[FileEntry]:
       entries.extend(FileEntry(os.path.join(dirpath, f), label) for f in sorted(filenames)
                      if f.lower().endswith(extensions))
   if not entries:
-    raise ValueError(f"no files with extensions {extensions} under {root!r}")
+    raise SourceError(f"no files with extensions {extensions} under {root!r}")
   return entries
 
 
@@ -205,14 +238,14 @@ def _read_manifest_rows(path: str) -> list[tuple[int, dict[str, Any]]]:
           try:
             rows.append((line_no, json.loads(line)))
           except json.JSONDecodeError as e:
-            raise ValueError(f"manifest {path} line {line_no}: not JSON ({e})") from e
+            raise SourceError(f"manifest {path} line {line_no}: not JSON ({e})") from e
     return rows
   if path.endswith(".csv"):
     with open(path, newline="") as f:
       reader = csv.DictReader(f)
       return [(line_no, {k: v for k, v in row.items() if v not in ("", None)})
               for line_no, row in enumerate(reader, start=2)]
-  raise ValueError(f"manifest {path!r}: expected a .csv or .jsonl file")
+  raise SourceError(f"manifest {path!r}: expected a .csv or .jsonl file")
 
 
 def _manifest_entries(
@@ -233,7 +266,7 @@ def _manifest_entries(
   if problems:
     listed = "\n  ".join(problems[:20])
     more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-    raise ValueError(f"manifest {path} rejected ({len(problems)} bad rows):\n  {listed}{more}")
+    raise SourceError(f"manifest {path} rejected ({len(problems)} bad rows):\n  {listed}{more}")
   labels = [row.get("label") for _, row in rows]
   names = sorted({str(v) for v in labels if v is not None and not _is_int(v)})
   index = {n: i for i, n in enumerate(names)}
@@ -288,7 +321,8 @@ class TfdsSource:
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     example = self._ds[index]
-    image = np.asarray(_lookup(example, self._image_key, self._where))
+    image = to_uint8_image(np.asarray(_lookup(example, self._image_key, self._where)),
+                           f"{self._where} record {index}")
     label = None
     if self._label_key:
       label = _lookup(example, self._label_key, self._where, None)
@@ -316,9 +350,49 @@ def _lookup(example: Mapping[str, Any], key: str, where: str, *default):
   return value
 
 
+def to_uint8_image(image: np.ndarray, where: str) -> np.ndarray:
+  """An in-memory image `[H, W]` or `[H, W, C]` as uint8 `[H, W, C]`, converting only the dtypes
+  whose pixel scale is unambiguous (as `tf.image.convert_image_dtype` reads them): bool (True is
+  255), uint16 (full range, e.g. 16-bit PNGs) and floats in [0, 1].
+
+  Raises:
+    BadRecordError: naming `where` and the dtype for any other dtype (signed integers, whose scale
+      is a guess) or for floats outside [0, 1] or not finite.
+  """
+  if image.ndim == 2:
+    image = image[..., None]
+  if image.dtype == np.uint8:
+    return image
+  if image.dtype == np.bool_:
+    return image.astype(np.uint8) * np.uint8(255)
+  if image.dtype == np.uint16:
+    return np.round(image * (255 / 65535)).astype(np.uint8)
+  if np.issubdtype(image.dtype, np.floating):
+    if image.size and not (np.isfinite(image).all() and 0 <= image.min() and image.max() <= 1):
+      raise BadRecordError(where, f"{image.dtype} image with values outside [0, 1]")
+    return np.round(image * 255).astype(np.uint8)
+  raise BadRecordError(where, f"{image.dtype} image: expected uint8, uint16, bool or floats "
+                       "in [0, 1]")
+
+
 def read_image(path: str) -> np.ndarray:
-  """Decodes an image file to uint8 `[1, H, W, 3]` (EXIF-rotated; gray/alpha/palette -> RGB)."""
-  with Image.open(path) as image:
+  """Decodes an image file in one of IMAGE_FORMATS to uint8 `[1, H, W, 3]` (EXIF-rotated;
+  gray/alpha/palette -> RGB).
+
+  Raises:
+    BadRecordError: for a file in no allowed format, or more than MAX_IMAGE_PIXELS pixels
+      (checked from the header, before decoding). Truncated or corrupt files raise PIL's errors
+      (`load_clip` names them).
+  """
+  try:
+    opened = Image.open(path, formats=IMAGE_FORMATS)
+  except Image.UnidentifiedImageError as e:
+    raise BadRecordError(path, f"not an image in an allowed format {IMAGE_FORMATS}") from e
+  with opened as image:
+    width, height = image.size
+    if width * height > MAX_IMAGE_PIXELS:
+      raise BadRecordError(path, f"{width}x{height} image is above MAX_IMAGE_PIXELS="
+                           f"{MAX_IMAGE_PIXELS}")
     image = ImageOps.exif_transpose(image)
     return np.asarray(image.convert("RGB"))[None]
 

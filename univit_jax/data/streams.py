@@ -60,8 +60,10 @@ class ExampleLoader:
 
   The index runs over the concatenation of `sources`; `offsets[i]` is where source i starts.
   An unreadable record is replaced by the next index of the same source (wrapping), so the
-  replacement is deterministic and stays eligible for the bucket; the replaced record's path and
-  reason travel with the example in `skipped`.
+  replacement is deterministic and stays eligible for the bucket; the replaced record's key (its
+  path, or its index in its source) and reason travel with the example in `skipped`. Any
+  exception raised while reading or preparing one record counts as an unreadable record: a
+  defect that hits every record still stops the run (MAX_CONSECUTIVE_BAD, `max_bad_fraction`).
   """
 
   def __init__(self, sources: Sequence[sources_lib.Source], cfg: ExampleConfig):
@@ -77,7 +79,7 @@ class ExampleLoader:
     for attempt in range(MAX_CONSECUTIVE_BAD):
       local = (index - start + attempt) % len(source)
       try:
-        example = self._load(source[local], rng)
+        example = self._example(source, local, rng)
       except sources_lib.BadRecordError as e:
         skipped.append(str(e))
         continue
@@ -87,6 +89,24 @@ class ExampleLoader:
     raise sources_lib.BadRecordError(
       f"source {s} records {index - start}..{index - start + MAX_CONSECUTIVE_BAD - 1}",
       f"{MAX_CONSECUTIVE_BAD} unreadable records in a row; first ones: {skipped[:3]}")
+
+  def _example(self, source: sources_lib.Source, local: int, rng: np.random.Generator | None
+               ) -> dict[str, Any]:
+    """The example of record `local` of `source`.
+
+    Raises:
+      BadRecordError: keyed by the record's path (file records) or its index in its source, for
+        any failure of the source's reader, the decoder or the transforms on this record.
+    """
+    key = f"record {local} of {source!r}"
+    try:
+      record = source[local]
+      key = str(record.get("path", key))
+      return self._load(record, rng)
+    except sources_lib.BadRecordError as e:
+      raise sources_lib.BadRecordError(key, e.reason) from e
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      raise sources_lib.BadRecordError(key, f"{type(e).__name__}: {e}") from e
 
   def _load(self, record: dict[str, Any], rng: np.random.Generator | None) -> dict[str, Any]:
     cfg = self._cfg

@@ -57,7 +57,9 @@ def _indexed_frames(container: av.container.InputContainer, stream: av.VideoStre
   """Yields (frame index, frame) in presentation order, starting at or before frame `first`.
 
   For `first > 0` it seeks to the keyframe before it and indexes frames by timestamp (constant
-  frame rate assumed); otherwise it decodes from the start and counts.
+  frame rate assumed); a demuxer that lands past that keyframe (containers without a seek index,
+  e.g. MPEG-TS, where decoding then starts at a later keyframe) is sent back to the start.
+  Otherwise it decodes from the start and counts.
 
   Raises:
     ValueError: after a seek, a frame without timestamp.
@@ -67,11 +69,59 @@ def _indexed_frames(container: av.container.InputContainer, stream: av.VideoStre
     return
   offset = stream.start_time or 0
   container.seek(offset + int(first / fps / stream.time_base), stream=stream)
-  origin = float(offset * stream.time_base)
-  for frame in container.decode(stream):
+  frames = _timed(container.decode(stream), stream, fps)
+  head = next(frames, None)
+  if head is None or head[0] > first:
+    container.seek(0)
+    frames = _timed(container.decode(stream), stream, fps)
+  else:
+    yield head
+  yield from frames
+
+
+def _timed(frames, stream: av.VideoStream, fps: float):
+  """(frame index, frame) pairs, the index from the frame's timestamp."""
+  origin = float((stream.start_time or 0) * stream.time_base)
+  for frame in frames:
     if frame.pts is None:
       raise ValueError("frames carry no timestamps, so start cannot be sought")
     yield int(round((float(frame.pts * stream.time_base) - origin) * fps)), frame
+
+
+def _count_frames(path: str, limit: int | None) -> int:
+  """Frames of the first video stream of a container whose header does not state its count
+  (WebM, MKV, MPEG-TS, raw streams), counted from its packets (demuxed, not decoded: one packet
+  per frame) up to `limit`."""
+  count = 0
+  with av.open(path) as container:
+    for packet in container.demux(container.streams.video[0]):
+      if packet.size:  # the demuxer ends with an empty flush packet
+        count += 1
+      if limit is not None and count >= limit:
+        break
+  return count
+
+
+def _decode_at(frames, indices: np.ndarray, total: int) -> dict[int, np.ndarray]:
+  """The RGB frames at `indices` from (index, frame) pairs in order, decoding no further than the
+  last one needed. Each wanted index takes the first frame at or after it (robust to timestamp
+  rounding).
+
+  Raises:
+    ValueError: the frames end before the last wanted index (a truncated file).
+  """
+  targets = sorted(set(indices.tolist()))
+  kept, pending, reached = {}, 0, -1
+  for i, frame in frames:
+    reached = i
+    if i >= targets[pending]:
+      array = frame.to_ndarray(format="rgb24")
+      while pending < len(targets) and i >= targets[pending]:
+        kept[targets[pending]] = array
+        pending += 1
+      if pending == len(targets):
+        return kept
+  raise ValueError(f"video ended at frame {reached} of the {total} it should have")
 
 
 def read_clip(
@@ -80,8 +130,9 @@ def read_clip(
   """Decodes T sampled frames of the first video stream of a file.
 
   Decoding starts at the keyframe before `start` and stops at the last frame needed, so the cost
-  is about the length of the window, not of the video. When the container does not state its
-  frame count, the window is decoded whole and then sampled.
+  is about the length of the window, not of the video, and at most T decoded frames are held.
+  When the container does not state its frame count, the frames are first counted from the
+  demuxed packets (reading the file, not decoding it).
 
   Args:
     path: the video file.
@@ -94,8 +145,9 @@ def read_clip(
     frames uint8 `[T, H, W, 3]` and the frame mask `[T]`.
 
   Raises:
-    ValueError: no video stream, no frame in the window, or fewer frames than the header says
-      (a truncated file). PyAV's own errors (`av.FFmpegError`) propagate for undecodable files.
+    ValueError: no video stream, no frame in the window, or fewer frames than the header or the
+      packets say (a truncated file). PyAV's own errors (`av.FFmpegError`) propagate for
+      undecodable files.
   """
   with av.open(path) as container:
     if not container.streams.video:
@@ -108,36 +160,11 @@ def read_clip(
       raise ValueError("start / end given but the stream has no frame rate")
     first = int(round(start * fps)) if start is not None else 0
     stop = int(round(end * fps)) if end is not None else None
-    total = stream.frames
-    frames = _indexed_frames(container, stream, first, fps)
-    if total <= 0:
-      window = []
-      for i, frame in frames:
-        if stop is not None and i >= stop:
-          break
-        if i >= first:
-          window.append(frame.to_ndarray(format="rgb24"))
-      if not window:
-        raise ValueError(f"no frame in the window [{start}, {end}] s")
-      indices, mask = sample_indices(len(window), num_frames, sampling, stride, rng)
-      return np.stack([window[i] for i in indices]), mask
+    total = stream.frames if stream.frames > 0 else _count_frames(path, stop)
     stop = total if stop is None else min(stop, total)
     if stop <= first:
       raise ValueError(f"no frame in the window [{start}, {end}] s of a {total}-frame video")
     indices, mask = sample_indices(stop - first, num_frames, sampling, stride, rng)
     indices = indices + first
-    # Each wanted index takes the first frame at or after it (robust to timestamp rounding).
-    targets = sorted(set(indices.tolist()))
-    kept, pending, reached = {}, 0, -1
-    for i, frame in frames:
-      reached = i
-      if i >= targets[pending]:
-        array = frame.to_ndarray(format="rgb24")
-        while pending < len(targets) and i >= targets[pending]:
-          kept[targets[pending]] = array
-          pending += 1
-        if pending == len(targets):
-          break
-    if pending < len(targets):
-      raise ValueError(f"video ended at frame {reached}; its header says {total} frames")
+    kept = _decode_at(_indexed_frames(container, stream, first, fps), indices, total)
     return np.stack([kept[i] for i in indices.tolist()]), mask

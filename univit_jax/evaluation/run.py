@@ -24,7 +24,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from univit_jax import config_lib, encoder
+from univit_jax import checkpointing, config_lib, encoder
 from univit_jax.evaluation import attentive, common, dense, knn, linear, qa, report, tasks
 from univit_jax.evaluation import features as features_lib
 
@@ -278,7 +278,7 @@ def resolve_extractor(config: ml_collections.ConfigDict, workdir: str | None, sp
   for candidate in [encoder.export_dir(workdir)] + [
       encoder.export_dir(os.path.join(workdir, f"round_{r}"))
       for r in range(config.rounds, 0, -1)]:
-    if os.path.exists(os.path.join(candidate, "config.json")):
+    if checkpointing.is_export(candidate):
       return features_lib.export(candidate, f"export {os.path.relpath(candidate, workdir)}")
   raise FileNotFoundError(
     f"no export in {workdir} (looked for export/ and round_<r>/export/); train first or set "
@@ -329,10 +329,10 @@ def training_evaluator(config: ml_collections.ConfigDict
                        ) -> Callable[[int, Any], dict[str, float]] | None:
   """The in-training hook: every `eval.every` steps, `eval.train_probes` on live parameters,
   returned as flat {"eval/<task>/<probe>": value} for metrics.jsonl and TensorBoard; None when
-  `eval.every` is 0."""
-  cfg = eval_config(config)
-  if not cfg.every:
+  `eval.every` is 0 (then `config.eval` is not read: a run without probes needs no eval set)."""
+  if not config.eval.every:
     return None
+  cfg = eval_config(config)
   ctx = make_context(config)
 
   def run(step: int, encoder_params) -> dict[str, float]:

@@ -6,12 +6,16 @@ the top-k clusters of the feature whose (example id, sub) is `ids[j]`. Bank conv
   object     sub = -1: the whole image; sub = r: region (box) r of the image.
   event_<g>  sub = s: temporal segment s of the clip cut into g ordered segments (g = 1: the clip).
 The example id is the batch's `id` (the record's position over all configured sources), the same
-id extraction used.
+id extraction used; `load_bank` refuses labels whose stats.json records other data sources
+(`pipeline.sources_fingerprint`), for which the same id names another record.
 
 `LabelAttacher` adds to a host batch (B examples of one T-frame bucket):
-  labels_global          int32 [B, k]  the clip / image embedding's labels: the clip's `event_1`
-                                       row when the example is a clip, else the image's whole-image
-                                       `object` row; -1 padding
+  labels_global          int32 [B, kg] the clip / image embedding's labels: the clip's `event_1`
+                                       row when the example is a clip; for an image, with
+                                       `image_labels="objects"` the set of its valid regions' top-1
+                                       `object` clusters (kg = max(k, R) then), falling back to
+                                       the whole-image row when it has none; with "whole" the
+                                       whole-image row; -1 padding
   global_bank            int32 [B]     which bank those labels index: 0 = object, 1 = event_1,
                                        -1 = no label (the row is ignored)
   labels_segments_<g>    int32 [B, g, k], segments_valid_<g> bool [B, g]: the `event_g` rows, for
@@ -27,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from univit_jax import provenance
 from univit_jax.clustering import labels as cluster_labels
 from univit_jax.models import heads
 
@@ -75,11 +80,15 @@ class BankLabels:
     return out, found
 
 
-def load_bank(clusters_workdir: str, bank: str) -> BankLabels:
+def load_bank(clusters_workdir: str, bank: str, sources: Mapping[str, Any]) -> BankLabels:
   """Reads and checks one bank's cluster outputs under `clusters_workdir/clusters/<bank>/`.
 
+  `sources` is this run's `pipeline.sources_fingerprint`: labels recorded for other data
+  sources are refused, since their example ids would name other records.
+
   Raises:
-    LabelError: missing files, inconsistent shapes, labels outside [0, K), duplicate rows or
+    LabelError: labels made for other data sources (naming what changed), missing files,
+      inconsistent shapes, labels outside [0, K), duplicate rows or
       non-finite centroids, naming the bank and folder.
   """
   where = cluster_labels.clusters_dir(clusters_workdir, bank)
@@ -91,6 +100,13 @@ def load_bank(clusters_workdir: str, bank: str) -> BankLabels:
   version = out["stats"].get("version")
   if not version:
     raise LabelError(f"bank {bank!r}: {where}/stats.json has no 'version'")
+  changed = provenance.differences(
+    (out["stats"].get("inputs") or {}).get("data", {}).get("sources"), sources, "data.sources")
+  if changed:
+    raise LabelError(
+      f"bank {bank!r}: the labels in {where} were made for other data than the config now "
+      f"gives: {'; '.join(changed)}; their example ids would name other records. Extract and "
+      "cluster again in a new workdir (or delete its features/ and clusters/)")
   if centroids.ndim != 2 or not np.all(np.isfinite(centroids)):
     raise LabelError(f"bank {bank!r}: {where}/centroids.npy must be finite [K, D], "
                      f"got shape {centroids.shape}")
@@ -114,7 +130,8 @@ def load_bank(clusters_workdir: str, bank: str) -> BankLabels:
                     teacher=str(out["stats"].get("teacher", "")))
 
 
-def load_banks(clusters_workdir: str, names: Sequence[str]) -> dict[str, BankLabels]:
+def load_banks(clusters_workdir: str, names: Sequence[str], sources: Mapping[str, Any]
+               ) -> dict[str, BankLabels]:
   """Every named bank (see `load_bank`).
 
   Raises:
@@ -122,7 +139,7 @@ def load_banks(clusters_workdir: str, names: Sequence[str]) -> dict[str, BankLab
   """
   if not names:
     raise LabelError("no bank to train on: give some bank a positive loss.bank_weights entry")
-  return {name: load_bank(clusters_workdir, name) for name in names}
+  return {name: load_bank(clusters_workdir, name, sources) for name in names}
 
 
 def segment_granularities(banks: Mapping[str, Any], num_frames: int) -> tuple[int, ...]:
@@ -131,12 +148,29 @@ def segment_granularities(banks: Mapping[str, Any], num_frames: int) -> tuple[in
                       if g is not None and 2 <= g <= num_frames))
 
 
+def global_width(banks: Mapping[str, BankLabels], num_boxes: int | None,
+                 image_labels: str) -> int:
+  """kg, the width of `labels_global`: room for one label per region when images take theirs."""
+  k = max(b.top_k for b in banks.values())
+  return max(k, num_boxes or 0) if image_labels == "objects" else k
+
+
+def object_set(regions: np.ndarray, valid: np.ndarray, width: int) -> np.ndarray:
+  """The distinct top-1 clusters of each example's valid regions, `[B, width]`, -1 padded."""
+  out = np.full((regions.shape[0], width), -1, np.int32)
+  for b in range(regions.shape[0]):
+    distinct = np.unique(regions[b, valid[b], 0])
+    out[b, :len(distinct)] = distinct
+  return out
+
+
 class LabelAttacher:
   """Adds the label fields of the module docstring to a host batch (a grain map transform)."""
 
-  def __init__(self, banks: Mapping[str, BankLabels]):
+  def __init__(self, banks: Mapping[str, BankLabels], image_labels: str = "objects"):
     self._banks = dict(banks)
     self.top_k = max(b.top_k for b in self._banks.values())
+    self.image_labels = image_labels
 
   def _rows(self, bank: str, ids: np.ndarray, subs: Sequence[int]
             ) -> tuple[np.ndarray, np.ndarray]:
@@ -150,24 +184,42 @@ class LabelAttacher:
     ids = np.asarray(batch["id"], np.int64)
     clip, is_clip = self._rows(GLOBAL_BANKS[1], ids, (0,))
     image, is_image = self._rows(GLOBAL_BANKS[0], ids, (-1,))
-    is_clip, is_image = is_clip[:, 0], is_image[:, 0] & ~is_clip[:, 0]
-    batch["labels_global"] = np.where(is_clip[:, None], clip[:, 0], image[:, 0])
+    is_clip = is_clip[:, 0]
+    num_boxes = batch["boxes"].shape[1] if "boxes" in batch else None
+    width = global_width(self._banks, num_boxes, self.image_labels)
+    image = _pad(image[:, 0], width)
+    if num_boxes is not None:
+      rows, found = self._rows(heads.OBJECT_BANK, ids, range(num_boxes))
+      batch["labels_regions"] = rows
+      batch["regions_valid"] = found & np.asarray(batch["box_mask"], bool)
+      if self.image_labels == "objects":
+        has_regions = batch["regions_valid"].any(axis=1)
+        image = np.where(has_regions[:, None],
+                         object_set(rows, batch["regions_valid"], width), image)
+        is_image = is_image | has_regions[:, None]
+    is_image = is_image[:, 0] & ~is_clip
+    batch["labels_global"] = np.where(is_clip[:, None], _pad(clip[:, 0], width), image)
     batch["global_bank"] = np.where(is_clip, 1, np.where(is_image, 0, -1)).astype(np.int32)
     for g in segment_granularities(self._banks, batch["frames"].shape[1]):
       rows, found = self._rows(heads.event_bank_name(g), ids, range(g))
       batch[f"labels_segments_{g}"], batch[f"segments_valid_{g}"] = rows, found
-    if "boxes" in batch:
-      rows, found = self._rows(heads.OBJECT_BANK, ids, range(batch["boxes"].shape[1]))
-      batch["labels_regions"] = rows
-      batch["regions_valid"] = found & np.asarray(batch["box_mask"], bool)
     return batch
 
 
+def _pad(labels: np.ndarray, width: int) -> np.ndarray:
+  """`[B, k]` labels padded with -1 to `[B, width]`."""
+  return np.pad(labels, ((0, 0), (0, width - labels.shape[1])), constant_values=-1)
+
+
 def label_shapes(banks: Mapping[str, BankLabels], num_frames: int, batch_size: int,
-                 num_boxes: int | None) -> dict[str, tuple[tuple[int, ...], Any]]:
-  """(shape, dtype) of the fields `LabelAttacher` adds to a batch of one bucket."""
+                 num_boxes: int | None, image_labels: str = "objects"
+                 ) -> dict[str, tuple[tuple[int, ...], Any]]:
+  """(shape, dtype) of the fields `LabelAttacher(banks, image_labels)` adds to a batch of one
+  bucket."""
   k = max(b.top_k for b in banks.values())
-  shapes = dict(labels_global=((batch_size, k), np.int32), global_bank=((batch_size,), np.int32))
+  shapes = dict(labels_global=((batch_size, global_width(banks, num_boxes, image_labels)),
+                               np.int32),
+                global_bank=((batch_size,), np.int32))
   for g in segment_granularities(banks, num_frames):
     shapes[f"labels_segments_{g}"] = ((batch_size, g, k), np.int32)
     shapes[f"segments_valid_{g}"] = ((batch_size, g), np.bool_)

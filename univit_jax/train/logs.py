@@ -1,8 +1,9 @@
 """Training records: `metrics.jsonl`, TensorBoard events (tensorboardX) and `training.png`.
 
-Only process 0 writes. `metrics.jsonl` has one JSON object per logged step; after a resume the
-records past the restored step (written by the interrupted run) are dropped first, so the file
-describes exactly one history.
+Only process 0 writes. `metrics.jsonl` has one JSON object per line, appended per logged step
+(an append is not atomic: a SIGKILL mid-write leaves a torn last line). On resume the file is
+rewritten atomically with only the records up to the restored step, dropping the records of the
+interrupted run past it and any torn last line, so the file describes exactly one history.
 """
 
 import json
@@ -10,6 +11,7 @@ import os
 from collections.abc import Mapping
 
 import jax
+from absl import logging
 
 from univit_jax import atomic
 
@@ -17,13 +19,39 @@ METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "training.png"
 
 
+class MetricsFileError(ValueError):
+  """A line of `metrics.jsonl` other than a torn last one is not a JSON record."""
+
+
 def read_metrics(workdir: str) -> list[dict]:
-  """The records of `workdir/metrics.jsonl` (an empty list when there is none)."""
+  """The records of `workdir/metrics.jsonl` (an empty list when there is none).
+
+  A last line without its newline that is not JSON is a record torn by a kill mid-append: it is
+  left out with a warning (`MetricsLogger` removes it from the file on resume).
+
+  Raises:
+    MetricsFileError: naming `file:line` of any other line that is not JSON, since a corrupt
+      record inside the history is not something a kill leaves behind.
+  """
   path = os.path.join(workdir, METRICS_FILE)
   if not os.path.exists(path):
     return []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    lines = f.readlines()
+  records = []
+  for number, line in enumerate(lines, start=1):
+    if not line.strip():
+      continue
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError as e:
+      if not line.endswith("\n"):  # only the last line can lack its newline
+        logging.warning("%s:%d: ignoring a torn last record (the run was killed mid-write): %r",
+                        path, number, line[:80])
+        break
+      raise MetricsFileError(
+        f"{path}:{number}: not a JSON record ({e}); repair or delete that line to resume") from e
+  return records
 
 
 class MetricsLogger:
@@ -31,7 +59,11 @@ class MetricsLogger:
 
   Args:
     workdir: the run's directory.
-    resume_step: the step training resumes from; later records are removed.
+    resume_step: the step training resumes from; later records and a torn last line are removed
+      (the file is rewritten atomically).
+
+  Raises:
+    MetricsFileError: `metrics.jsonl` has a corrupt line before its last (see `read_metrics`).
   """
 
   def __init__(self, workdir: str, resume_step: int):

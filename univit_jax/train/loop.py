@@ -3,18 +3,22 @@
   python -m univit_jax.main --config=configs/demo.py --workdir=DIR --mode=train
 
 Reads `clusters/<bank>/` (under `config.train.clusters_workdir`, default DIR) for every bank with
-a positive `config.loss.bank_weights` entry, and writes under DIR:
+a positive `config.loss.bank_weights` entry that the data feeds (`config_lib.active_parts`: no
+event banks without clips, no object bank without images), and writes under DIR:
   checkpoints/<step>/   Orbax: train state + data-iterator position (async, newest N kept)
-  train_run.json        what the checkpoints belong to: model shape, bank sizes, label versions
+  train_run.json        what the checkpoints belong to (`state_lib.fingerprint`): model, bank
+                        sizes, label versions, data, optimiser parts, schedule
   metrics.jsonl         one record per `log_every` steps; tensorboard/ the same as events
   training.png          the loss terms against the step (at the end of the run)
   jax_cache/            the persistent compilation cache (unless configured elsewhere)
 
 Safety: the run resumes from the newest checkpoint (bit-exact on CPU: same state, same batches,
-same per-step randomness); it refuses a checkpoint made for other cluster labels or another model
-or bank shape; SIGTERM saves the current step and returns; SIGKILL loses the steps since the last
-save; a non-finite loss or gradient raises `NonFiniteError` naming the step and term, without
-saving (the step itself leaves the state untouched).
+same per-step randomness); it refuses a checkpoint made for other cluster labels, model, banks,
+data or optimiser, and one made for another schedule unless `train.allow_schedule_change`
+(`check_compatible`; docs/training.md); it refuses cluster labels made for other data sources
+(`labels_lib.load_bank`); SIGTERM saves the current step and returns; SIGKILL loses the steps
+since the last save; a non-finite loss or gradient raises `NonFiniteError` naming the step and
+term, without saving (the step itself leaves the state untouched).
 """
 
 import dataclasses
@@ -34,7 +38,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.experimental.compilation_cache import compilation_cache
 
-from univit_jax import atomic, checkpointing, config_lib, optim, sharding
+from univit_jax import atomic, checkpointing, config_lib, optim, provenance, sharding
 from univit_jax.clustering import extract
 from univit_jax.data import pipeline
 from univit_jax.train import labels as labels_lib
@@ -137,11 +141,34 @@ def validate_train(config: ml_collections.ConfigDict) -> None:
     raise config_lib.ConfigError(f"train.bank_init={t.bank_init!r}: expected one of {BANK_INITS}")
 
 
-def check_compatible(workdir: str, fingerprint: dict) -> None:
-  """Refuses to resume checkpoints recorded with another model shape, banks or labels.
+# The sections of the run fingerprint (`state_lib.fingerprint`) a resume must match, in the
+# order they are checked, each with what a refusal calls it.
+_REFUSED = (
+  ("label_versions", "cluster-label versions"),
+  ("bank_sizes", "class-bank sizes"),
+  ("model", "model shape or parameter meaning"),
+  ("data", "data (what fixes the batches and the data iterator's saved position)"),
+  ("optimizer", "optimiser state parts (optim.grad_clip_norm > 0 and optim.bank_lr_scale != 1 "
+                "each add one)"),
+)
+
+
+def check_compatible(workdir: str, fingerprint: dict, allow_schedule_change: bool = False
+                     ) -> list[str]:
+  """Refuses to resume checkpoints recorded (in `RUN_FILE`) with another run fingerprint
+  (`state_lib.fingerprint`; docs/training.md, "Resuming with another config").
+
+  Args:
+    workdir: the run's folder.
+    fingerprint: this run's.
+    allow_schedule_change: `train.allow_schedule_change`: accept another `schedule` section.
+
+  Returns:
+    The schedule changes accepted, e.g. ["total_steps was 6, now 4"]; empty when none.
 
   Raises:
-    CheckpointMismatchError: naming what differs and how to proceed.
+    CheckpointMismatchError: naming each difference in the first section that differs (or the
+      schedule's without `allow_schedule_change`) and how to proceed.
   """
   path = os.path.join(workdir, RUN_FILE)
   if not os.path.exists(path):
@@ -150,13 +177,22 @@ def check_compatible(workdir: str, fingerprint: dict) -> None:
       "model shape are unknown; train in a new workdir")
   with open(path) as f:
     saved = json.load(f)
-  for field, what in (("label_versions", "cluster-label versions"),
-                      ("bank_sizes", "class-bank sizes"), ("model", "model shape")):
-    if saved.get(field) != fingerprint[field]:
+  for section, what in _REFUSED:
+    changed = provenance.differences(saved.get(section), fingerprint[section], section)
+    if changed:
       raise CheckpointMismatchError(
         f"the checkpoints in {workdir}/checkpoints were made with other {what}: "
-        f"{saved.get(field)} (checkpoint) vs {fingerprint[field]} (now). Refusing to resume; "
-        "use a new workdir (or restore the matching clusters/ and config)")
+        f"{'; '.join(changed)}. Refusing to resume; use a new workdir (or restore the matching "
+        "clusters/ and config)")
+  changed = provenance.differences(saved.get("schedule"), fingerprint["schedule"])
+  if changed and not allow_schedule_change:
+    raise CheckpointMismatchError(
+      f"the checkpoints in {workdir}/checkpoints were made for another schedule: "
+      f"{'; '.join(changed)}. The learning rate and the loss curriculum are functions of step / "
+      "total_steps, so resuming would change them mid-run; set "
+      "--config.train.allow_schedule_change=True to resume on the new schedules from the "
+      "restored step on, or use a new workdir")
+  return changed
 
 
 def _nonfinite_message(step: int, metrics: dict[str, Any], last_saved: int | None) -> str:
@@ -216,8 +252,9 @@ def run_train(config: ml_collections.ConfigDict, workdir: str,
 
   Raises:
     config_lib.ConfigError: invalid config.
-    labels_lib.LabelError: missing or inconsistent cluster outputs.
-    CheckpointMismatchError: checkpoints of another model / banks / label version.
+    labels_lib.LabelError: missing or inconsistent cluster outputs, or labels made for other
+      data sources.
+    CheckpointMismatchError: checkpoints the config may not resume (`check_compatible`).
     NonFiniteError: a non-finite loss or gradient.
   """
   if not workdir:
@@ -229,8 +266,11 @@ def run_train(config: ml_collections.ConfigDict, workdir: str,
   os.makedirs(workdir, exist_ok=True)
   _compilation_cache(train, workdir)
 
-  names = tuple(name for name, weight in loss_cfg.bank_weights if weight > 0)
-  banks = labels_lib.load_banks(train.clusters_workdir or workdir, names)
+  data_cfg = pipeline.DataConfig.from_config(config)
+  sources = pipeline.open_sources(data_cfg)
+  names = loss_cfg.trained_banks
+  banks = labels_lib.load_banks(train.clusters_workdir or workdir, names,
+                                pipeline.sources_fingerprint(data_cfg, sources))
   sizes = {name: bank.num_classes for name, bank in banks.items()}
   versions = {name: bank.version for name, bank in banks.items()}
   initial = initial_centroids(banks, model_cfg.width, train.bank_init)
@@ -243,26 +283,34 @@ def run_train(config: ml_collections.ConfigDict, workdir: str,
   shardings = state_lib.state_shardings(abstract_params, tx, mesh, rules)
   abstract = state_lib.abstract_state(model_cfg, sizes, tx, shardings)
 
-  data_cfg = pipeline.DataConfig.from_config(config)
   batch_multiple = sharding.batch_shards(mesh, rules)
   batch_sizes = data_cfg.batch_sizes(math.lcm(batch_multiple, jax.process_count()))
-  iterator = iter(pipeline.build_train_dataset(data_cfg, batch_multiple=batch_multiple)
-                  .map(labels_lib.LabelAttacher(banks)))
+  iterator = iter(pipeline.build_train_dataset(data_cfg, sources=sources,
+                                               batch_multiple=batch_multiple)
+                  .map(labels_lib.LabelAttacher(banks, loss_cfg.image_labels)))
 
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
                                     max_to_keep=train.keep_checkpoints)
-  fingerprint = state_lib.fingerprint(config, sizes, versions)
+  fingerprint = state_lib.fingerprint(config, sizes, versions, abstract.opt_state,
+                                      pipeline.batches_fingerprint(data_cfg, sources,
+                                                                   batch_sizes))
   try:
     latest = ckpt.latest_step()
     if latest is None:
-      state = state_lib.create_state(model_cfg, sizes, initial, tx, shardings, config.seed)
+      start = (state_lib.load_encoder_params(train.init_encoder, config, abstract)
+               if train.init_encoder else None)
+      state = state_lib.create_state(model_cfg, sizes, initial, tx, shardings, config.seed,
+                                     start)
       if jax.process_index() == 0:
         atomic.write_json(os.path.join(workdir, RUN_FILE), fingerprint)
     else:
-      check_compatible(workdir, fingerprint)
+      accepted = check_compatible(workdir, fingerprint, train.allow_schedule_change)
       state = ckpt.restore(latest, abstract, iterator)
       if jax.process_index() == 0:
-        print(f"Resumed from step {latest} in {workdir}", flush=True)
+        if accepted:  # the schedule now in force is the one later resumes compare with
+          atomic.write_json(os.path.join(workdir, RUN_FILE), fingerprint)
+        print(f"Resumed from step {latest} in {workdir}" + (
+          f" on a new schedule ({'; '.join(accepted)})" if accepted else ""), flush=True)
     run = _Run(config=config, workdir=workdir, banks=banks, graphdef=graphdef, tx=tx,
                learning_rate=learning_rate, loss_cfg=loss_cfg, abstract=abstract,
                shardings=shardings, mesh=mesh, rules=rules, data_cfg=data_cfg,
@@ -301,7 +349,8 @@ def _compile_buckets(run: _Run, num_boxes: int | None) -> tuple[dict, dict]:
     size = run.batch_sizes[t]
     shapes = pipeline.example_shapes(run.data_cfg, t, size, num_boxes is not None)
     batch = {k: v for k, v in shapes.items() if k in _STEP_INPUTS}
-    for key, (shape, dtype) in labels_lib.label_shapes(run.banks, t, size, num_boxes).items():
+    for key, (shape, dtype) in labels_lib.label_shapes(run.banks, t, size, num_boxes,
+                                                         run.loss_cfg.image_labels).items():
       batch[key] = jax.ShapeDtypeStruct(shape, dtype)
     inputs[t] = tuple(batch)
     compiled[t] = step_lib.compile_step(

@@ -4,7 +4,9 @@
 definition stays outside the state, so the train step is a pure function of arrays.
 """
 
+import dataclasses
 from collections.abc import Mapping
+from typing import Any
 
 import flax.struct
 import jax
@@ -15,7 +17,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from univit_jax import config_lib, sharding
+from univit_jax import checkpointing, config_lib, optim, provenance, sharding
 from univit_jax.models import heads, vit
 
 
@@ -78,13 +80,15 @@ def abstract_state(cfg: config_lib.ModelConfig, bank_sizes: Mapping[str, int],
 
 def create_state(cfg: config_lib.ModelConfig, bank_sizes: Mapping[str, int],
                  centroids: Mapping[str, np.ndarray], tx: optax.GradientTransformation,
-                 shardings: TrainState, seed: int) -> TrainState:
+                 shardings: TrainState, seed: int, encoder: nnx.State | None = None
+                 ) -> TrainState:
   """A fresh state, born sharded inside jit.
 
   Banks named in `centroids` start from those k-means centroids [K, width]; the others keep the
   random N(0, 0.01) initialisation of `heads.ClassBank`. The centroids are read on the host and
   copied shard by shard onto the bank sharding (`jax.make_array_from_callback`), never embedded
-  in the compiled program as constants.
+  in the compiled program as constants. `encoder`, when given (already on the encoder's
+  shardings, e.g. an export restored by `load_encoder_params`), replaces the random encoder.
 
   Raises:
     ValueError: centroids of a bank whose shape is not [bank size, model width].
@@ -94,11 +98,13 @@ def create_state(cfg: config_lib.ModelConfig, bank_sizes: Mapping[str, int],
       raise ValueError(f"bank {name!r}: centroids {c.shape} do not match the bank "
                        f"({bank_sizes[name]}, {cfg.width})")
 
-  def create(banks: dict[str, jax.Array]) -> TrainState:
+  def create(banks: dict[str, jax.Array], encoder: nnx.State | None) -> TrainState:
     with nnx.use_eager_sharding(False):
       params = nnx.split(Model(cfg, bank_sizes, rngs=nnx.Rngs(seed)))[1]
     for name, centres in banks.items():
       params["heads"]["banks"][name]["centres"].set_value(centres.astype(cfg.param_dtype))
+    if encoder is not None:
+      params["encoder"] = encoder
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       rng=jax.random.key_data(jax.random.key(seed)))
 
@@ -107,16 +113,64 @@ def create_state(cfg: config_lib.ModelConfig, bank_sizes: Mapping[str, int],
   banks = {name: jax.make_array_from_callback(c.shape, bank_shardings[name],
                                                lambda index, c=c: np.asarray(c[index], np.float32))
            for name, c in centroids.items()}
-  return jax.jit(create, in_shardings=(bank_shardings,), out_shardings=shardings)(banks)
+  encoder_shardings = None if encoder is None else shardings.params["encoder"]
+  return jax.jit(create, in_shardings=(bank_shardings, encoder_shardings),
+                 out_shardings=shardings)(banks, encoder)
+
+
+def load_encoder_params(path: str, config: ml_collections.ConfigDict,
+                        abstract: TrainState) -> nnx.State:
+  """The encoder parameters of the export at `path`, restored onto `abstract.params["encoder"]`
+  (shapes and shardings of this run), to start a run from (`train.init_encoder`).
+
+  Raises:
+    ConfigError: the export's model has another shape than this run's (names both).
+  """
+  exported = model_shape(ml_collections.ConfigDict(checkpointing.read_export_config(path)))
+  if exported != model_shape(config):
+    raise config_lib.ConfigError(
+      f"train.init_encoder={path!r}: its model {exported} differs from this run's "
+      f"{model_shape(config)}")
+  params, _ = checkpointing.load_export(path, abstract.params["encoder"])
+  return params
+
+
+def model_shape(config: ml_collections.ConfigDict) -> dict:
+  """The fields of the model config that fix its parameter shapes."""
+  m = config_lib.model_config(config)
+  return dict(width=m.width, depth=m.depth, num_heads=m.num_heads, mlp_dim=m.mlp_dim,
+              patch_size=m.patch_size, channels=m.channels, scan=m.scan,
+              param_dtype=m.param_dtype, time_embedding=m.time_embedding)
 
 
 def fingerprint(config: ml_collections.ConfigDict, bank_sizes: Mapping[str, int],
-                label_versions: Mapping[str, str]) -> dict:
-  """What a checkpoint must agree with to be resumed: model shape, banks and label versions."""
-  m = config_lib.model_config(config)
-  return dict(
-    model=dict(width=m.width, depth=m.depth, num_heads=m.num_heads, mlp_dim=m.mlp_dim,
-               patch_size=m.patch_size, channels=m.channels, scan=m.scan,
-               param_dtype=m.param_dtype),
-    bank_sizes=dict(sorted(bank_sizes.items())),
-    label_versions=dict(sorted(label_versions.items())))
+                label_versions: Mapping[str, str], opt_state: optax.OptState,
+                data: Mapping[str, Any]) -> dict:
+  """What a checkpoint must agree with to be resumed (`train_run.json`; docs/training.md,
+  "Resuming with another config"), as JSON.
+
+  A resume is refused when one of these differs: `model` (the parameter shapes and what the
+  parameters mean: `model.rope`), `bank_sizes`, `label_versions`, `data` (what fixes the
+  batches: `pipeline.batches_fingerprint`) and `optimizer` (the optimiser state's parts, e.g.
+  `ScaleByAdamState`: another list is another state tree). `schedule` (total_steps and the
+  fields of the learning-rate and loss schedules, functions of step / total_steps) may differ
+  only with `train.allow_schedule_change`.
+
+  Args:
+    config: the run config.
+    bank_sizes: classes per trained bank.
+    label_versions: the cluster-label version of each trained bank.
+    opt_state: the optimiser state (abstract is enough).
+    data: `pipeline.batches_fingerprint` of the run's data.
+  """
+  # optax.chain's state is a plain tuple of its parts' states (which are NamedTuples).
+  chain = isinstance(opt_state, tuple) and not hasattr(opt_state, "_fields")
+  parts = opt_state if chain else (opt_state,)
+  return provenance.jsonable(dict(
+    model=dict(model_shape(config),
+               rope=dataclasses.asdict(config_lib.model_config(config).rope)),
+    bank_sizes=dict(bank_sizes), label_versions=dict(label_versions), data=dict(data),
+    optimizer=[type(part).__name__ for part in parts],
+    schedule=dict(total_steps=int(config.total_steps),
+                  optim={f: config.optim[f] for f in optim.SCHEDULE_FIELDS},
+                  loss=dict(event_schedule=config.loss.event_schedule))))

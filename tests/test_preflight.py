@@ -1,0 +1,95 @@
+"""Every config error a stage can raise is raised before the first stage starts."""
+
+import re
+
+import pytest
+
+import helpers
+from univit_jax import config_lib, main, preflight, rounds, train
+from univit_jax.clustering import extract, labels
+
+# (field, value, part of the message): one per check a stage of the pipeline runs.
+BAD_VALUES = [
+  ("model.rope.mode", "spiral", "model.rope.mode='spiral'"),
+  ("model.attention", "flash", "model.attention='flash'"),
+  ("mesh.shape", (3, 1, 1), "mesh.shape=(3, 1, 1)"),
+  ("data.tokens_per_batch", 16 * 16 * 2, "batch shards"),
+  ("data.frame_sampling", "sparse", "data.frame_sampling='sparse'"),
+  ("data.max_bad_fraction", 2.0, "data.max_bad_fraction"),
+  ("data.sources.events.frames", (16,), "no source feeds the [2, 4, 8]-frame"),
+  ("data.sources.digits.type", "nope", "data.sources.digits.type='nope'"),
+  ("extract.granularities", (1, 32), "extract.granularities"),
+  ("extract.pixels_dim", 15, "extract.pixels_dim=15 must be even"),
+  ("extract.batch_size", 0, "extract.batch_size=0"),
+  ("cluster.backend", "faiss", "backend='faiss'"),
+  ("cluster.top_k", 100, "top_k=100"),
+  ("loss.kind", "arcface", "loss.kind='arcface'"),
+  ("loss.bank_weights.object", -1.0, "loss.bank_weights.object=-1.0"),
+  ("loss.event_schedule", (), "loss.event_schedule=()"),
+  ("loss.event_schedule", ((0.0, (1, 16)),), "event_16"),
+  ("loss.contrastive.temperature", 0.0, "loss.contrastive.temperature"),
+  ("train.log_every", 0, "train.log_every=0"),
+  ("train.bank_init", "kmeans", "train.bank_init='kmeans'"),
+  ("total_steps", -1, "total_steps=-1"),
+  ("optim.schedule", "step", "optim.schedule='step'"),
+  ("eval.every", -1, "eval.every=-1"),
+  ("rounds", 0, "rounds=0"),
+  ("extract.granularities", (1, 2), "trains ['event_4', 'event_8'], which extraction"),
+  ("cluster.num_clusters", dict(object=8, event_1=4, event_2=4, event_4=4),
+   "trains ['event_8'], which cluster.num_clusters"),
+]
+
+
+def _set(config, field: str, value) -> None:
+  *path, key = field.split(".")
+  target = config
+  for part in path:
+    target = target[part]
+  with config.unlocked():
+    target[key] = value
+
+
+@pytest.fixture
+def stages_must_not_run(monkeypatch):
+  """Replaces the pipeline's stages by functions that fail the test when called."""
+  def fail(*args, **kwargs):
+    raise AssertionError("a stage ran before the config was checked")
+  for module, name in ((extract, "run_extract"), (labels, "run_cluster_stage"),
+                       (train, "run_train")):
+    monkeypatch.setattr(module, name, fail)
+
+
+@pytest.mark.parametrize("field,value,message", BAD_VALUES)
+def test_pipeline_refuses_a_bad_config_before_any_stage(field, value, message, tmp_path,
+                                                         stages_must_not_run):
+  config = helpers.load_config("demo")
+  _set(config, field, value)
+  with pytest.raises(config_lib.ConfigError, match=re.escape(message)):
+    rounds.run_pipeline(config, str(tmp_path), log=lambda _: None)
+  assert not list(tmp_path.iterdir())
+
+
+def test_every_mode_has_its_checks():
+  assert set(preflight.MODE_CHECKS) == set(main.MODES)
+
+
+def test_checks_follow_the_mode():
+  """Evaluation settings are checked where they are used: always for --mode=eval, for training
+  only when it evaluates (`eval.every`)."""
+  config = helpers.load_config("demo")
+  config.eval.demo = False  # and no eval.datasets: nothing to probe
+  preflight.check(config, "train")
+  with pytest.raises(config_lib.ConfigError, match="nothing to probe"):
+    preflight.check(config, "eval")
+  config.eval.every = 10
+  with pytest.raises(config_lib.ConfigError, match="nothing to probe"):
+    preflight.check(config, "train")
+
+
+def test_main_checks_the_config_before_the_first_stage(tmp_path):
+  result = helpers.run_main("--config=configs/demo.py", f"--workdir={tmp_path}",
+                            "--mode=pipeline", "--config.loss.kind=arcface")
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert result.stderr.strip() == (
+    "Config error: loss.kind='arcface': expected one of ('mlcd', 'cosface_slot')")
+  assert not (tmp_path / "round_1").exists()
