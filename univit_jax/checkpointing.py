@@ -18,6 +18,8 @@ Exports (`save_export` / `load_export`) are params-only Orbax checkpoints plus t
 JSON, for inference and as the next round's teacher:
   <path>/params/       the parameter pytree
   <path>/config.json   the run's config
+  <path>/...           files the caller adds (`univit_jax.encoder`: encoder.json,
+                       encoder.safetensors)
   <path>/COMPLETE      written last: only a folder holding it is an export (`is_export`)
 An export is built in a sibling folder and renamed into place, so a kill while (re-)exporting
 leaves the previous export or none, never old files beside missing or partial new ones.
@@ -25,6 +27,7 @@ leaves the previous export or none, never old files beside missing or partial ne
 
 import json
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import grain
@@ -84,14 +87,37 @@ class Checkpointer:
     Raises:
       FileNotFoundError: no checkpoint for `step`.
     """
-    if step not in self._manager.all_steps():
-      raise FileNotFoundError(
-        f"no checkpoint for step {step} in {self.directory} (have {self.all_steps()})")
+    self._check_step(step)
     items = {_STATE: ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None:
       items[_DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
     restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     return restored[_STATE]
+
+  def restore_part(self, step: int, abstract_part: dict[str, Any]) -> dict[str, Any]:
+    """Restores only some arrays of the state of `step`; nothing else is read from disk.
+
+    Args:
+      step: a step from `latest_step` / `all_steps`.
+      abstract_part: nested dicts of the state's field names down to the wanted subtrees of
+        `jax.ShapeDtypeStruct`s (with shardings), e.g. `{"params": {"encoder": ...}}`.
+
+    Returns:
+      `abstract_part`'s structure, with arrays.
+
+    Raises:
+      FileNotFoundError: no checkpoint for `step`.
+    """
+    self._check_step(step)
+    part = ocp.args.PyTreeRestore(
+      item=abstract_part, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_part),
+      partial_restore=True)
+    return self._manager.restore(step, args=ocp.args.Composite(**{_STATE: part}))[_STATE]
+
+  def _check_step(self, step: int) -> None:
+    if step not in self._manager.all_steps():
+      raise FileNotFoundError(
+        f"no checkpoint for step {step} in {self.directory} (have {self.all_steps()})")
 
   def latest_step(self) -> int | None:
     """The newest saved step, or None."""
@@ -115,11 +141,12 @@ class Checkpointer:
     self.close()
 
 
-def save_export(path: str | os.PathLike, params: Any, config_json: str) -> None:
-  """Writes a params-only export: `<path>/params/` (Orbax), `<path>/config.json`, then the
-  completion marker `<path>/COMPLETE`.
+def save_export(path: str | os.PathLike, params: Any, config_json: str,
+                files: Mapping[str, bytes] | None = None) -> None:
+  """Writes a params-only export: `<path>/params/` (Orbax), `<path>/config.json` and `files`,
+  then the completion marker `<path>/COMPLETE`.
 
-  The three are written to the sibling folder `.<name>.partial`, which then replaces `path` by a
+  They are written to the sibling folder `.<name>.partial`, which then replaces `path` by a
   rename (`atomic.replace_dir`): `path` holds the previous export until the new one is complete.
   Blocks until written. Every process calls this (Orbax writes each process's shards).
 
@@ -127,6 +154,8 @@ def save_export(path: str | os.PathLike, params: Any, config_json: str) -> None:
     path: export folder.
     params: the parameter pytree (jax or numpy arrays).
     config_json: the run's config serialised as JSON (e.g. `config.to_json_best_effort()`).
+    files: further files of the export, name -> content, written by process 0 (e.g. the
+      encoder's `encoder.json` and `encoder.safetensors`).
 
   Raises:
     ValueError: if `config_json` is not valid JSON.
@@ -143,6 +172,8 @@ def save_export(path: str | os.PathLike, params: Any, config_json: str) -> None:
     checkpointer.wait_until_finished()
   if primary:
     atomic.write_bytes(str(partial / "config.json"), config_json.encode())
+    for name, content in (files or {}).items():
+      atomic.write_bytes(str(partial / name), content)
     atomic.fsync_tree(str(partial))
     atomic.write_bytes(str(partial / _EXPORT_COMPLETE), b"")
     atomic.replace_dir(str(partial), str(path))

@@ -8,7 +8,7 @@ the whole config: `model_config(config)` and friends turn sections into frozen d
 import ast
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ml_collections
@@ -167,6 +167,26 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
     rope=RopeConfig(mode=m.rope.mode, base=float(m.rope.base), split=tuple(m.rope.split),
                     virtual_frames=m.rope.virtual_frames,
                     temporal_span=float(m.rope.temporal_span)))
+
+
+def model_config_from_dict(fields: Mapping[str, Any]) -> ModelConfig:
+  """The `ModelConfig` whose `dataclasses.asdict` is `fields`, also after a JSON round trip
+  (tuples read back as lists): how an export's `encoder.json` stores the model.
+
+  Raises:
+    ConfigError: naming the fields `ModelConfig` or `RopeConfig` does not have.
+  """
+  fields = dict(fields)
+  rope_fields = dict(fields.pop("rope", {}))
+  for cls, given in ((ModelConfig, fields), (RopeConfig, rope_fields)):
+    unknown = sorted(set(given) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+      raise ConfigError(f"unknown {cls.__name__} fields {unknown}")
+  if "split" in rope_fields:
+    rope_fields["split"] = tuple(rope_fields["split"])
+  if fields.get("pos_grid") is not None:
+    fields["pos_grid"] = tuple(fields["pos_grid"])
+  return ModelConfig(**fields, rope=RopeConfig(**rope_fields))
 
 
 def validate_data(config: ml_collections.ConfigDict) -> None:
@@ -457,6 +477,21 @@ def default_config(variant: str) -> ml_collections.ConfigDict:
     debug_step_sleep=0.0))  # testing aid: seconds to sleep after each step
   c.rounds = 1  # extract -> cluster -> train rounds of --mode=pipeline
   c.summary = ml_collections.ConfigDict(dict(compile=True))
+  # --mode=export: the encoder of a run's checkpoint written to <workdir>/export (docs/export.md).
+  c.export = ml_collections.ConfigDict(dict(
+    step=-1,  # the checkpoint's step; -1 = the newest (of the newest round, for a pipeline)
+    safetensors=True))  # also write encoder.safetensors (this and the end-of-train export)
+  # --mode=embed: embeddings of every record of `source` by an export (docs/export.md).
+  c.embed = ml_collections.ConfigDict(dict(
+    encoder="",  # an export folder; "" = the workdir's (export/, else the newest round's)
+    # One source spec as in data.sources, e.g. --config.embed.source='{"type": "image_folder",
+    # "path": "/images"}'.
+    source=ml_collections.ConfigDict(),
+    output="",  # "" = <workdir>/embeddings
+    batch_size=64,  # global; a multiple of the device count
+    frames=0,  # frames sampled from each clip; 0 = the longest clip the export was trained on
+    segments=(),  # granularities g: also g ordered per-segment embeddings of each record
+    regions=False))  # also one embedding per box (sources with boxes)
 
   # Teacher features for clustering (--mode=extract), see univit_jax/clustering/extract.py and
   # docs/clustering.md ("Teachers"): "pixels", an export folder, "siglip:<file.npz>" (a big_vision

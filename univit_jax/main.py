@@ -4,10 +4,12 @@
 field of the locked config, so a typo fails at start-up instead of being ignored. Every config
 check a stage of the mode would run is run before the first one starts (`preflight.py`). An
 error in the user's config, data or files prints one line, `<Kind> error: <message>`, and exits
-2; a non-finite loss prints `Training stopped: ...` and exits 1. Library INFO logs are hidden
-unless `--verbosity=0` is given; `--verbosity=1` also shows those errors' tracebacks.
+2; a non-finite loss prints `Training stopped: ...` and a full disk `Disk full: ...`, and both
+exit 1. Library INFO logs are hidden unless `--verbosity=0` is given; `--verbosity=1` also shows
+those errors' tracebacks.
 """
 
+import errno
 import os
 import sys
 
@@ -90,8 +92,24 @@ def _eval(config, workdir):
   run.run_eval(config, workdir)
 
 
+def _export(config, workdir):
+  """The encoder of a run's checkpoint (`export.step`, -1: the newest; a pipeline's newest
+  round) written to `<workdir>/export`, without training."""
+  from univit_jax import encoder
+  from univit_jax.train import state as state_lib
+  step = None if config.export.step == -1 else int(config.export.step)
+  folder, step, params = state_lib.checkpoint_encoder(config, _require(workdir), step)
+  path = encoder.export_encoder(config, workdir, params)
+  print(f"Encoder export of {folder} at step {step} (univit_jax.load_encoder): {path}")
+
+
+def _embed(config, workdir):
+  from univit_jax import embed
+  print(f"Embeddings: {embed.run_embed(config, workdir)}")
+
+
 MODES = {"summary": _summary, "extract": _extract, "cluster": _cluster, "train": _train,
-         "pipeline": _pipeline, "eval": _eval}
+         "pipeline": _pipeline, "eval": _eval, "export": _export, "embed": _embed}
 
 
 def _user_errors() -> dict[type[Exception], str]:
@@ -110,6 +128,17 @@ def _one_line(message: str) -> str:
   """A message as one line: its lines (e.g. a rejected manifest's bad rows) joined by "; "."""
   lines = (line.strip() for line in message.splitlines())
   return "; ".join(line for line in lines if line).replace(":; ", "; ")
+
+
+def _disk_full(error: BaseException | None) -> bool:
+  """Whether `error`, or an error it was raised from, reports a full disk: Python's OSError
+  ENOSPC, or TensorStore's (Orbax's) RESOURCE_EXHAUSTED naming the same."""
+  while error is not None:
+    if ((isinstance(error, OSError) and error.errno == errno.ENOSPC)
+        or "No space left on device" in str(error)):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -153,6 +182,17 @@ def main(argv: list[str]) -> None:
     kind = next(kind for cls, kind in errors.items() if isinstance(e, cls))
     print(f"{kind} error: {_one_line(str(e))}", file=sys.stderr)
     sys.exit(2)
+  except Exception as e:  # pylint: disable=broad-except
+    if _debugging() or not _disk_full(e):
+      raise
+    print(f"Disk full: {_one_line(str(e))}. Free space and rerun the same command: finished work "
+          "is kept and the run resumes.", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Not sys.exit: Orbax's failed background writes print hundreds of lines of tracebacks while
+    # the interpreter shuts down, burying this one. Every output is safe to abandon mid-write,
+    # as after a SIGKILL (benchmarks/faults.py), so skipping the teardown loses nothing.
+    os._exit(1)  # pylint: disable=protected-access
 
 
 if __name__ == "__main__":

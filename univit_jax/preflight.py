@@ -12,7 +12,7 @@ from collections.abc import Callable
 import jax
 import ml_collections
 
-from univit_jax import config_lib, optim
+from univit_jax import config_lib, embed, optim
 from univit_jax.clustering import extract, kmeans, labels
 from univit_jax.data import pipeline
 from univit_jax.evaluation import run as eval_run
@@ -56,6 +56,16 @@ def _eval(config: ml_collections.ConfigDict) -> None:
   eval_run.eval_config(config)
 
 
+def _export(config: ml_collections.ConfigDict) -> None:
+  if config.export.step < -1:
+    raise config_lib.ConfigError(
+      f"export.step={config.export.step}: expected a checkpoint's step, or -1 for the newest")
+
+
+def _embed(config: ml_collections.ConfigDict) -> None:
+  embed.EmbedConfig.from_config(config)
+
+
 def _rounds(config: ml_collections.ConfigDict) -> None:
   """What the pipeline adds: at least one round, and every trained bank extracted and given a
   cluster count (else training would miss its clusters after extraction and clustering ran)."""
@@ -83,6 +93,8 @@ MODE_CHECKS: dict[str, tuple[Check, ...]] = {
   "train": (_train,),
   "pipeline": (_extract, _cluster, _train, _rounds),
   "eval": (_eval,),
+  "export": (_export,),
+  "embed": (_embed,),
 }
 
 

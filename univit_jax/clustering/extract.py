@@ -32,7 +32,6 @@ Process 0 writes the store; every process takes part in the sharded forward pass
 import dataclasses
 import hashlib
 import logging
-import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
@@ -460,37 +459,6 @@ def precomputed_features(folder: str, cfg: ExtractConfig, data_cfg: pipeline.Dat
 # The stage.
 
 
-def _gather(x: jax.Array) -> np.ndarray:
-  """The whole global array on every host, as NumPy."""
-  if jax.process_count() == 1:
-    return np.asarray(x)
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
-def _gather_host(x: np.ndarray) -> np.ndarray:
-  """Concatenates a host-local array over processes (batch order matches the global arrays)."""
-  if jax.process_count() == 1:
-    return np.asarray(x)
-  gathered = multihost_utils.process_allgather(np.asarray(x))
-  return np.asarray(gathered).reshape(-1, *np.shape(x)[1:])
-
-
-def _batches(data_cfg: pipeline.DataConfig, names: Sequence[str], num_frames: int,
-             batch_size: int) -> tuple[int, Iterator[dict]]:
-  """The number of host-local batches of one pass over `names`, and the batches."""
-  if not names:
-    return 0, iter(())
-  opened = pipeline.open_sources(data_cfg)
-  count = sum(len(opened[n]) for n in names)
-  per_host = batch_size // jax.process_count()
-  per_process = math.ceil(count / jax.process_count())
-  num_batches = math.ceil(per_process / per_host)
-  ds = pipeline.build_eval_dataset(
-    dataclasses.replace(data_cfg, frame_sampling="uniform"), num_frames, batch_size,
-    source_names=names, sources=opened)
-  return num_batches, iter(ds)
-
-
 def fit_pixels_teacher(config: ml_collections.ConfigDict, cfg: ExtractConfig,
                        data_cfg: pipeline.DataConfig) -> Teacher:
   """Fits the pixels teacher on frames of the first `pixels_fit_examples` training records."""
@@ -620,7 +588,7 @@ def run_extract(config: ml_collections.ConfigDict, workdir: str,
 
   def frame_batches(names: Sequence[str], num_frames: int) -> tuple[int, Iterator[Work]]:
     """The teacher over the frames of the records of `names`, batch by batch."""
-    total, batches = _batches(data_cfg, names, num_frames, cfg.batch_size)
+    total, batches = pipeline.eval_batches(data_cfg, names, num_frames, cfg.batch_size)
 
     def work(batch):
       batch = dict(batch)
@@ -628,11 +596,11 @@ def run_extract(config: ml_collections.ConfigDict, workdir: str,
         boxes, batch["_region_valid"] = object_boxes(batch, proposals)
         inputs = pipeline.to_global_batch(dict(frames=batch["frames"], boxes=boxes),
                                           batch_sharding)
-        outputs = jax.tree.map(_gather, object_step(inputs["frames"], inputs["boxes"]))
+        outputs = jax.tree.map(sharding.gather, object_step(inputs["frames"], inputs["boxes"]))
       else:
         frames = pipeline.to_global_batch(dict(frames=batch["frames"]), batch_sharding)["frames"]
-        outputs = jax.tree.map(_gather, event_step(frames))
-      return {k: _gather_host(v) for k, v in batch.items()}, outputs
+        outputs = jax.tree.map(sharding.gather, event_step(frames))
+      return {k: sharding.gather_local(v) for k, v in batch.items()}, outputs
 
     return total, (lambda batch=batch: work(batch) for batch in batches)
 

@@ -16,7 +16,7 @@ every host yields the same number of batches.
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import grain
@@ -408,6 +408,23 @@ def build_eval_dataset(
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(
       num_workers=cfg.worker_count, per_worker_buffer_size=cfg.worker_buffer_size))
   return BadInputDataset(ds, cfg.max_bad_fraction, cfg.bad_check_after)
+
+
+def eval_batches(cfg: DataConfig, source_names: Sequence[str], num_frames: int, batch_size: int,
+                 sources: Mapping[str, sources_lib.Source] | None = None
+                 ) -> tuple[int, Iterator[dict[str, Any]]]:
+  """One pass of `build_eval_dataset` over `source_names`, clips sampled uniformly (the
+  evaluation choice), and the number of host-local batches it yields (the same on every host;
+  for progress bars). No source: no batch."""
+  if not source_names:
+    return 0, iter(())
+  opened = open_sources(cfg) if sources is None else sources
+  count = sum(len(opened[n]) for n in source_names)
+  per_host = batch_size // jax.process_count()
+  num_batches = math.ceil(math.ceil(count / jax.process_count()) / per_host)
+  ds = build_eval_dataset(dataclasses.replace(cfg, frame_sampling="uniform"), num_frames,
+                          batch_size, source_names=source_names, sources=opened)
+  return num_batches, iter(ds)
 
 
 def to_global_batch(

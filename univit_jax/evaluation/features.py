@@ -15,18 +15,16 @@ encoder must beat), "live" (parameters of a run in progress), "pixels" (raw-pixe
 """
 
 import dataclasses
-import json
 import os
 from collections.abc import Callable
 
 import ml_collections
 import numpy as np
 
-from univit_jax import checkpointing, config_lib, encoder, optim
+from univit_jax import config_lib, encoder
 from univit_jax.clustering import extract
 from univit_jax.data import pipeline
 from univit_jax.models import vit
-from univit_jax.train import loop as train_loop
 from univit_jax.train import state as state_lib
 
 PIXEL_BASELINES = ("pixels_mean", "pixels_ordered")
@@ -79,8 +77,9 @@ def from_params(config: ml_collections.ConfigDict, params, name: str, kind: str,
                 encoder_name: str, path: str | None = None) -> FeatureExtractor:
   """Features of encoder parameters (`nnx.State` of `vit.UniViT`) of `config`'s architecture;
   `encoder_name` is the `encoder.Encoder`'s identity, `name` the table's row."""
-  graphdef, _ = vit.abstract_encoder(config_lib.model_config(config))
-  return from_encoder(encoder.Encoder(config, graphdef, params, name=encoder_name), name, kind,
+  spec = encoder.EncoderSpec.from_config(config)
+  graphdef, _ = vit.abstract_encoder(spec.model)
+  return from_encoder(encoder.Encoder(spec, graphdef, params, name=encoder_name), name, kind,
                       path)
 
 
@@ -102,30 +101,15 @@ def live(config: ml_collections.ConfigDict, encoder_params, step: int) -> Featur
 
 
 def checkpoint(config: ml_collections.ConfigDict, workdir: str) -> FeatureExtractor:
-  """The encoder of the newest checkpoint in `workdir/checkpoints` (a training run's folder).
+  """The encoder of a run's newest checkpoint (`state_lib.checkpoint_encoder`: the workdir's
+  own, else its newest pipeline round's).
 
   Raises:
-    FileNotFoundError: if the folder holds no checkpoint or no `train_run.json`.
+    FileNotFoundError: if the workdir holds no checkpoint.
   """
-  run_file = os.path.join(workdir, train_loop.RUN_FILE)
-  if not os.path.exists(run_file):
-    raise FileNotFoundError(f"{workdir} holds no training run ({train_loop.RUN_FILE} is missing)")
-  with open(run_file) as f:
-    sizes = json.load(f)["bank_sizes"]
-  model_cfg = config_lib.model_config(config)
-  tx = optim.make_optimizer(config.optim, int(config.total_steps))
-  mesh = encoder.inference_mesh(config)
-  rules = tuple(config.sharding_rules)
-  _, abstract_params = state_lib.abstract_model(model_cfg, sizes)
-  shardings = state_lib.state_shardings(abstract_params, tx, mesh, rules)
-  abstract = state_lib.abstract_state(model_cfg, sizes, tx, shardings)
-  with checkpointing.Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:
-    step = ckpt.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
-    state = ckpt.restore(step, abstract)
-  return from_params(config, state.params["encoder"], f"checkpoint {workdir} step {step}",
-                     "checkpoint", f"checkpoint:{workdir}:{step}", workdir)
+  folder, step, params = state_lib.checkpoint_encoder(config, workdir)
+  return from_params(config, params, f"checkpoint {folder} step {step}", "checkpoint",
+                     f"checkpoint:{folder}:{step}", folder)
 
 
 def _patches(frames: np.ndarray, patch_size: int) -> np.ndarray:

@@ -5,13 +5,13 @@
       --config.eval.encoder=/path/to/export
 
 The encoder under test is `config.eval.encoder`: an export folder, "checkpoint" (the newest
-checkpoint of the run in DIR), "random" (a fresh encoder of the config's architecture), or ""
-(DIR's export: `DIR/export`, else the last pipeline round's). `config.eval.baselines` adds rows
-to compare against ("random", "pixels_mean", "pixels_ordered", and "teacher": the round-1
-bootstrap teacher's features). Probes are named in `config.eval.probes` and resolved through the
-one mapping `EVALUATORS`; each takes the shared `tasks.EvalData` and an extractor and returns
-`{column: common.ProbeResult}`, with columns named "<task>/<probe>". Outputs go to `DIR/eval/`
-(`results.json`, `results.md`, `report.html`).
+checkpoint of the run in DIR, or of its newest pipeline round), "random" (a fresh encoder of
+the config's architecture), or "" (DIR's export: `DIR/export`, else the last pipeline round's).
+`config.eval.baselines` adds rows to compare against ("random", "pixels_mean", "pixels_ordered",
+and "teacher": the round-1 bootstrap teacher's features). Probes are named in
+`config.eval.probes` and resolved through the one mapping `EVALUATORS`; each takes the shared
+`tasks.EvalData` and an extractor and returns `{column: common.ProbeResult}`, with columns named
+"<task>/<probe>". Outputs go to `DIR/eval/` (`results.json`, `results.md`, `report.html`).
 """
 
 import dataclasses
@@ -24,7 +24,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from univit_jax import checkpointing, config_lib, encoder
+from univit_jax import config_lib, encoder
 from univit_jax.evaluation import attentive, common, dense, knn, linear, qa, report, tasks
 from univit_jax.evaluation import features as features_lib
 
@@ -275,14 +275,11 @@ def resolve_extractor(config: ml_collections.ConfigDict, workdir: str | None, sp
   if not workdir:
     raise FileNotFoundError("eval.encoder is empty: pass --workdir holding an export, or set "
                             "eval.encoder to an export path, 'checkpoint' or 'random'")
-  for candidate in [encoder.export_dir(workdir)] + [
-      encoder.export_dir(os.path.join(workdir, f"round_{r}"))
-      for r in range(config.rounds, 0, -1)]:
-    if checkpointing.is_export(candidate):
-      return features_lib.export(candidate, f"export {os.path.relpath(candidate, workdir)}")
-  raise FileNotFoundError(
-    f"no export in {workdir} (looked for export/ and round_<r>/export/); train first or set "
-    "eval.encoder")
+  try:
+    found = encoder.find_export(workdir, config.rounds)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"{e}; train first or set eval.encoder") from e
+  return features_lib.export(found, f"export {os.path.relpath(found, workdir)}")
 
 
 def results_dict(ctx: Context, extractors: Sequence[features_lib.FeatureExtractor],

@@ -5,6 +5,7 @@ definition stays outside the state, so the train step is a pure function of arra
 """
 
 import dataclasses
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,6 +19,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from univit_jax import checkpointing, config_lib, optim, provenance, sharding
+from univit_jax import encoder as encoder_lib
 from univit_jax.models import heads, vit
 
 
@@ -133,6 +135,44 @@ def load_encoder_params(path: str, config: ml_collections.ConfigDict,
       f"{model_shape(config)}")
   params, _ = checkpointing.load_export(path, abstract.params["encoder"])
   return params
+
+
+def checkpoint_encoder(config: ml_collections.ConfigDict, workdir: str, step: int | None = None,
+                       mesh: Mesh | None = None) -> tuple[str, int, nnx.State]:
+  """The encoder parameters of a run's checkpoint, placed for inference
+  (`encoder.inference_shapes`).
+
+  The run is the first of `encoder.run_folders(workdir, config.rounds)` with a checkpoint: the
+  workdir's own (a `train` run), else the newest pipeline round's. Only the encoder's arrays are
+  read (`Checkpointer.restore_part`), not the class banks nor the optimiser moments, so neither
+  the cluster outputs nor `train_run.json` are needed.
+
+  Args:
+    config: the run's config (its model and sharding).
+    workdir: the run's folder.
+    step: the checkpoint's step; None: the newest.
+    mesh: as for `encoder.load_encoder`.
+
+  Returns:
+    (the run's folder, the step, the encoder parameters).
+
+  Raises:
+    FileNotFoundError: no checkpoint in any of the folders, or none for `step` in the run's.
+  """
+  _, shapes = encoder_lib.inference_shapes(encoder_lib.EncoderSpec.from_config(config), mesh)
+  for folder in encoder_lib.run_folders(workdir, config.rounds):
+    directory = os.path.join(folder, "checkpoints")
+    if not os.path.isdir(directory):
+      continue
+    with checkpointing.Checkpointer(directory) as ckpt:
+      latest = ckpt.latest_step()
+      if latest is None:
+        continue
+      step = latest if step is None else step
+      part = ckpt.restore_part(step, {"params": {"encoder": shapes}})
+    return folder, step, part["params"]["encoder"]
+  raise FileNotFoundError(
+    f"no checkpoint in {workdir} (looked in checkpoints/ and round_<r>/checkpoints/)")
 
 
 def model_shape(config: ml_collections.ConfigDict) -> dict:

@@ -1,0 +1,195 @@
+"""`--mode=embed`: an export's embeddings of every record of one source, written as arrays.
+
+  python -m univit_jax.main --config=configs/demo.py --workdir=DIR --mode=embed \
+      --config.embed.source='{"type": "image_folder", "path": "/data/images"}'
+
+The source is one spec as in `config.data.sources` (an image or video folder, a manifest, a
+TFDS split, the demo); the encoder is `embed.encoder` (default: DIR's export,
+`encoder.find_export`). Records take the data pipeline's evaluation path
+(`pipeline.eval_batches`) with the export's own preprocessing (`encoder.Preprocessing`): each
+frame's centre square resized to its `image_size`, clips sampled uniformly to `embed.frames`
+frames, normalised with its mean and std. Row i is therefore what
+`univit_jax.load_encoder(export)(frames)` gives for the record's frames. The forward pass is
+jitted over the devices of every process; each process reads the records i with
+i % process_count == process_index, and process 0 gathers the rows and writes `embed.output`
+(default `DIR/embeddings/`):
+
+  embeddings.npy      float32 [N, D]: row i embeds the record ids[i]
+  ids.npy             int64 [N]: the record's index in the source (rows in source order)
+  keys.json           [N] strings: the record's file (file sources), else its index
+  segments_<g>.npy    float32 [N, g, D] per g in `embed.segments`, with segment_mask_<g>.npy
+                      bool [N, g] (False: a segment made of padding frames of a short clip)
+  regions.npy         float32 [N, R, D], one embedding per box (`embed.regions`; R =
+                      `data.max_boxes`), with region_mask.npy bool [N, R] (False: padding)
+  embed.json          what was embedded: the export, the source, frames, counts
+
+An unreadable record gets no row (embed.json counts the skipped records; more than
+`data.max_bad_fraction` of them stop the run, as in training). The folder is built beside the
+output and renamed into place (`atomic.replace_dir`): a kill leaves the previous output or none.
+Rows are held in memory until written (N x D floats, plus segments and regions).
+"""
+
+import collections
+import dataclasses
+import math
+import os
+import shutil
+
+import jax
+import ml_collections
+import numpy as np
+import tqdm
+from jax.experimental import multihost_utils
+
+from univit_jax import atomic, config_lib, encoder, sharding
+from univit_jax.data import pipeline, transforms
+from univit_jax.data import sources as sources_lib
+
+OUTPUT_FORMAT = "univit_jax.embeddings"
+OUTPUT_VERSION = 1
+SOURCE_NAME = "embed"  # the source's name inside the pipeline (its ids are its record indices)
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbedConfig:
+  """Typed view of `config.embed` (see `config_lib.default_config`).
+
+  Attributes:
+    source: the records to embed.
+    encoder: an export folder; "" = the workdir's (`encoder.find_export`).
+    output: the output folder; "" = `<workdir>/embeddings`.
+    batch_size: global records per forward pass.
+    frames: frames sampled from each clip; 0 = the longest clip the export was trained on.
+    segments: granularities g of the per-segment embeddings written.
+    regions: write one embedding per box of the source's records.
+  """
+  source: sources_lib.SourceSpec
+  encoder: str
+  output: str
+  batch_size: int
+  frames: int
+  segments: tuple[int, ...]
+  regions: bool
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> "EmbedConfig":
+    """Reads `config.embed`.
+
+    Raises:
+      config_lib.ConfigError: naming the field, for no or a malformed source or a
+        non-positive size.
+    """
+    e = config.embed
+    if not e.source.keys():
+      raise config_lib.ConfigError(
+        "embed.source is empty: give the records to embed as one source spec, e.g. "
+        "--config.embed.source='{\"type\": \"image_folder\", \"path\": \"/data/images\"}'")
+    try:
+      source = sources_lib.SourceSpec.from_dict(SOURCE_NAME, e.source.to_dict())
+    except config_lib.ConfigError as err:
+      raise config_lib.ConfigError(f"embed.source: {err}") from err
+    segments = tuple(int(g) for g in e.segments)
+    if e.batch_size < 1 or e.frames < 0 or any(g < 1 for g in segments):
+      raise config_lib.ConfigError(
+        f"embed.batch_size={e.batch_size} must be >= 1, embed.frames={e.frames} >= 0 and "
+        f"embed.segments={segments} positive")
+    return cls(source=source, encoder=e.encoder, output=e.output, batch_size=int(e.batch_size),
+               frames=int(e.frames), segments=segments, regions=bool(e.regions))
+
+
+def _in_workdir(workdir: str | None, field: str) -> str:
+  if not workdir:
+    raise config_lib.ConfigError(f"{field} is empty: set it or pass --workdir")
+  return workdir
+
+
+def run_embed(config: ml_collections.ConfigDict, workdir: str | None) -> str:
+  """Writes the embeddings of `embed.source` (see the module docstring); returns the folder.
+
+  Raises:
+    config_lib.ConfigError: a malformed `embed` section, or a batch size the devices and
+      processes do not divide.
+    FileNotFoundError: no export where `embed.encoder` (or the workdir) points.
+    sources_lib.SourceError: the source has no records, or no boxes with `embed.regions`.
+  """
+  cfg = EmbedConfig.from_config(config)
+  path = cfg.encoder or encoder.find_export(_in_workdir(workdir, "embed.encoder"), config.rounds)
+  output = cfg.output or os.path.join(_in_workdir(workdir, "embed.output"), "embeddings")
+  spec = encoder.read_spec(path)
+  mesh = encoder.inference_mesh(spec.mesh_axes)
+  enc = encoder.load_encoder(path, mesh)
+  multiple = math.lcm(sharding.batch_shards(mesh, spec.sharding_rules), jax.process_count())
+  if cfg.batch_size % multiple:
+    raise config_lib.ConfigError(
+      f"embed.batch_size={cfg.batch_size} must be a multiple of {multiple} (the devices the "
+      "batch is split over and the processes)")
+  pre = spec.preprocessing
+  num_frames = (cfg.frames or max(pre.frames)) if cfg.source.is_video else 1
+  data_cfg = dataclasses.replace(
+    pipeline.DataConfig.from_config(config), sources=(cfg.source,), frames=(num_frames,),
+    bucket_weights=(1.0,), image_size=pre.image_size, patch_size=pre.patch_size,
+    virtual_frames=spec.model.rope.virtual_frames, transform=transforms.TransformConfig(
+      pre.image_size, augment=False, mean=pre.mean, std=pre.std))
+  source = sources_lib.build_source(cfg.source)
+  if not len(source):
+    raise sources_lib.SourceError(f"embed.source {cfg.source.to_dict()} has no records")
+  if cfg.regions and "boxes" not in source[0]:
+    raise sources_lib.SourceError(
+      f"embed.regions=True, but the records of embed.source {cfg.source.to_dict()} have no boxes")
+
+  batch_sharding = sharding.batch_sharding(mesh, spec.sharding_rules)
+  total, batches = pipeline.eval_batches(data_cfg, [SOURCE_NAME], num_frames, cfg.batch_size,
+                                         {SOURCE_NAME: source})
+  rows = collections.defaultdict(list)
+  for batch in tqdm.tqdm(batches, total=total, desc="embed", unit="batch",
+                         disable=jax.process_index() != 0):
+    names = ("frames", "frame_mask") + (("boxes",) if cfg.regions else ())
+    inputs = pipeline.to_global_batch({k: batch[k] for k in names}, batch_sharding)
+    embedding, aux = enc.apply(inputs["frames"], frame_mask=inputs["frame_mask"],
+                               segments=cfg.segments, boxes=inputs.get("boxes"))
+    outputs = {"embeddings": embedding}
+    for g in cfg.segments:
+      outputs[f"segments_{g}"] = aux["segments"][g]
+      outputs[f"segment_mask_{g}"] = aux["segment_mask"][g]
+    if cfg.regions:
+      outputs["regions"] = aux["regions"]
+    outputs = {k: sharding.gather(v) for k, v in outputs.items()}
+    if cfg.regions:
+      outputs["region_mask"] = sharding.gather_local(batch["box_mask"])
+    outputs["ids"] = sharding.gather_local(batch["id"]).astype(np.int64)
+    keep = sharding.gather_local(batch["example_mask"])
+    for k, v in outputs.items():
+      rows[k].append(v[keep])
+  if jax.process_index() == 0:
+    _write(output, rows, source, dict(
+      format=OUTPUT_FORMAT, version=OUTPUT_VERSION, encoder=enc.name,
+      export=os.path.abspath(path), source=cfg.source.to_dict(), frames=num_frames,
+      image_size=pre.image_size, segments=list(cfg.segments), regions=cfg.regions,
+      records=len(source)))
+  multihost_utils.sync_global_devices("embed done")
+  return output
+
+
+def _write(output: str, rows: dict[str, list[np.ndarray]], source: sources_lib.Source,
+           meta: dict) -> None:
+  """Writes the rows, in source order, with keys.json and embed.json into a folder that then
+  replaces `output`."""
+  arrays = {k: np.concatenate(v) for k, v in rows.items()}
+  order = np.argsort(arrays["ids"], kind="stable")
+  arrays = {k: v[order] for k, v in arrays.items()}
+  ids = arrays["ids"]
+  if isinstance(source, sources_lib.FileSource):
+    keys = [source[int(i)]["path"] for i in ids]
+  else:
+    keys = [str(int(i)) for i in ids]
+  partial = os.path.join(os.path.dirname(os.path.abspath(output)),
+                         f".{os.path.basename(output)}.partial")
+  shutil.rmtree(partial, ignore_errors=True)  # left by a kill mid-write
+  for name, array in arrays.items():
+    atomic.save_npy(os.path.join(partial, f"{name}.npy"), array)
+  atomic.write_json(os.path.join(partial, "keys.json"), keys)
+  atomic.write_json(os.path.join(partial, "embed.json"), dict(
+    meta, rows=len(ids), skipped=meta["records"] - len(ids),
+    files=sorted(f"{name}.npy" for name in arrays) + ["keys.json"]))
+  atomic.fsync_tree(partial)
+  atomic.replace_dir(partial, output)
