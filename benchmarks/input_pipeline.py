@@ -19,7 +19,7 @@ import numpy as np
 from absl import app, flags
 from PIL import Image
 
-from univit_jax import atomic
+from univit_jax import atomic, config_lib
 from univit_jax.data import pipeline, sources, transforms, video
 
 FLAGS = flags.FLAGS
@@ -81,7 +81,7 @@ def decode_times(images: str, clips: str) -> dict[str, float]:
 
 
 def measure(folder: str, kind: str, num_frames: int, batch: int, workers: int) -> dict:
-  spec = sources.SourceSpec.from_dict(kind, dict(
+  spec = config_lib.SourceSpec.from_dict(kind, dict(
     type="image_folder" if kind == "images" else "video_folder", path=folder))
   patch = 16 if FLAGS.image_size % 16 == 0 else 8
   tokens = num_frames * (FLAGS.image_size // patch) ** 2 * batch

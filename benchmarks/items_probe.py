@@ -31,7 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 # pylint: disable=wrong-import-position
-from univit_jax import config_lib, losses  # noqa: E402
+from univit_jax import config_lib, losses, specs  # noqa: E402
 from univit_jax.clustering import labels as cluster_labels  # noqa: E402
 from univit_jax.data import pipeline  # noqa: E402
 from univit_jax.evaluation import features, report, run  # noqa: E402
@@ -55,7 +55,7 @@ def item_targets(config, labels: str, clusters: str | None) -> tuple[np.ndarray,
   frames = np.stack([r["frames"][0] for r in records])
   if labels == "truth":
     return frames, np.array([r["label"] for r in records], np.int32), 10
-  out = cluster_labels.load_clusters(clusters, heads.OBJECT_BANK)
+  out = cluster_labels.load_clusters(clusters, specs.OBJECT_BANK)
   whole = {int(example): int(row[0])
            for (example, sub), row in zip(out["ids"], out["labels"]) if sub == -1}
   return frames, np.array([whole[ids[i]] for i in range(len(records))], np.int32), int(
@@ -73,7 +73,7 @@ def main(argv):
   class Student(nnx.Module):
     def __init__(self, rngs: nnx.Rngs):
       self.encoder = vit.UniViT(cfg, rngs=rngs)
-      self.heads = heads.ClassBanks({heads.OBJECT_BANK: num_classes}, cfg.width, rngs=rngs)
+      self.heads = heads.ClassBanks({specs.OBJECT_BANK: num_classes}, cfg.width, rngs=rngs)
 
   with nnx.use_eager_sharding(False):
     graphdef, params = nnx.split(Student(nnx.Rngs(_SEED.value)))
@@ -89,7 +89,7 @@ def main(argv):
       model = nnx.merge(graphdef, params)
       embedding, _ = model.encoder((x.astype(jnp.float32) / 255.0 - mean) / std)
       loss, _ = losses.discrimination_loss(embedding, y[:, None], None,
-                                           model.heads[heads.OBJECT_BANK].centres[...], rng, disc)
+                                           model.heads[specs.OBJECT_BANK].centres[...], rng, disc)
       return loss
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = tx.update(grads, opt_state, params)

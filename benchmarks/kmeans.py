@@ -29,7 +29,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from univit_jax import atomic  # pylint: disable=wrong-import-position
-from univit_jax.clustering import kmeans  # pylint: disable=wrong-import-position
+from univit_jax.clustering.kmeans import (  # pylint: disable=wrong-import-position
+  assigners, lloyd, sources)
 
 
 def make_data(kind: str, n: int, dim: int, seed: int) -> np.ndarray:
@@ -37,14 +38,14 @@ def make_data(kind: str, n: int, dim: int, seed: int) -> np.ndarray:
   a centre plus isotropic noise of norm about 0.6, then normalised)."""
   rng = np.random.default_rng(seed)
   if kind == "uniform":
-    return kmeans.normalize(rng.standard_normal((n, dim), dtype=np.float32))
-  centres = kmeans.normalize(rng.standard_normal((4096, dim), dtype=np.float32))
+    return sources.normalize(rng.standard_normal((n, dim), dtype=np.float32))
+  centres = sources.normalize(rng.standard_normal((4096, dim), dtype=np.float32))
   noise = rng.standard_normal((n, dim), dtype=np.float32) * (0.6 / np.sqrt(dim))
-  return kmeans.normalize(centres[rng.integers(0, len(centres), n)] + noise)
+  return sources.normalize(centres[rng.integers(0, len(centres), n)] + noise)
 
 
 def exact_top(x: np.ndarray, centroids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-  return kmeans.MatmulAssigner(centroids).search(x, k)
+  return assigners.MatmulAssigner(centroids).search(x, k)
 
 
 # ClusterSpec options of each of our methods.
@@ -55,11 +56,11 @@ OURS = {"ours": dict(backend="auto"), "exact": dict(backend="exact"),
 def run_ours(x, init, iterations, options, leaves, search):
   # Labels from the assigner (not the stage's default brute-force pass), so the recall measured
   # below is the tree's for "scann", plus the last assignment as a candidate.
-  spec = kmeans.ClusterSpec(num_clusters=len(init), iterations=iterations, top_k=10,
-                            num_leaves=leaves, leaves_to_search=search, exact_labels=False,
-                            **options)
-  result = kmeans.spherical_kmeans(kmeans.ArraySource(x), spec, init_centroids=init,
-                                   log=lambda line: print("   ", line, flush=True))
+  spec = lloyd.ClusterSpec(num_clusters=len(init), iterations=iterations, top_k=10,
+                           num_leaves=leaves, leaves_to_search=search, exact_labels=False,
+                           **options)
+  result = lloyd.spherical_kmeans(sources.ArraySource(x), spec, init_centroids=init,
+                                  log=lambda line: print("   ", line, flush=True))
   return dict(seconds_per_iteration=result.seconds[:-1], labels_seconds=result.seconds[-1],
               searched_fraction=[s / len(x) for s in result.searched],
               tree=list(spec.tree_shape()) if spec.uses_tree() else None), result
@@ -74,7 +75,7 @@ def run_faiss(x, init, iterations):
   total = time.perf_counter() - t0
   elapsed = [s["time"] for s in km.iteration_stats]  # seconds since the start, per iteration
   return dict(seconds_per_iteration=[total / iterations] * iterations, train_seconds=total,
-              faiss_elapsed=elapsed), kmeans.normalize(km.centroids)
+              faiss_elapsed=elapsed), sources.normalize(km.centroids)
 
 
 def main() -> None:
@@ -104,8 +105,8 @@ def main() -> None:
       init = x[np.sort(np.random.default_rng(args.seed + k).choice(args.n, k, replace=False))]
       row = dict(data=kind, n=args.n, dim=args.dim, k=k, iterations=args.iterations)
       for top_k in (1, 2, 10):  # compile the full-block matmul kernels outside the timings
-        for dtype in ("float32", kmeans.resolve_screen_dtype("auto")):
-          kmeans.MatmulAssigner(init, dtype).search(x[:16_384], top_k)
+        for dtype in ("float32", assigners.resolve_screen_dtype("auto")):
+          assigners.MatmulAssigner(init, dtype).search(x[:16_384], top_k)
       for method in methods:
         print(f"{kind} K={k} {method}", flush=True)
         if method == "faiss":

@@ -42,11 +42,11 @@ from absl import app, flags
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from univit_jax import atomic, config_lib, sharding, summary
-from univit_jax.models import rope, variants, vit
+from univit_jax import atomic, config_lib, positions as positions_lib, sharding, specs, summary
+from univit_jax.models import rope, vit
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("variants", ["Ti/16"], "model sizes (models/variants.py)")
+flags.DEFINE_list("variants", ["Ti/16"], "model sizes (univit_jax/specs.py)")
 flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "compute dtypes (parameters stay float32)")
 flags.DEFINE_list("attention", ["xla"], "our self-attention implementations (config_lib)")
 flags.DEFINE_bool("scan", False, "scan our classifier's layers (as the pretraining configs do; "
@@ -94,7 +94,7 @@ def matmul_peak(size: int, dtype: str, steps: int = 10) -> float:
 
 def model_config(variant: str, dtype: str, attention: str = "xla", scan: bool = False
                  ) -> config_lib.ModelConfig:
-  return config_lib.ModelConfig(**variants.decode_variant(variant), dtype=dtype,
+  return config_lib.ModelConfig(**specs.decode_variant(variant), dtype=dtype,
                                 attention=attention, scan=scan)
 
 
@@ -150,7 +150,6 @@ def time_univit_step(variant: str, dtype: str, attention: str, image_size: int,
   """Median time of the real UniViT train step (`train/step.py`) on one device."""
   # Imported here: the train package pulls in the data pipeline, which only this row needs.
   from univit_jax import optim  # pylint: disable=import-outside-toplevel
-  from univit_jax.models import heads  # pylint: disable=import-outside-toplevel
   from univit_jax.train import labels as labels_lib  # pylint: disable=import-outside-toplevel
   from univit_jax.train import state as state_lib  # pylint: disable=import-outside-toplevel
   from univit_jax.train import step as step_lib  # pylint: disable=import-outside-toplevel
@@ -174,8 +173,8 @@ def time_univit_step(variant: str, dtype: str, attention: str, image_size: int,
   size, top_k = config.data.image_size, int(config.cluster.top_k)
   grid = size // cfg.patch_size
   rng = np.random.default_rng(0)
-  positions = rope.grid_positions(rope.frame_times(num_frames, cfg.rope.virtual_frames),
-                                  grid, grid)
+  positions = positions_lib.grid_positions(
+    positions_lib.frame_times(num_frames, cfg.rope.virtual_frames), grid, grid)
   batch_arrays = dict(
     frames=rng.standard_normal((batch, num_frames, size, size, 3), np.float32),
     positions=np.broadcast_to(positions, (batch,) + positions.shape).astype(np.float32),
@@ -192,7 +191,7 @@ def time_univit_step(variant: str, dtype: str, attention: str, image_size: int,
       batch_arrays[key] = np.ones(shape, bool)
     elif key == "global_bank":
       index = labels_lib.GLOBAL_BANKS.index(
-        heads.OBJECT_BANK if num_frames == 1 else heads.event_bank_name(1))
+        specs.OBJECT_BANK if num_frames == 1 else specs.event_bank_name(1))
       batch_arrays[key] = np.full(shape, index, np.int32)
     else:
       batch_arrays[key] = rng.integers(0, bank_classes, shape, dtype=np.int32)
@@ -206,11 +205,10 @@ def time_univit_step(variant: str, dtype: str, attention: str, image_size: int,
     shardings, abstract_batch, dict.fromkeys(abstract_batch, replicated), weights, replicated)
   compile_seconds = time.perf_counter() - start
   device_batch = {k: jax.device_put(v, replicated) for k, v in batch_arrays.items()}
-  nan_step = jnp.int32(-1)
   holder = [state]
 
   def run():
-    holder[0], metrics = compiled(holder[0], device_batch, weights, nan_step)
+    holder[0], metrics = compiled(holder[0], device_batch, weights)
     metrics["loss"].block_until_ready()
 
   _, seconds = _median_time(run, steps, warmup)
@@ -234,8 +232,8 @@ def torch_vit(cfg: config_lib.ModelConfig, classes: int, num_frames: int, grid: 
   from torch.nn import functional as F  # pylint: disable=import-outside-toplevel
 
   d, heads, head_dim = cfg.width, cfg.num_heads, cfg.head_dim
-  positions = rope.grid_positions(rope.frame_times(num_frames, cfg.rope.virtual_frames),
-                                  grid, grid)
+  positions = positions_lib.grid_positions(
+    positions_lib.frame_times(num_frames, cfg.rope.virtual_frames), grid, grid)
   angles = np.asarray(rope.rope_angles(
     jnp.asarray(positions), head_dim, cfg.rope.mode, cfg.rope.base, cfg.rope.split,
     None, cfg.rope.temporal_span, cfg.rope.virtual_frames))  # [N, P]

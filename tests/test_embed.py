@@ -48,7 +48,7 @@ def _load(folder: str) -> dict:
 
 def _frames(spec: dict, count: int, num_frames: int) -> tuple[list[dict], np.ndarray]:
   """The records of a source spec and their uint8 frames as evaluation reads them."""
-  source = sources.build_source(sources.SourceSpec.from_dict("test", spec))
+  source = sources.build_source(config_lib.SourceSpec.from_dict("test", spec))
   records = [source[i] for i in range(count)]
   return records, np.stack([tasks.eval_frames(r, num_frames, SIZE) for r in records])
 

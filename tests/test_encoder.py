@@ -21,6 +21,7 @@ import helpers
 import univit_jax
 from helpers import load_config
 from univit_jax import checkpointing, config_lib, encoder as encoder_lib
+from univit_jax import positions as positions_lib
 from univit_jax.data import demo, pipeline, transforms, video
 from univit_jax.models import rope, vit
 from univit_jax.train import state as state_lib
@@ -169,13 +170,13 @@ def _numpy_forward(export_path: str, frames: np.ndarray) -> tuple[np.ndarray, np
   x = (frames / 255.0 - np.asarray(pre["mean"])) / np.asarray(pre["std"])
   patches = x.reshape(t, grid_h, size, grid_w, size, c).transpose(0, 1, 3, 2, 4, 5)
   x = patches.reshape(t * grid_h * grid_w, size * size * c) @ p["patch_embed.kernel"]
-  frames_t = rope.frame_times(t, model["rope"]["virtual_frames"]).astype(np.float64)
+  frames_t = positions_lib.frame_times(t, model["rope"]["virtual_frames"]).astype(np.float64)
   freqs = (np.pi / model["rope"]["virtual_frames"]) ** (np.arange(16) / 15)
   time = np.concatenate([np.sin(frames_t[:, None] * freqs), np.cos(frames_t[:, None] * freqs)],
                         axis=-1)
   x = x + np.repeat(time @ p["time_embed.kernel"], grid_h * grid_w, axis=0)
   x = _layer_norm(x, p, "norm_pre")
-  positions = rope.grid_positions(frames_t, grid_h, grid_w)  # [N, 3] (t, h, w)
+  positions = positions_lib.grid_positions(frames_t, grid_h, grid_w)  # [N, 3] (t, h, w)
   r = model["rope"]
   pair_freqs, pair_axes = rope.rope_table(
     model["width"] // model["num_heads"], r["mode"], r["base"], tuple(r["split"]),

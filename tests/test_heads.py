@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 from jax.sharding import AxisType, PartitionSpec as P
 
-from univit_jax import config_lib
+from univit_jax import config_lib, specs
 from univit_jax.models import heads
 
 
@@ -16,11 +16,11 @@ def _banks(**kwargs) -> heads.ClassBanks:
 
 
 def test_bank_names_and_granularity():
-  assert heads.bank_names((1, 2, 4, 8)) == (
+  assert specs.bank_names((1, 2, 4, 8)) == (
     "object", "event_1", "event_2", "event_4", "event_8")
-  assert heads.event_granularity("event_4") == 4
-  assert heads.event_granularity("object") is None
-  assert heads.event_granularity("event_x") is None
+  assert specs.event_granularity("event_4") == 4
+  assert specs.event_granularity("object") is None
+  assert specs.event_granularity("event_x") is None
 
 
 def test_centroid_and_random_initialisation():

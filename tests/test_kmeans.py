@@ -16,7 +16,8 @@ from sklearn.metrics import normalized_mutual_info_score
 
 import cluster_worker
 from univit_jax import config_lib
-from univit_jax.clustering import kmeans, labels, store
+from univit_jax.clustering import labels, store
+from univit_jax.clustering.kmeans import assigners, bounds, lloyd, sources
 
 WORKER = os.path.join(os.path.dirname(__file__), "cluster_worker.py")
 # Small-K settings that still take the ScaNN tree path (tree over 12 centroids, 3 leaves).
@@ -38,9 +39,9 @@ def mixture():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_recovers_planted_clusters_with_monotone_objective(mixture, backend):
   x, truth = mixture
-  spec = kmeans.ClusterSpec(num_clusters=12, iterations=8, top_k=4, seed=0, block_rows=1000,
-                            **BACKENDS[backend])
-  result = kmeans.spherical_kmeans(kmeans.ArraySource(x), spec, log=_quiet)
+  spec = lloyd.ClusterSpec(num_clusters=12, iterations=8, top_k=4, seed=0, block_rows=1000,
+                           **BACKENDS[backend])
+  result = lloyd.spherical_kmeans(sources.ArraySource(x), spec, log=_quiet)
   assert normalized_mutual_info_score(truth, result.labels[:, 0]) >= 0.95
   assert np.all(np.diff(result.objective) >= -1e-6), result.objective
   np.testing.assert_allclose(np.linalg.norm(result.centroids, axis=1), 1.0, rtol=1e-5)
@@ -63,9 +64,9 @@ def test_backends_agree_and_distortion_never_increases(mixture):
   x, _ = mixture
   x = x[:600]
   full_tree = dict(TREE, leaves_to_search=TREE["num_leaves"], exact_labels=False)
-  results = [kmeans.spherical_kmeans(
-    kmeans.ArraySource(x), kmeans.ClusterSpec(num_clusters=12, iterations=5, init="random",
-                                              top_k=3, **options), log=_quiet)
+  results = [lloyd.spherical_kmeans(
+    sources.ArraySource(x), lloyd.ClusterSpec(num_clusters=12, iterations=5, init="random",
+                                             top_k=3, **options), log=_quiet)
     for options in (dict(backend="exact"), dict(backend="scann"), full_tree)]
   for other in results[1:]:
     np.testing.assert_allclose(other.centroids, results[0].centroids, atol=1e-5)
@@ -84,7 +85,7 @@ def test_matmul_assigner_is_exact_top_k_with_ties_to_the_lowest_id(dtype):
   x = rng.integers(-2, 3, (700, 16)).astype(np.float32)
   x[:50] = centroids[41]
   sims = x @ centroids.T
-  assigner = kmeans.MatmulAssigner(centroids, dtype)
+  assigner = assigners.MatmulAssigner(centroids, dtype)
   for k in (1, 2, 5):
     ids, got = assigner.search(x, k)
     expected = np.argsort(-sims, axis=1, kind="stable")[:, :k]
@@ -95,8 +96,8 @@ def test_matmul_assigner_is_exact_top_k_with_ties_to_the_lowest_id(dtype):
 
 def test_bf16_screen_finds_the_nearest_centroid_with_float32_cosines(mixture):
   x, _ = mixture
-  centroids = kmeans.normalize(np.random.default_rng(1).standard_normal((1000, x.shape[1])))
-  ids, sims = kmeans.MatmulAssigner(centroids, "bfloat16").search(x, 2)
+  centroids = sources.normalize(np.random.default_rng(1).standard_normal((1000, x.shape[1])))
+  ids, sims = assigners.MatmulAssigner(centroids, "bfloat16").search(x, 2)
   exact = x @ centroids.T
   assert np.mean(ids[:, 0] == np.argmax(exact, axis=1)) >= 0.99
   np.testing.assert_allclose(sims, np.take_along_axis(exact, ids, 1), atol=1e-6)
@@ -106,17 +107,17 @@ def test_bf16_screen_finds_the_nearest_centroid_with_float32_cosines(mixture):
 @pytest.mark.parametrize("check_jumper", [False, True])
 def test_widened_bounds_stay_below_the_true_angles(check_jumper):
   rng = np.random.default_rng(0)
-  x = kmeans.normalize(rng.standard_normal((400, 8)))
-  centroids = kmeans.normalize(rng.standard_normal((30, 8)))
-  rows = kmeans.RowState.fresh(len(x))
+  x = sources.normalize(rng.standard_normal((400, 8)))
+  centroids = sources.normalize(rng.standard_normal((30, 8)))
+  rows = bounds.RowState.fresh(len(x))
   cos = x @ centroids.T
   rows.assign[:] = np.argmax(cos, axis=1)
   rows.lower[:] = np.arccos(np.sort(cos, axis=1)[:, -2])
   checked = np.array([3] if check_jumper else [], np.int64)
   for scale in (0.01, 0.1, 0.5):
-    moved_centroids = kmeans.normalize(centroids + scale * rng.standard_normal(centroids.shape))
+    moved_centroids = sources.normalize(centroids + scale * rng.standard_normal(centroids.shape))
     moved_centroids[3] = -centroids[3]  # one centroid jumps across the sphere
-    rows.widen(kmeans._angles_moved(centroids, moved_centroids), checked)
+    rows.widen(bounds.angles_moved(centroids, moved_centroids), checked)
     centroids = moved_centroids
     angles = np.arccos(np.clip(x @ centroids.T, -1, 1))
     angles[np.arange(len(x)), rows.assign] = np.inf
@@ -129,7 +130,7 @@ def test_widened_bounds_stay_below_the_true_angles(check_jumper):
 def _plain_lloyd(x, init, iterations):
   """Spherical Lloyd searching every row every pass; empty clusters (in index order) move onto
   the rows with the lowest cosine to their centroid (ties by row index)."""
-  centroids = kmeans.normalize(init)
+  centroids = sources.normalize(init)
   for _ in range(iterations):
     cos = x @ centroids.T
     assign = np.argmax(cos, axis=1)
@@ -138,7 +139,7 @@ def _plain_lloyd(x, init, iterations):
     counts = np.bincount(assign, minlength=len(centroids))
     empties = np.flatnonzero(counts == 0)
     centroids = centroids.copy()
-    centroids[counts > 0] = kmeans.normalize(sums[counts > 0])
+    centroids[counts > 0] = sources.normalize(sums[counts > 0])
     best = cos[np.arange(len(x)), assign]
     centroids[empties] = x[np.lexsort((np.arange(len(x)), best))[:len(empties)]]
   return centroids
@@ -152,10 +153,10 @@ def test_bounded_lloyd_equals_plain_lloyd_and_skips_settled_rows(mixture, screen
   rows = np.arange(0, len(x), len(x) // 12)[:12]
   if duplicate_init:  # centroid 5 repeats centroid 4, so it starts empty and is re-seeded
     rows[5] = rows[4]
-  spec = kmeans.ClusterSpec(num_clusters=12, iterations=8, top_k=1, block_rows=1000,
-                            screen_dtype=screen_dtype)
-  result = kmeans.spherical_kmeans(kmeans.ArraySource(x), spec, init_centroids=x[rows],
-                                   log=_quiet)
+  spec = lloyd.ClusterSpec(num_clusters=12, iterations=8, top_k=1, block_rows=1000,
+                           screen_dtype=screen_dtype)
+  result = lloyd.spherical_kmeans(sources.ArraySource(x), spec, init_centroids=x[rows],
+                                  log=_quiet)
   centroids = _plain_lloyd(x, x[rows], spec.iterations)
   np.testing.assert_allclose(result.centroids, centroids, atol=1e-5)
   np.testing.assert_array_equal(result.labels[:, 0], np.argmax(x @ centroids.T, axis=1))
@@ -165,17 +166,17 @@ def test_bounded_lloyd_equals_plain_lloyd_and_skips_settled_rows(mixture, screen
 
 def test_centering_clusters_rows_that_share_a_large_component(mixture):
   x, truth = mixture
-  y = kmeans.normalize(x + 4.0 * kmeans.normalize(np.ones((1, x.shape[1]))))
+  y = sources.normalize(x + 4.0 * sources.normalize(np.ones((1, x.shape[1]))))
   options = dict(num_clusters=12, iterations=8, top_k=1, seed=0)
-  plain = kmeans.spherical_kmeans(kmeans.ArraySource(y), kmeans.ClusterSpec(**options),
-                                  log=_quiet)
-  centred = kmeans.spherical_kmeans(kmeans.ArraySource(y),
-                                    kmeans.ClusterSpec(**options, center=True), log=_quiet)
+  plain = lloyd.spherical_kmeans(sources.ArraySource(y), lloyd.ClusterSpec(**options),
+                                 log=_quiet)
+  centred = lloyd.spherical_kmeans(sources.ArraySource(y),
+                                   lloyd.ClusterSpec(**options, center=True), log=_quiet)
   assert plain.mean is None and plain.objective[-1] > 0.97  # the shared part dominates
   np.testing.assert_allclose(centred.mean, y.mean(axis=0), atol=1e-6)
   assert centred.objective[-1] < 0.9
   assert normalized_mutual_info_score(truth, centred.labels[:, 0]) >= 0.95
-  z = kmeans.normalize(y - centred.mean)  # labels are exact in the centred space
+  z = sources.normalize(y - centred.mean)  # labels are exact in the centred space
   np.testing.assert_array_equal(centred.labels[:, 0], np.argmax(z @ centred.centroids.T, axis=1))
 
 
@@ -198,7 +199,7 @@ def test_cluster_version_folds_in_what_the_features_were_made_from(tmp_path):
   """Features of other data (their meta.json `inputs`) get another cluster version, and
   stats.json carries the inputs, which training checks against its data sources."""
   x, _ = cluster_worker.planted(40, 2, 4, noise=0.1, seed=0)
-  spec = kmeans.ClusterSpec(num_clusters=2, iterations=1, top_k=1)
+  spec = lloyd.ClusterSpec(num_clusters=2, iterations=1, top_k=1)
   for name, records in (("a", 40), ("b", 41)):
     inputs = dict(data=dict(sources=dict(digits=dict(records=records))))
     writer = store.BankWriter(str(tmp_path / name), "object", 4, teacher="t", inputs=inputs)
@@ -213,12 +214,12 @@ def test_cluster_version_folds_in_what_the_features_were_made_from(tmp_path):
 
 
 def test_screen_dtype_resolution_and_validation():
-  assert kmeans.resolve_screen_dtype("float32") == np.float32
-  assert kmeans.resolve_screen_dtype("auto") in (np.float32, jnp.bfloat16)
-  assert kmeans.ClusterSpec(num_clusters=2, backend="exact",
-                            screen_dtype="bfloat16").matmul_dtype() == np.float32
-  with pytest.raises(kmeans.KMeansError, match=r"bank 'b': cluster spec screen_dtype='float16'"):
-    kmeans.ClusterSpec(num_clusters=2, top_k=1, screen_dtype="float16").validate("b")
+  assert assigners.resolve_screen_dtype("float32") == np.float32
+  assert assigners.resolve_screen_dtype("auto") in (np.float32, jnp.bfloat16)
+  assert lloyd.ClusterSpec(num_clusters=2, backend="exact",
+                           screen_dtype="bfloat16").matmul_dtype() == np.float32
+  with pytest.raises(lloyd.KMeansError, match=r"bank 'b': cluster spec screen_dtype='float16'"):
+    lloyd.ClusterSpec(num_clusters=2, top_k=1, screen_dtype="float16").validate("b")
 
 
 def test_empty_clusters_are_reseeded_on_worst_rows():
@@ -229,9 +230,9 @@ def test_empty_clusters_are_reseeded_on_worst_rows():
   x = np.concatenate([np.eye(4)[[0]] + 0.01 * rng.standard_normal((50, 4)),
                       np.eye(4)[[1]] + 0.01 * rng.standard_normal((50, 4)),
                       np.eye(4)[[2]] + 0.01 * rng.standard_normal((3, 4))]).astype(np.float32)
-  spec = kmeans.ClusterSpec(num_clusters=4, iterations=3, top_k=1, backend="exact")
-  result = kmeans.spherical_kmeans(kmeans.ArraySource(x), spec, log=_quiet,
-                                   init_centroids=kmeans.normalize(x[[0, 0, 60, 61]]))
+  spec = lloyd.ClusterSpec(num_clusters=4, iterations=3, top_k=1, backend="exact")
+  result = lloyd.spherical_kmeans(sources.ArraySource(x), spec, log=_quiet,
+                                  init_centroids=sources.normalize(x[[0, 0, 60, 61]]))
   assert result.empty[0] == 1
   assert not set(result.labels[100:, 0]) & set(result.labels[:100, 0])
   assert len(set(result.labels[100:, 0])) == 1
@@ -240,8 +241,8 @@ def test_empty_clusters_are_reseeded_on_worst_rows():
 
 def test_kmeans_pp_init_picks_distinct_rows(mixture):
   x, truth = mixture
-  spec = kmeans.ClusterSpec(num_clusters=12, init="kmeans++", seed=1)
-  centroids = kmeans.initial_centroids(kmeans.ArraySource(x), spec)
+  spec = lloyd.ClusterSpec(num_clusters=12, init="kmeans++", seed=1)
+  centroids = lloyd.initial_centroids(sources.ArraySource(x), spec)
   nearest = np.argmax(x @ centroids.T, axis=0)
   # k-means++ spreads the seeds: most planted clusters receive one.
   assert len(np.unique(truth[nearest])) >= 10
@@ -332,7 +333,7 @@ def test_two_processes_match_one(tmp_path, backend, center):
 
 def test_stage_outputs_and_stats(tmp_path):
   _write_bank(tmp_path)
-  spec = kmeans.ClusterSpec(num_clusters=6, iterations=4, top_k=2, backend="exact")
+  spec = lloyd.ClusterSpec(num_clusters=6, iterations=4, top_k=2, backend="exact")
   stats = labels.run_cluster_stage(str(tmp_path), {cluster_worker.BANK: spec}, log=_quiet)
   stats = stats[cluster_worker.BANK]
   loaded = labels.load_clusters(str(tmp_path), cluster_worker.BANK)
@@ -368,19 +369,19 @@ def test_specs_from_default_config():
   assert specs["object"].num_clusters == 1_000_000 and specs["event_2"].top_k == 10
   assert specs["event_4"].screen_dtype == "auto" and not specs["object"].center
   config.cluster.backend = "faiss"
-  with pytest.raises(kmeans.KMeansError, match=r"bank 'event_1': cluster spec backend='faiss'"):
+  with pytest.raises(lloyd.KMeansError, match=r"bank 'event_1': cluster spec backend='faiss'"):
     labels.cluster_specs(config)
 
 
 def test_k_larger_than_n_names_bank(tmp_path):
   _write_bank(tmp_path)
-  with pytest.raises(kmeans.KMeansError, match=rf"bank '{cluster_worker.BANK}'.*"
+  with pytest.raises(lloyd.KMeansError, match=rf"bank '{cluster_worker.BANK}'.*"
                      r"num_clusters=1000 is larger than the 400 rows.*meta.json"):
     labels.run_cluster_stage(str(tmp_path), {cluster_worker.BANK: dict(num_clusters=1000)},
                              log=_quiet)
-  with pytest.raises(kmeans.KMeansError, match="bank 'x': num_clusters=9 is larger"):
-    kmeans.spherical_kmeans(kmeans.ArraySource(np.ones((4, 2))),
-                            kmeans.ClusterSpec(num_clusters=9, top_k=1), name="x")
+  with pytest.raises(lloyd.KMeansError, match="bank 'x': num_clusters=9 is larger"):
+    lloyd.spherical_kmeans(sources.ArraySource(np.ones((4, 2))),
+                           lloyd.ClusterSpec(num_clusters=9, top_k=1), name="x")
 
 
 def test_missing_and_incomplete_banks_name_bank(tmp_path):

@@ -17,8 +17,8 @@ from univit_jax.data import pipeline, sources, transforms
 
 
 def _config(**kw):
-  specs = (sources.SourceSpec("img", "demo", None, (("kind", "objects"),)),
-           sources.SourceSpec("vid", "demo", None, (("kind", "events"),)))
+  specs = (config_lib.SourceSpec("img", "demo", None, (("kind", "objects"),)),
+           config_lib.SourceSpec("vid", "demo", None, (("kind", "events"),)))
   defaults = dict(sources=specs, frames=(1, 2, 4), bucket_weights=(2, 1, 1),
                   tokens_per_batch=16 * 16, image_size=16, patch_size=4,
                   transform=transforms.TransformConfig(16))
@@ -104,7 +104,7 @@ class _PartlyMissing:
 
 
 def test_unreadable_records_are_replaced_counted_and_logged(tmp_path, caplog):
-  specs = (sources.SourceSpec("img", "image_folder", (1,), ()),)
+  specs = (config_lib.SourceSpec("img", "image_folder", (1,), ()),)
   cfg = _config(sources=specs, frames=(1,), bucket_weights=(1,), tokens_per_batch=16 * 4,
                 max_bad_fraction=0.5)
   src = dict(img=_PartlyMissing(str(tmp_path), 9))
@@ -174,7 +174,7 @@ def test_data_config_from_demo_config():
 def test_sources_fingerprint_changes_when_the_ids_would_name_other_records(tmp_path):
   """Issue 13: ids are positions over the sources, so an output keyed by id is valid only for the
   sources it records: their specs, record counts and, for file lists, the files in order."""
-  spec = sources.SourceSpec.from_dict("files", dict(type="image_folder", path=str(tmp_path)))
+  spec = config_lib.SourceSpec.from_dict("files", dict(type="image_folder", path=str(tmp_path)))
   cfg = _config(sources=(spec,), frames=(1,), bucket_weights=(1,))
   entries = [sources.FileEntry(str(tmp_path / f"{i}.png")) for i in range(3)]
 
@@ -193,7 +193,7 @@ def test_sources_fingerprint_changes_when_the_ids_would_name_other_records(tmp_p
 def test_demo_source_wiring():
   demo = pytest.importorskip("univit_jax.data.demo")
   del demo
-  spec = sources.SourceSpec.from_dict(
+  spec = config_lib.SourceSpec.from_dict(
     "events", dict(type="demo", kind="events", split="val", num_examples=4, num_frames=8))
   source = sources.build_source(spec)
   assert len(source) == 4 and source[0]["frames"].shape[0] == 8

@@ -59,7 +59,7 @@ def _changed(**fields):
 RESUMES = [
   dict(train__log_every=5), dict(train__checkpoint_every=3), dict(train__keep_checkpoints=1),
   dict(train__progress_bar=True), dict(train__collapse_threshold=0.5),
-  dict(train__compilation_cache_dir="none"), dict(train__debug_step_sleep=0.5),
+  dict(train__compilation_cache_dir="none"),
   dict(eval__every=2), dict(eval__train_probes=("linear",)),
   dict(data__read_threads=3), dict(data__worker_buffer_size=4), dict(data__augment=True),
   dict(data__max_bad_fraction=0.5), dict(model__dtype="bfloat16"), dict(model__remat="full"),

@@ -5,6 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from univit_jax import positions as positions_lib
+from univit_jax import specs
 from univit_jax.models import rope
 
 HEAD_DIM = 64  # 32 pairs: t 8, h 12, w 12.
@@ -57,7 +59,7 @@ def rotate(x, positions, mode, mask=None):
   return np.asarray(rope.apply_rope(jnp.asarray(x), angles))
 
 
-@pytest.mark.parametrize("mode", rope.MODES)
+@pytest.mark.parametrize("mode", specs.ROPE_ALLOCATIONS)
 def test_table_is_as_documented(mode):
   freqs, axes = rope.rope_table(HEAD_DIM, mode)
   ref_freqs, ref_axes = reference_table(mode)
@@ -66,21 +68,21 @@ def test_table_is_as_documented(mode):
   assert np.bincount(axes).tolist() == [8, 12, 12]
 
 
-@pytest.mark.parametrize("mode", rope.MODES)
+@pytest.mark.parametrize("mode", specs.ROPE_ALLOCATIONS)
 def test_matches_numpy_reference(mode):
   x, positions = random_case()
   np.testing.assert_allclose(rotate(x, positions, mode), reference_rope(x, positions, mode),
                              rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("mode", rope.MODES)
+@pytest.mark.parametrize("mode", specs.ROPE_ALLOCATIONS)
 def test_preserves_norms(mode):
   x, positions = random_case(1)
   y = rotate(x, positions, mode)
   np.testing.assert_allclose(np.linalg.norm(y, axis=-1), np.linalg.norm(x, axis=-1), rtol=1e-5)
 
 
-@pytest.mark.parametrize("mode", rope.MODES)
+@pytest.mark.parametrize("mode", specs.ROPE_ALLOCATIONS)
 @pytest.mark.parametrize("axis", [0, 1, 2])
 def test_scores_depend_only_on_position_offset(mode, axis):
   x, positions = random_case(2)
@@ -107,7 +109,7 @@ def test_offset_changes_scores():
   assert np.abs(s0 - s1).max() > 1e-2
 
 
-@pytest.mark.parametrize("mode", rope.MODES)
+@pytest.mark.parametrize("mode", specs.ROPE_ALLOCATIONS)
 def test_padded_tokens_are_untouched(mode):
   x, positions = random_case(4)
   mask = np.array([[True, False, True, True, False, True]] * 2)
@@ -129,17 +131,17 @@ def test_bands():
 
 def test_split_errors_name_the_problem():
   with pytest.raises(ValueError, match="head_dim=48 gives 24 rotary pairs"):
-    rope.axis_pairs(48)
+    specs.rope_axis_pairs(48)
   with pytest.raises(ValueError, match="rope mode='spiral'"):
     rope.rope_table(64, "spiral")
-  assert rope.axis_pairs(128) == (16, 24, 24)
+  assert specs.rope_axis_pairs(128) == (16, 24, 24)
 
 
 def test_virtual_time_grid():
-  np.testing.assert_array_equal(rope.frame_times(1), [0.0])
-  np.testing.assert_allclose(rope.frame_times(2), [0.0, 63.0])
-  np.testing.assert_allclose(rope.frame_times(16)[[0, -1]], [0.0, 63.0])
-  pos = rope.grid_positions(rope.frame_times(2), 2, 3)
+  np.testing.assert_array_equal(positions_lib.frame_times(1), [0.0])
+  np.testing.assert_allclose(positions_lib.frame_times(2), [0.0, 63.0])
+  np.testing.assert_allclose(positions_lib.frame_times(16)[[0, -1]], [0.0, 63.0])
+  pos = positions_lib.grid_positions(positions_lib.frame_times(2), 2, 3)
   assert pos.shape == (12, 3)
   np.testing.assert_array_equal(pos[7], [63.0, 0.0, 1.0])
 
@@ -153,7 +155,7 @@ def test_jit_and_bfloat16():
                              atol=0.1)
 
 
-@pytest.mark.parametrize("mode", rope.MODES)
+@pytest.mark.parametrize("mode", specs.ROPE_ALLOCATIONS)
 def test_temporal_span_makes_time_visible_and_keeps_rotations_relative(mode):
   plain, axes = rope.rope_table(HEAD_DIM, mode)
   freqs, same_axes = rope.rope_table(HEAD_DIM, mode, temporal_span=np.pi, virtual_frames=64)

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from univit_jax.models import siglip, variants, vit
+from univit_jax import specs
+from univit_jax.models import siglip, vit
 
 WIDTH, DEPTH, HEADS, MLP, PATCH, IMAGE = 32, 2, 2, 64, 8, 32
 GRID = IMAGE // PATCH
@@ -24,7 +25,7 @@ VARIANT = f"tiny/{PATCH}"
 
 @pytest.fixture(autouse=True)
 def tiny_size(monkeypatch):
-  monkeypatch.setitem(siglip.SIZES, "tiny", variants.Size(WIDTH, DEPTH, HEADS, MLP))
+  monkeypatch.setitem(siglip.SIZES, "tiny", specs.Size(WIDTH, DEPTH, HEADS, MLP))
 
 
 def _flat(prefix: str, tree: dict) -> dict:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from univit_jax import config_lib
 from univit_jax.data import pipeline, sources, transforms
 
 
@@ -123,7 +124,7 @@ def test_in_memory_images_of_other_dtypes_convert_when_unambiguous():
 
 def test_tfds_mnist_images_under_mock_data():
   tfds = pytest.importorskip("tensorflow_datasets")
-  spec = sources.SourceSpec.from_dict("mnist", dict(type="tfds", name="mnist", split="train"))
+  spec = config_lib.SourceSpec.from_dict("mnist", dict(type="tfds", name="mnist", split="train"))
   cfg = pipeline.DataConfig(sources=(spec,), frames=(1,), bucket_weights=(1,),
                             tokens_per_batch=4 * 16, image_size=16, patch_size=4)
   with tfds.testing.mock_data(num_examples=12):
@@ -140,7 +141,7 @@ def test_tfds_detection_boxes_under_mock_data():
   # coco/2017's builder imports TensorFlow, so the boxes path is tested on voc/2007 (same
   # objects/bbox + objects/label layout).
   tfds = pytest.importorskip("tensorflow_datasets")
-  spec = sources.SourceSpec.from_dict("voc", dict(
+  spec = config_lib.SourceSpec.from_dict("voc", dict(
     type="tfds", name="voc/2007", split="train", label_key=None, boxes_key="objects/bbox",
     box_labels_key="objects/label"))
   cfg = pipeline.DataConfig(sources=(spec,), frames=(1,), bucket_weights=(1,),
@@ -183,7 +184,7 @@ def test_tfds_prepared_directory_with_boxes(tmp_path):
 
   builder = DetectionForTest(data_dir=str(tmp_path), file_format="array_record")
   builder.download_and_prepare()
-  spec = sources.SourceSpec.from_dict("det", dict(
+  spec = config_lib.SourceSpec.from_dict("det", dict(
     type="tfds", name="detection_for_test", split="train", builder_dir=str(builder.data_dir),
     label_key=None, boxes_key="objects/bbox", box_labels_key="objects/label"))
   source = sources.build_source(spec)

@@ -7,9 +7,8 @@ import numpy as np
 import pytest
 from fakes import FakeSource
 
-from univit_jax import config_lib
-from univit_jax.data import pipeline, sources, streams, transforms
-from univit_jax.models import rope
+from univit_jax import config_lib, positions
+from univit_jax.data import pipeline, streams, transforms
 
 
 def test_bucket_batch_sizes_follow_token_budget():
@@ -21,8 +20,8 @@ def test_bucket_batch_sizes_follow_token_budget():
 
 
 def _config(**kw):
-  specs = (sources.SourceSpec("img", "demo", None, (("kind", "objects"),)),
-           sources.SourceSpec("vid", "demo", None, (("kind", "events"),)))
+  specs = (config_lib.SourceSpec("img", "demo", None, (("kind", "objects"),)),
+           config_lib.SourceSpec("vid", "demo", None, (("kind", "events"),)))
   defaults = dict(sources=specs, frames=(1, 2, 4), bucket_weights=(2, 1, 1),
                   tokens_per_batch=16 * 8, image_size=16, patch_size=4,
                   transform=transforms.TransformConfig(16))
@@ -45,7 +44,7 @@ def test_batches_have_one_bucket_budget_positions_and_masks():
     assert batch["frames"].dtype == np.float32
     assert batch["frame_mask"].shape == (b, t) and batch["id"].dtype == np.int64
     assert batch["label"].dtype == np.int32 and batch["label"].shape == (b,)
-    want = rope.grid_positions(rope.frame_times(t, 64), 4, 4)
+    want = positions.grid_positions(positions.frame_times(t, 64), 4, 4)
     np.testing.assert_array_equal(batch["positions"], np.broadcast_to(want, (b, t * 16, 3)))
     np.testing.assert_array_equal(batch["token_mask"], np.repeat(batch["frame_mask"], 16, 1))
     assert batch["boxes"].shape == (b, 4, 4) and batch["box_mask"].shape == (b, 4)
@@ -74,7 +73,7 @@ def test_images_only_feed_their_buckets_and_labels_follow_ids():
 
 
 def test_a_bucket_without_source_is_rejected():
-  specs = (sources.SourceSpec("img", "demo", None, (("kind", "items"),)),)
+  specs = (config_lib.SourceSpec("img", "demo", None, (("kind", "items"),)),)
   cfg = _config(sources=specs)
   with pytest.raises(ValueError, match="no source feeds the 2-frame bucket"):
     pipeline.build_train_dataset(cfg, sources=dict(img=FakeSource(4)), process_index=0,

@@ -10,10 +10,10 @@ import pytest
 
 import test_siglip
 from helpers import load_config
-from univit_jax import config_lib, sharding
+from univit_jax import config_lib, sharding, specs
 from univit_jax.clustering import extract, store
 from univit_jax.data import pipeline
-from univit_jax.models import siglip, variants
+from univit_jax.models import siglip
 
 # Sources sort by name, so ids are digits 0-4, events 5-7, objects 8-14: the image group's first
 # chunk (batch 8) holds digits and objects.
@@ -119,7 +119,7 @@ def test_non_finite_features_name_the_file_and_first_bad_row(tmp_path):
 @pytest.fixture
 def tiny_siglip(tmp_path, monkeypatch):
   """A random tiny SigLIP checkpoint (test_siglip's) and its unscanned image arrays."""
-  monkeypatch.setitem(siglip.SIZES, "tiny", variants.Size(
+  monkeypatch.setitem(siglip.SIZES, "tiny", specs.Size(
     test_siglip.WIDTH, test_siglip.DEPTH, test_siglip.HEADS, test_siglip.MLP))
   ckpt, params = test_siglip.big_vision_checkpoint()
   return test_siglip.write(tmp_path / "siglip.npz", ckpt), params

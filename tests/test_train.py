@@ -86,7 +86,7 @@ def runs(tmp_path_factory, cache):
     dict(workdir=dirs["train"], total_steps=0, optim=no_decay),
     dict(workdir=dirs["train"], total_steps=12, optim=no_decay),
     dict(workdir=dirs["train"], total_steps=14, optim=no_decay, clusters_version="v2"),
-    dict(workdir=dirs["nan"], total_steps=6, train=dict(debug_nan_step=3)),
+    dict(workdir=dirs["nan"], total_steps=6, nan_step=3),
     dict(workdir=dirs["nan"], total_steps=4, train=dict(allow_schedule_change=True)),
     dict(workdir=dirs["reference"], total_steps=6),
   ]
@@ -298,10 +298,9 @@ def test_sigkill_then_sigterm_then_resume_matches_uninterrupted_run(runs, cache,
   assert reports[5]["step"] == 6
   workdir = str(tmp_path)
   train_fixtures.write_clusters(workdir)
-  slow = dict(debug_step_sleep=1.0)
   checkpoints = os.path.join(workdir, "checkpoints")
 
-  proc = _start(cache, [dict(workdir=workdir, total_steps=6, train=slow)])
+  proc = _start(cache, [dict(workdir=workdir, total_steps=6, step_sleep=1.0)])
   _wait_until(lambda: os.path.isdir(os.path.join(checkpoints, "2")), proc, "checkpoint 2")
   proc.send_signal(signal.SIGKILL)
   proc.communicate(timeout=TIMEOUT)
@@ -314,7 +313,7 @@ def test_sigkill_then_sigterm_then_resume_matches_uninterrupted_run(runs, cache,
   metrics = os.path.join(workdir, "metrics.jsonl")
   with open(metrics, "a") as f:
     f.write(torn)
-  proc = _start(cache, [dict(workdir=workdir, total_steps=6, train=slow)])
+  proc = _start(cache, [dict(workdir=workdir, total_steps=6, step_sleep=1.0)])
 
   def resumed_to_step_3():
     with open(metrics) as f:

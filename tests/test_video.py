@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from helpers import encode_video as _encode
+from univit_jax import config_lib
 from univit_jax.data import pipeline, sources, transforms, video
 
 
@@ -70,7 +71,7 @@ def test_video_folder_pipeline_skips_and_counts_bad_files(tmp_path, caplog):
           dict(path="v2.mp4", label=2)]
   manifest = tmp_path / "clips.jsonl"
   manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
-  spec = sources.SourceSpec.from_dict("clips", dict(type="video_folder", path=str(manifest)))
+  spec = config_lib.SourceSpec.from_dict("clips", dict(type="video_folder", path=str(manifest)))
   cfg = pipeline.DataConfig(
     sources=(spec,), frames=(1, 4), bucket_weights=(1, 1), tokens_per_batch=4 * 16 * 4,
     image_size=16, patch_size=4, transform=transforms.TransformConfig(16),

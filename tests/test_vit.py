@@ -10,7 +10,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from univit_jax import config_lib, sharding
-from univit_jax.models import rope, vit
+from univit_jax import positions as positions_lib
+from univit_jax.models import vit
 
 CFG = config_lib.ModelConfig(width=64, depth=2, num_heads=2, mlp_dim=128, patch_size=8)
 SIZE = 16  # 2 x 2 patches per frame.
@@ -51,7 +52,7 @@ def test_image_equals_one_frame_clip(model):
   np.testing.assert_allclose(image, one_frame, rtol=1e-6, atol=1e-6)
   # The image as the only valid frame of a padded 4-frame clip, at t = 0.
   padded = jnp.concatenate([frames, clip(3, seed=1)], axis=1)
-  positions = np.broadcast_to(rope.grid_positions(np.zeros(4), 2, 2), (2, 16, 3))
+  positions = np.broadcast_to(positions_lib.grid_positions(np.zeros(4), 2, 2), (2, 16, 3))
   mask = jnp.array([[True, False, False, False]] * 2)
   in_clip, _ = apply(graphdef, params, padded, positions=positions, frame_mask=mask)
   np.testing.assert_allclose(in_clip, image, rtol=1e-5, atol=1e-5)
@@ -76,13 +77,13 @@ def test_tokens_carry_their_frame_time_from_initialisation(time_embedding, span,
 def test_padding_frames_do_not_change_the_embedding(model):
   graphdef, params = model
   frames = clip(2)
-  times = rope.frame_times(2)
+  times = positions_lib.frame_times(2)
   short, _ = apply(graphdef, params, frames,
-                   positions=np.broadcast_to(rope.grid_positions(times, 2, 2), (2, 8, 3)))
+                   positions=np.broadcast_to(positions_lib.grid_positions(times, 2, 2), (2, 8, 3)))
   padded_times = np.concatenate([times, times])
   padded, _ = apply(
     graphdef, params, jnp.concatenate([frames, clip(2, seed=5)], axis=1),
-    positions=np.broadcast_to(rope.grid_positions(padded_times, 2, 2), (2, 16, 3)),
+    positions=np.broadcast_to(positions_lib.grid_positions(padded_times, 2, 2), (2, 16, 3)),
     frame_mask=jnp.array([[True, True, False, False]] * 2))
   np.testing.assert_allclose(padded, short, rtol=1e-5, atol=1e-5)
 

@@ -3,15 +3,23 @@
 The cluster outputs follow the cluster stage's format (`univit_jax/clustering/labels.py`):
 `clusters/<bank>/{centroids.npy, labels.npy, ids.npy, stats.json}` with a version id. Labels are
 derived from the demo records' ground truth, so a short run can learn them.
+
+Faults the tests inject into a run (`nan_at_step`, `slow_steps`) patch the train step from here,
+so neither the config nor the compiled step carries them.
 """
 
+import contextlib
 import os
+import time
+from unittest import mock
 
 import helpers
+import jax.numpy as jnp
 import numpy as np
 
-from univit_jax import atomic
+from univit_jax import atomic, losses
 from univit_jax.data import demo, pipeline
+from univit_jax.train import step as step_lib
 
 NUM_EVENTS, NUM_OBJECTS, TOP_K = 16, 32, 3
 BANK_SIZES = dict(object=10, event_1=8, event_2=8)
@@ -94,3 +102,48 @@ def write_clusters(workdir: str, version: str = "v1", width: int = 64, seed: int
     atomic.save_npy(os.path.join(out, "ids.npy"), np.asarray(ids, np.int64))
     atomic.write_json(os.path.join(out, "stats.json"),
                       dict(bank=bank, version=version, inputs=inputs))
+
+
+@contextlib.contextmanager
+def nan_at_step(nan_step: int):
+  """Within it, training makes the contrastive term NaN at step `nan_step`, inside the real step:
+  the step's guard against a non-finite loss and the loop's stop naming step and term are what a
+  test sees."""
+  make_train_step, contrastive = step_lib.make_train_step, losses.structured_contrastive_loss
+
+  def make(*args, **kwargs):
+    train_step = make_train_step(*args, **kwargs)
+
+    def train_step_with_nan(state, batch, weights):
+      def nan_contrastive(*loss_args, **loss_kwargs):
+        loss, metrics = contrastive(*loss_args, **loss_kwargs)
+        loss = jnp.where(state.step == nan_step, jnp.nan, loss)
+        return loss, dict(metrics, loss=loss)
+
+      with mock.patch.object(losses, "structured_contrastive_loss", nan_contrastive):
+        return train_step(state, batch, weights)
+
+    return train_step_with_nan
+
+  with mock.patch.object(step_lib, "make_train_step", make):
+    yield
+
+
+@contextlib.contextmanager
+def slow_steps(seconds: float):
+  """Within it, every training step sleeps `seconds` once it has run, so that a test can stop a
+  run part-way."""
+  compile_step = step_lib.compile_step
+
+  def compile_slow(*args, **kwargs):
+    compiled = compile_step(*args, **kwargs)
+
+    def slow(*inputs):
+      outputs = compiled(*inputs)
+      time.sleep(seconds)
+      return outputs
+
+    return slow
+
+  with mock.patch.object(step_lib, "compile_step", compile_slow):
+    yield

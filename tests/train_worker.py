@@ -3,13 +3,16 @@
   python tests/train_worker.py CACHE_DIR PHASES_JSON
 
 PHASES_JSON is a list of {"workdir", "total_steps", "train": {overrides of config.train},
-"clusters_version": optional, rewrites the workdir's cluster outputs with this version first}.
+"clusters_version": optional, rewrites the workdir's cluster outputs with this version first,
+"nan_step": optional, the contrastive term is NaN at this step (`train_fixtures.nan_at_step`),
+"step_sleep": optional, seconds each step sleeps (`train_fixtures.slow_steps`)}.
 After each phase it prints one JSON line {"phase", "step", "preempted", "error_type", "error",
 "checkpoints" (the names in <workdir>/checkpoints)}
 and writes `<workdir>/params_<phase>.npz` (the final parameter leaves) and
 `<workdir>/data_<phase>.json` (the data iterator position).
 """
 
+import contextlib
 import json
 import os
 import sys
@@ -33,8 +36,14 @@ if __name__ == "__main__":
       config.optim[key] = value
     config.total_steps = phase["total_steps"]
     report = dict(phase=index, step=None, preempted=None, error_type=None, error=None)
+    faults = contextlib.ExitStack()
+    if "nan_step" in phase:
+      faults.enter_context(train_fixtures.nan_at_step(phase["nan_step"]))
+    if "step_sleep" in phase:
+      faults.enter_context(train_fixtures.slow_steps(phase["step_sleep"]))
     try:
-      result = train.run_train(config, workdir)
+      with faults:
+        result = train.run_train(config, workdir)
     except (train.NonFiniteError, train.CheckpointMismatchError, train.LabelError) as e:
       report.update(error_type=type(e).__name__, error=str(e))
     else:

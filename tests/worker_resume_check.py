@@ -11,16 +11,16 @@ import tempfile
 import numpy as np
 from absl import flags
 
-from univit_jax import checkpointing
-from univit_jax.data import pipeline, sources, transforms
+from univit_jax import checkpointing, config_lib
+from univit_jax.data import pipeline, transforms
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from fakes import FakeSource  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def build():
-  specs = (sources.SourceSpec("img", "demo", None, (("kind", "objects"),)),
-           sources.SourceSpec("vid", "demo", None, (("kind", "events"),)))
+  specs = (config_lib.SourceSpec("img", "demo", None, (("kind", "objects"),)),
+           config_lib.SourceSpec("vid", "demo", None, (("kind", "events"),)))
   cfg = pipeline.DataConfig(
     sources=specs, frames=(1, 2), bucket_weights=(1, 1), tokens_per_batch=16 * 8,
     image_size=16, patch_size=4, transform=transforms.TransformConfig(16), worker_count=2)

@@ -34,9 +34,8 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
-from jax.experimental import multihost_utils
 
-from univit_jax import atomic
+from univit_jax import atomic, collectives
 
 _STATE, _DATA = "state", "data"
 _EXPORT_COMPLETE = "COMPLETE"
@@ -166,7 +165,7 @@ def save_export(path: str | os.PathLike, params: Any, config_json: str,
   primary = jax.process_index() == 0
   if primary and partial.exists():
     partial.rmtree()  # left by a kill mid-export
-  _barrier("univit_export_start")
+  collectives.barrier("univit_export_start")
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(partial / "params", params)
     checkpointer.wait_until_finished()
@@ -177,18 +176,12 @@ def save_export(path: str | os.PathLike, params: Any, config_json: str,
     atomic.fsync_tree(str(partial))
     atomic.write_bytes(str(partial / _EXPORT_COMPLETE), b"")
     atomic.replace_dir(str(partial), str(path))
-  _barrier("univit_export_done")
+  collectives.barrier("univit_export_done")
 
 
 def is_export(path: str | os.PathLike) -> bool:
   """Whether `path` holds a complete export (its completion marker is written last)."""
   return (epath.Path(path) / _EXPORT_COMPLETE).exists()
-
-
-def _barrier(name: str) -> None:
-  """Waits for every process (a no-op with one)."""
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(name)
 
 
 def load_export(path: str | os.PathLike,

@@ -13,7 +13,7 @@ from typing import Any
 
 import ml_collections
 
-from univit_jax.models import heads, rope, variants
+from univit_jax import specs
 
 
 class ConfigError(ValueError):
@@ -57,7 +57,7 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
 def model_fields(variant: str) -> dict[str, int]:
   """The size fields of `config.model` for a variant such as "L/14"."""
   try:
-    return variants.decode_variant(variant)
+    return specs.decode_variant(variant)
   except ValueError as e:
     raise ConfigError(str(e)) from e
 
@@ -110,9 +110,9 @@ class ModelConfig:
 
 
 REMAT_POLICIES = ("none", "full", "dots")
-# `model.rope.mode`: one of U-RoPE's allocations (`rope.MODES`), or "none": no rotary embedding
-# (the identity rotation), for weights trained without one.
-ROPE_MODES = (*rope.MODES, "none")
+# `model.rope.mode`: one of U-RoPE's allocations (`specs.ROPE_ALLOCATIONS`), or "none": no rotary
+# embedding (the identity rotation), for weights trained without one.
+ROPE_MODES = (*specs.ROPE_ALLOCATIONS, "none")
 TIME_EMBEDDINGS = ("none", "sincos")
 # `jax.nn.dot_product_attention` implementations of the encoder's self-attention ("cudnn":
 # cuDNN's fused flash attention, NVIDIA GPUs with a 16-bit compute dtype).
@@ -137,7 +137,7 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
     raise ConfigError(f"model.rope.mode={m.rope.mode!r}: expected one of {ROPE_MODES}")
   if m.rope.mode != "none":
     try:
-      rope.axis_pairs(m.width // m.num_heads, tuple(m.rope.split))
+      specs.rope_axis_pairs(m.width // m.num_heads, tuple(m.rope.split))
     except ValueError as e:
       raise ConfigError(f"model.rope.split / model.num_heads: {e}") from e
   if m.rope.virtual_frames < max(config.data.frames):
@@ -218,6 +218,85 @@ def check_buckets(image_size: int, patch_size: int, frames: tuple[int, ...],
       f"data.frames={frames}")
 
 
+# `type` of an entry of `config.data.sources`; `data.sources.build_source` builds each.
+SOURCE_TYPES = ("tfds", "video_folder", "image_folder", "demo")
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceSpec:
+  """One entry of `config.data.sources`.
+
+  Attributes:
+    name: the key in `config.data.sources`.
+    type: one of SOURCE_TYPES.
+    frames: the frame-count buckets this source feeds (None: every bucket for video sources,
+      (1,) for image sources).
+    options: the type's own fields, as sorted (key, value) pairs (hashable).
+  """
+  name: str
+  type: str
+  frames: tuple[int, ...] | None
+  options: tuple[tuple[str, Any], ...]
+
+  @classmethod
+  def from_dict(cls, name: str, spec: Mapping[str, Any]) -> "SourceSpec":
+    """Validates a spec dict.
+
+    Raises:
+      ConfigError: naming the source and field.
+    """
+    spec = dict(spec)
+    kind = spec.pop("type", None)
+    if kind not in SOURCE_TYPES:
+      raise ConfigError(
+        f"data.sources.{name}.type={kind!r}: expected one of {SOURCE_TYPES}")
+    frames = spec.pop("frames", None)
+    if frames is not None:
+      frames = tuple(int(t) for t in frames)
+    allowed = _SOURCE_FIELDS[kind]
+    unknown = sorted(set(spec) - set(allowed))
+    if unknown:
+      raise ConfigError(
+        f"data.sources.{name}: unknown fields {unknown} for type {kind!r}; "
+        f"expected some of {sorted(allowed)} plus type, frames")
+    missing = sorted(k for k, required in allowed.items() if required and k not in spec)
+    if missing:
+      raise ConfigError(
+        f"data.sources.{name}: type {kind!r} needs fields {missing}")
+    options = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in spec.items()))
+    return cls(name=name, type=kind, frames=frames, options=options)
+
+  @property
+  def is_video(self) -> bool:
+    """Whether records are clips; the demo "events" kind is, other demo kinds are images."""
+    if self.type == "video_folder":
+      return True
+    return self.type == "demo" and dict(self.options).get("kind") == "events"
+
+  def buckets(self, frames: tuple[int, ...]) -> tuple[int, ...]:
+    """The buckets of `frames` (`data.frames`) this source feeds: its own `frames`, else every
+    bucket (clips) or the 1-frame bucket (images)."""
+    if self.frames is not None:
+      return self.frames
+    return frames if self.is_video else (1,)
+
+  def to_dict(self) -> dict[str, Any]:
+    """The spec as `config.data.sources.<name>` gives it (the inverse of `from_dict`)."""
+    frames = {} if self.frames is None else dict(frames=self.frames)
+    return dict(type=self.type, **frames, **dict(self.options))
+
+
+# Per type: field -> required.
+_SOURCE_FIELDS = {
+  "tfds": dict(name=True, split=True, data_dir=False, builder_dir=False, image_key=False,
+               label_key=False, boxes_key=False, box_labels_key=False),
+  "video_folder": dict(path=True),
+  "image_folder": dict(path=True),
+  "demo": dict(kind=True, split=True, num_examples=True, image_size=False, num_frames=False,
+               seed=False),
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class ActiveParts:
   """The parts of the recipe a run uses, decided by what its data sources yield.
@@ -243,13 +322,13 @@ class ActiveParts:
   @property
   def banks(self) -> tuple[str, ...]:
     """The feature banks extraction writes and clustering clusters, e.g. ("object", "event_1")."""
-    return ((heads.OBJECT_BANK,) if self.images else ()) + tuple(
-      heads.event_bank_name(g) for g in self.granularities)
+    return ((specs.OBJECT_BANK,) if self.images else ()) + tuple(
+      specs.event_bank_name(g) for g in self.granularities)
 
   def feeds(self, bank: str) -> bool:
     """Whether the data feeds a bank named in the config: event banks need clips, the object
     bank images."""
-    return self.clips if heads.event_granularity(bank) is not None else self.images
+    return self.clips if specs.event_granularity(bank) is not None else self.images
 
 
 def active_parts(config: ml_collections.ConfigDict) -> ActiveParts:
@@ -263,15 +342,12 @@ def active_parts(config: ml_collections.ConfigDict) -> ActiveParts:
     ConfigError: naming the field, for malformed buckets or sources, or a bucket no source feeds
       when some source yields clips (or when none of them is fed).
   """
-  # data.sources imports this module (for ConfigError), so it cannot be imported at the top.
-  from univit_jax.data import sources  # pylint: disable=import-outside-toplevel
   validate_data(config)
   d = config.data
-  specs = [sources.SourceSpec.from_dict(name, spec.to_dict())
-           for name, spec in sorted(d.sources.items())]
-  images = not specs or any(not s.is_video for s in specs)
-  clips = not specs or any(s.is_video for s in specs)
-  fed = {t for s in specs for t in s.buckets(tuple(d.frames))} if specs else set(d.frames)
+  sources = [SourceSpec.from_dict(name, spec.to_dict()) for name, spec in sorted(d.sources.items())]
+  images = not sources or any(not s.is_video for s in sources)
+  clips = not sources or any(s.is_video for s in sources)
+  fed = {t for s in sources for t in s.buckets(tuple(d.frames))} if sources else set(d.frames)
   unfed = [t for t in d.frames if t not in fed]
   if unfed and (clips or len(unfed) == len(d.frames)):
     raise ConfigError(
@@ -415,7 +491,7 @@ def default_config(variant: str) -> ml_collections.ConfigDict:
   c.data.frames = (1, 2, 4, 8, 16)
   c.data.bucket_weights = (4, 1, 1, 1, 1)
   c.data.tokens_per_batch = 16 * 16 * 4096
-  # Record sources, by name: each a dict with `type` in univit_jax.data.sources.SOURCE_TYPES and
+  # Record sources, by name: each a dict with `type` in SOURCE_TYPES and
   # that type's fields (see `univit_jax.data.sources.build_source`), plus optional `frames`, the
   # buckets it feeds (default: (1,) for images, every bucket for videos).
   c.data.sources = ml_collections.ConfigDict()
@@ -472,9 +548,7 @@ def default_config(variant: str) -> ml_collections.ConfigDict:
     # Resume from a checkpoint although total_steps or the learning-rate / loss schedule changed:
     # the new schedules then apply from the restored step on (docs/training.md, "Resuming with
     # another config"); without it such a resume is refused.
-    allow_schedule_change=False,
-    debug_nan_step=-1,  # testing aid: make the contrastive term NaN at this step (-1 = off)
-    debug_step_sleep=0.0))  # testing aid: seconds to sleep after each step
+    allow_schedule_change=False))
   c.rounds = 1  # extract -> cluster -> train rounds of --mode=pipeline
   c.summary = ml_collections.ConfigDict(dict(compile=True))
   # --mode=export: the encoder of a run's checkpoint written to <workdir>/export (docs/export.md).
@@ -511,7 +585,7 @@ def default_config(variant: str) -> ml_collections.ConfigDict:
     # native bf16 (accelerators, AMX / AVX512-BF16 CPUs), else float32 (docs/clustering.md).
     screen_dtype="auto",
     # Cluster features minus their mean (re-normalised): for teachers whose features share one
-    # large component (kmeans.ClusterSpec.center). Off in the papers' recipe.
+    # large component (kmeans.lloyd.ClusterSpec.center). Off in the papers' recipe.
     center=False))
 
   # Evaluation (--mode=eval, and during training every `eval.every` steps), see
@@ -600,16 +674,16 @@ def _bank_weights(bank_weights: ml_collections.ConfigDict, parts: ActiveParts
   """
   weights = tuple((str(name), float(w)) for name, w in bank_weights.items())
   for name, w in weights:
-    if name != heads.OBJECT_BANK and heads.event_granularity(name) is None:
+    if name != specs.OBJECT_BANK and specs.event_granularity(name) is None:
       raise ConfigError(f"loss.bank_weights.{name}: unknown bank; expected "
-                        f"{heads.OBJECT_BANK!r} or 'event_<g>'")
+                        f"{specs.OBJECT_BANK!r} or 'event_<g>'")
     if w < 0:
       raise ConfigError(f"loss.bank_weights.{name}={w} must be >= 0")
   fed = tuple((name, w) for name, w in weights if parts.feeds(name))
   if not any(w > 0 for _, w in fed):
     raise ConfigError(
       f"loss.bank_weights={dict(weights)}: no bank the data feeds has a positive weight "
-      f"(images feed {heads.OBJECT_BANK!r}, clips 'event_<g>'); there is nothing to train")
+      f"(images feed {specs.OBJECT_BANK!r}, clips 'event_<g>'); there is nothing to train")
   return fed
 
 
@@ -631,8 +705,8 @@ def _event_schedule(entries: Sequence, weights: tuple[tuple[str, float], ...]
       raise ConfigError(
         f"loss.event_schedule entry {(start, gs)}: start must be < 1 and the granularities "
         "positive and non-empty")
-    missing = [heads.event_bank_name(g) for g in gs
-               if heads.event_bank_name(g) not in dict(weights)]
+    missing = [specs.event_bank_name(g) for g in gs
+               if specs.event_bank_name(g) not in dict(weights)]
     if missing:
       raise ConfigError(
         f"loss.event_schedule uses granularities without a weight in loss.bank_weights: "

@@ -39,9 +39,8 @@ import jax
 import ml_collections
 import numpy as np
 import tqdm
-from jax.experimental import multihost_utils
 
-from univit_jax import atomic, config_lib, encoder, sharding
+from univit_jax import atomic, collectives, config_lib, encoder, sharding
 from univit_jax.data import pipeline, transforms
 from univit_jax.data import sources as sources_lib
 
@@ -63,7 +62,7 @@ class EmbedConfig:
     segments: granularities g of the per-segment embeddings written.
     regions: write one embedding per box of the source's records.
   """
-  source: sources_lib.SourceSpec
+  source: config_lib.SourceSpec
   encoder: str
   output: str
   batch_size: int
@@ -85,7 +84,7 @@ class EmbedConfig:
         "embed.source is empty: give the records to embed as one source spec, e.g. "
         "--config.embed.source='{\"type\": \"image_folder\", \"path\": \"/data/images\"}'")
     try:
-      source = sources_lib.SourceSpec.from_dict(SOURCE_NAME, e.source.to_dict())
+      source = config_lib.SourceSpec.from_dict(SOURCE_NAME, e.source.to_dict())
     except config_lib.ConfigError as err:
       raise config_lib.ConfigError(f"embed.source: {err}") from err
     segments = tuple(int(g) for g in e.segments)
@@ -153,11 +152,11 @@ def run_embed(config: ml_collections.ConfigDict, workdir: str | None) -> str:
       outputs[f"segment_mask_{g}"] = aux["segment_mask"][g]
     if cfg.regions:
       outputs["regions"] = aux["regions"]
-    outputs = {k: sharding.gather(v) for k, v in outputs.items()}
+    outputs = {k: collectives.gather(v) for k, v in outputs.items()}
     if cfg.regions:
-      outputs["region_mask"] = sharding.gather_local(batch["box_mask"])
-    outputs["ids"] = sharding.gather_local(batch["id"]).astype(np.int64)
-    keep = sharding.gather_local(batch["example_mask"])
+      outputs["region_mask"] = collectives.gather_local(batch["box_mask"])
+    outputs["ids"] = collectives.gather_local(batch["id"]).astype(np.int64)
+    keep = collectives.gather_local(batch["example_mask"])
     for k, v in outputs.items():
       rows[k].append(v[keep])
   if jax.process_index() == 0:
@@ -166,7 +165,7 @@ def run_embed(config: ml_collections.ConfigDict, workdir: str | None) -> str:
       export=os.path.abspath(path), source=cfg.source.to_dict(), frames=num_frames,
       image_size=pre.image_size, segments=list(cfg.segments), regions=cfg.regions,
       records=len(source)))
-  multihost_utils.sync_global_devices("embed done")
+  collectives.barrier("embed done")
   return output
 
 

@@ -37,7 +37,7 @@ import numpy as np
 import safetensors.numpy
 from flax import nnx
 
-from univit_jax import checkpointing, config_lib, sharding
+from univit_jax import checkpointing, collectives, config_lib, sharding
 from univit_jax.models import vit
 
 EXPORT_FORMAT = "univit_jax.export"
@@ -173,7 +173,7 @@ def flat_params(params: nnx.State, model: config_lib.ModelConfig) -> dict[str, n
   """
   out = {}
   for path, variable in nnx.to_flat_state(params):
-    array = sharding.gather(variable[...])
+    array = collectives.gather(variable[...])
     keys = [str(k) for k in path]
     if model.scan and keys[0] == "blocks":
       out.update({".".join(["blocks", str(i), *keys[1:]]): layer for i, layer in enumerate(array)})

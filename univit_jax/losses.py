@@ -56,8 +56,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from univit_jax import config_lib
-from univit_jax.models import heads
+from univit_jax import config_lib, specs
 
 Metrics = dict[str, jax.Array]
 LossOutput = tuple[jax.Array, Metrics]
@@ -576,7 +575,7 @@ def loss_weights(config: config_lib.LossConfig, progress: float) -> dict[str, fl
   active = set(active_granularities(progress, config.event_schedule))
   weights = {}
   for name, weight in config.bank_weights:
-    granularity = heads.event_granularity(name)
+    granularity = specs.event_granularity(name)
     weights[name] = weight if granularity is None or granularity in active else 0.0
   weights["contrastive"] = config.contrastive_weight
   return weights

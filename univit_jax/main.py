@@ -116,11 +116,12 @@ def _user_errors() -> dict[type[Exception], str]:
   """The exceptions that report a problem in the user's config, data or files (not a bug), each
   with the word that names its kind in the one line `main` prints for it."""
   from univit_jax import train
-  from univit_jax.clustering import kmeans, store
+  from univit_jax.clustering import store
+  from univit_jax.clustering.kmeans import lloyd
   from univit_jax.data import pipeline, sources
   return {config_lib.ConfigError: "Config", sources.SourceError: "Data",
           pipeline.BadInputError: "Data", store.FeatureStoreError: "Feature store",
-          kmeans.KMeansError: "Clustering", train.LabelError: "Cluster label",
+          lloyd.KMeansError: "Clustering", train.LabelError: "Cluster label",
           train.CheckpointMismatchError: "Checkpoint", FileNotFoundError: "Input"}
 
 

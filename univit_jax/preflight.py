@@ -13,7 +13,8 @@ import jax
 import ml_collections
 
 from univit_jax import config_lib, embed, optim
-from univit_jax.clustering import extract, kmeans, labels
+from univit_jax.clustering import extract, labels
+from univit_jax.clustering.kmeans import lloyd
 from univit_jax.data import pipeline
 from univit_jax.evaluation import run as eval_run
 from univit_jax.train import loop
@@ -35,7 +36,7 @@ def _extract(config: ml_collections.ConfigDict) -> None:
 def _cluster(config: ml_collections.ConfigDict) -> None:
   try:
     labels.cluster_specs(config)
-  except kmeans.KMeansError as e:
+  except lloyd.KMeansError as e:
     raise config_lib.ConfigError(f"cluster: {e}") from e
 
 

@@ -12,7 +12,6 @@ import jax
 import ml_collections
 import numpy as np
 from flax import nnx
-from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from univit_jax import config_lib
@@ -108,21 +107,3 @@ def batch_shards(mesh: Mesh, rules: Rules) -> int:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
-
-
-def gather(x: jax.Array | np.ndarray) -> np.ndarray:
-  """The whole of a global array, on every process, as NumPy (an all-gather across processes
-  when it spans several; every process must call this). NumPy input is returned as it is."""
-  if not isinstance(x, jax.Array) or x.is_fully_addressable:
-    return np.asarray(x)
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
-def gather_local(x: np.ndarray) -> np.ndarray:
-  """Host-local arrays `[n, ...]` of every process concatenated in process order
-  (`[n * process_count, ...]`): the order of the rows of a global batch built from them
-  (`data.pipeline.to_global_batch`). Every process must call this."""
-  if jax.process_count() == 1:
-    return np.asarray(x)
-  gathered = multihost_utils.process_allgather(np.asarray(x))
-  return np.asarray(gathered).reshape(-1, *np.shape(x)[1:])

@@ -2,9 +2,10 @@
 
   store.py    workdir/features/<bank>/: chunked float32 features + (sample, sub-index) ids,
               written atomically and resumably by `BankWriter`, streamed by `BankReader`.
-  kmeans.py   `spherical_kmeans(source, ClusterSpec)`: assignment by a bf16-screened JAX matmul
-              or a ScaNN tree, Hamerly bounds that skip settled rows, streamed updates,
-              checkpoints, multi-process reduction.
+  kmeans/     spherical k-means, one module per concern: `lloyd.spherical_kmeans(source,
+              ClusterSpec)` (the loop), `sources` (streamed rows), `assigners` (a bf16-screened
+              JAX matmul or a ScaNN tree), `bounds` (Hamerly bounds that skip settled rows),
+              `checkpoint` (per-iteration resume state).
   labels.py   `run_cluster_stage(workdir, banks)` for --mode=cluster: centroids, top-k labels,
               stats.json and sizes.png per bank; `cluster_specs(config)` reads config.cluster.
   extract.py  `run_extract(config, workdir)` for --mode=extract: teacher features of object

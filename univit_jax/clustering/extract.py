@@ -42,12 +42,11 @@ import ml_collections
 import numpy as np
 import tqdm
 from flax import nnx
-from jax.experimental import multihost_utils
 
-from univit_jax import config_lib, encoder, losses, provenance, sharding
+from univit_jax import collectives, config_lib, encoder, losses, provenance, sharding, specs
 from univit_jax.clustering import store
 from univit_jax.data import pipeline
-from univit_jax.models import heads, masks, siglip, vit
+from univit_jax.models import masks, siglip, vit
 
 GLOBAL_ROW = -1
 SIGLIP = "siglip:"
@@ -575,14 +574,14 @@ def run_extract(config: ml_collections.ConfigDict, workdir: str,
     b_idx, r_idx = np.nonzero(valid)
     feats.append(regions[b_idx, r_idx])
     row_ids.append(np.stack([ids[b_idx], r_idx], 1))
-    return {heads.OBJECT_BANK: (np.concatenate(feats), np.concatenate(row_ids))}
+    return {specs.OBJECT_BANK: (np.concatenate(feats), np.concatenate(row_ids))}
 
   def event_rows(batch, outputs):
     ids, keep = batch["id"][batch["example_mask"]], batch["example_mask"]
     rows = {}
     for g, feats in outputs.items():
       segs = np.arange(g)
-      rows[heads.event_bank_name(g)] = (feats[keep].reshape(-1, feats.shape[-1]),
+      rows[specs.event_bank_name(g)] = (feats[keep].reshape(-1, feats.shape[-1]),
                              np.stack([np.repeat(ids, g), np.tile(segs, len(ids))], 1))
     return rows
 
@@ -596,11 +595,11 @@ def run_extract(config: ml_collections.ConfigDict, workdir: str,
         boxes, batch["_region_valid"] = object_boxes(batch, proposals)
         inputs = pipeline.to_global_batch(dict(frames=batch["frames"], boxes=boxes),
                                           batch_sharding)
-        outputs = jax.tree.map(sharding.gather, object_step(inputs["frames"], inputs["boxes"]))
+        outputs = jax.tree.map(collectives.gather, object_step(inputs["frames"], inputs["boxes"]))
       else:
         frames = pipeline.to_global_batch(dict(frames=batch["frames"]), batch_sharding)["frames"]
-        outputs = jax.tree.map(sharding.gather, event_step(frames))
-      return {k: sharding.gather_local(v) for k, v in batch.items()}, outputs
+        outputs = jax.tree.map(collectives.gather, event_step(frames))
+      return {k: collectives.gather_local(v) for k, v in batch.items()}, outputs
 
     return total, (lambda batch=batch: work(batch) for batch in batches)
 
@@ -642,11 +641,11 @@ def run_extract(config: ml_collections.ConfigDict, workdir: str,
         w.finish()
 
   if image_sources:
-    run_group(image_sources, 1, [heads.OBJECT_BANK], dim, object_rows)
+    run_group(image_sources, 1, [specs.OBJECT_BANK], dim, object_rows)
   if video_sources:
-    event_banks = [heads.event_bank_name(g) for g in cfg.granularities]
+    event_banks = [specs.event_bank_name(g) for g in cfg.granularities]
     run_group(video_sources, cfg.clip_frames, event_banks, cfg.segment_frames * dim, event_rows)
-  multihost_utils.sync_global_devices("extract done")
+  collectives.barrier("extract done")
   return {b: name for b in banks}
 
 

@@ -34,9 +34,10 @@ import jax
 import ml_collections
 import numpy as np
 
-from univit_jax import atomic, config_lib
-from univit_jax.clustering import kmeans, store
-from univit_jax.clustering.kmeans import ClusterSpec
+from univit_jax import atomic, collectives, config_lib
+from univit_jax.clustering import store
+from univit_jax.clustering.kmeans import lloyd
+from univit_jax.clustering.kmeans.lloyd import ClusterSpec
 
 # Bumped when the stage's outputs change meaning; part of every version id.
 STAGE_FORMAT = 1
@@ -83,7 +84,7 @@ def _as_spec(bank: str, spec: ClusterSpec | Mapping[str, Any]) -> ClusterSpec:
   try:
     return ClusterSpec(**spec)
   except TypeError as e:
-    raise kmeans.KMeansError(f"bank {bank!r}: bad cluster spec {dict(spec)}: {e}") from e
+    raise lloyd.KMeansError(f"bank {bank!r}: bad cluster spec {dict(spec)}: {e}") from e
 
 
 def version_id(reader: store.BankReader, spec: ClusterSpec) -> str:
@@ -133,7 +134,7 @@ def cluster_bank(workdir: str, bank: str, spec: ClusterSpec,
   Raises:
     store.FeatureStoreError: missing or incomplete bank, mismatched dims, NaN/Inf or zero-norm
       rows (naming bank and file).
-    kmeans.KMeansError: K larger than the number of rows, or an invalid spec (naming the bank).
+    lloyd.KMeansError: K larger than the number of rows, or an invalid spec (naming the bank).
   """
   spec.validate(bank)
   reader = store.BankReader(workdir, bank)
@@ -144,7 +145,7 @@ def cluster_bank(workdir: str, bank: str, spec: ClusterSpec,
     log(f"{bank}: already clustered (version {version}), skipping")
     return stats
   if spec.num_clusters > reader.num_rows:
-    raise kmeans.KMeansError(
+    raise lloyd.KMeansError(
       f"bank {bank!r}: num_clusters={spec.num_clusters} is larger than the {reader.num_rows} "
       f"rows listed in {reader.meta_path}")
   reader.check()
@@ -153,13 +154,13 @@ def cluster_bank(workdir: str, bank: str, spec: ClusterSpec,
     if stats is not None:
       os.remove(os.path.join(out, "stats.json"))
     os.makedirs(checkpoint, exist_ok=True)
-  kmeans.barrier(f"cluster_start_{bank}")
+  collectives.barrier(f"cluster_start_{bank}")
 
-  result = kmeans.spherical_kmeans(reader, spec, name=bank, checkpoint_dir=checkpoint,
-                                   version=version, log=log)
+  result = lloyd.spherical_kmeans(reader, spec, name=bank, checkpoint_dir=checkpoint,
+                                  version=version, log=log)
   part = os.path.join(checkpoint, f"labels_p{jax.process_index():03d}.npy")
   atomic.save_npy(part, result.labels)
-  kmeans.barrier(f"cluster_labels_{bank}")
+  collectives.barrier(f"cluster_labels_{bank}")
   if jax.process_index() == 0:
     labels = np.concatenate([
       np.load(os.path.join(checkpoint, f"labels_p{p:03d}.npy"))
@@ -183,7 +184,7 @@ def cluster_bank(workdir: str, bank: str, spec: ClusterSpec,
     atomic.write_bytes(os.path.join(out, "sizes.png"), _sizes_png(sizes, bank))
     atomic.write_json(os.path.join(out, "stats.json"), stats)
     shutil.rmtree(checkpoint)
-  kmeans.barrier(f"cluster_done_{bank}")
+  collectives.barrier(f"cluster_done_{bank}")
   stats = read_stats(workdir, bank)
   log(f"{bank}: done, objective {stats['objective'][-1]:.4f}, {stats['seconds']:.1f}s")
   return stats

@@ -60,7 +60,7 @@ class DataConfig:
     max_bad_fraction: stop once more than this fraction of attempted records were unreadable.
     bad_check_after: attempted records before the fraction is checked.
   """
-  sources: tuple[sources_lib.SourceSpec, ...]
+  sources: tuple[config_lib.SourceSpec, ...]
   frames: tuple[int, ...]
   bucket_weights: tuple[float, ...]
   tokens_per_batch: int
@@ -108,7 +108,7 @@ class DataConfig:
     """
     d = config.data
     parts = config_lib.active_parts(config)
-    specs = tuple(sources_lib.SourceSpec.from_dict(name, spec.to_dict())
+    specs = tuple(config_lib.SourceSpec.from_dict(name, spec.to_dict())
                   for name, spec in sorted(d.sources.items()))
     return cls(
       sources=specs, frames=parts.frames, bucket_weights=parts.bucket_weights,
@@ -124,7 +124,7 @@ class DataConfig:
       shuffle_seed=d.shuffle_seed, max_bad_fraction=d.max_bad_fraction,
       bad_check_after=d.bad_check_after)
 
-  def source_buckets(self, spec: sources_lib.SourceSpec) -> tuple[int, ...]:
+  def source_buckets(self, spec: config_lib.SourceSpec) -> tuple[int, ...]:
     """The buckets a source feeds (`SourceSpec.buckets` of these frames)."""
     return spec.buckets(self.frames)
 

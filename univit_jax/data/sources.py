@@ -9,7 +9,7 @@ File records stay small so that indexing a source never decodes; decoding happen
 workers, where a bad file becomes a `BadRecordError` that the stream replaces by another record.
 
 Source specs come from `config.data.sources` (one dict per named source, with a `type` in
-SOURCE_TYPES); `build_source` turns a spec into a source.
+`config_lib.SOURCE_TYPES`); `build_source` turns a spec (`config_lib.SourceSpec`) into a source.
 """
 
 import csv
@@ -27,7 +27,6 @@ from PIL import Image, ImageOps
 from univit_jax import config_lib
 from univit_jax.data import video
 
-SOURCE_TYPES = ("tfds", "video_folder", "image_folder", "demo")
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 # The only formats PIL may decode (by content, whatever the extension): common photo formats,
@@ -61,82 +60,7 @@ class Source(Protocol):
   def __getitem__(self, index: int) -> dict[str, Any]: ...
 
 
-@dataclasses.dataclass(frozen=True)
-class SourceSpec:
-  """One entry of `config.data.sources`.
-
-  Attributes:
-    name: the key in `config.data.sources`.
-    type: one of SOURCE_TYPES.
-    frames: the frame-count buckets this source feeds (None: every bucket for video sources,
-      (1,) for image sources).
-    options: the type's own fields, as sorted (key, value) pairs (hashable).
-  """
-  name: str
-  type: str
-  frames: tuple[int, ...] | None
-  options: tuple[tuple[str, Any], ...]
-
-  @classmethod
-  def from_dict(cls, name: str, spec: Mapping[str, Any]) -> "SourceSpec":
-    """Validates a spec dict.
-
-    Raises:
-      config_lib.ConfigError: naming the source and field.
-    """
-    spec = dict(spec)
-    kind = spec.pop("type", None)
-    if kind not in SOURCE_TYPES:
-      raise config_lib.ConfigError(
-        f"data.sources.{name}.type={kind!r}: expected one of {SOURCE_TYPES}")
-    frames = spec.pop("frames", None)
-    if frames is not None:
-      frames = tuple(int(t) for t in frames)
-    allowed = _SOURCE_FIELDS[kind]
-    unknown = sorted(set(spec) - set(allowed))
-    if unknown:
-      raise config_lib.ConfigError(
-        f"data.sources.{name}: unknown fields {unknown} for type {kind!r}; "
-        f"expected some of {sorted(allowed)} plus type, frames")
-    missing = sorted(k for k, required in allowed.items() if required and k not in spec)
-    if missing:
-      raise config_lib.ConfigError(
-        f"data.sources.{name}: type {kind!r} needs fields {missing}")
-    options = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in spec.items()))
-    return cls(name=name, type=kind, frames=frames, options=options)
-
-  @property
-  def is_video(self) -> bool:
-    """Whether records are clips; the demo "events" kind is, other demo kinds are images."""
-    if self.type == "video_folder":
-      return True
-    return self.type == "demo" and dict(self.options).get("kind") == "events"
-
-  def buckets(self, frames: tuple[int, ...]) -> tuple[int, ...]:
-    """The buckets of `frames` (`data.frames`) this source feeds: its own `frames`, else every
-    bucket (clips) or the 1-frame bucket (images)."""
-    if self.frames is not None:
-      return self.frames
-    return frames if self.is_video else (1,)
-
-  def to_dict(self) -> dict[str, Any]:
-    """The spec as `config.data.sources.<name>` gives it (the inverse of `from_dict`)."""
-    frames = {} if self.frames is None else dict(frames=self.frames)
-    return dict(type=self.type, **frames, **dict(self.options))
-
-
-# Per type: field -> required.
-_SOURCE_FIELDS = {
-  "tfds": dict(name=True, split=True, data_dir=False, builder_dir=False, image_key=False,
-               label_key=False, boxes_key=False, box_labels_key=False),
-  "video_folder": dict(path=True),
-  "image_folder": dict(path=True),
-  "demo": dict(kind=True, split=True, num_examples=True, image_size=False, num_frames=False,
-               seed=False),
-}
-
-
-def build_source(spec: SourceSpec) -> Source:
+def build_source(spec: config_lib.SourceSpec) -> Source:
   """Constructs the source a spec describes (may read a manifest or open a TFDS dataset)."""
   options = dict(spec.options)
   if spec.type == "tfds":

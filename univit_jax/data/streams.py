@@ -16,7 +16,7 @@ An example (before batching) is a dict:
               has boxes (sources without get all-masked boxes)
   skipped     tuple of "path: reason" strings for records replaced because they were unreadable
 `batch_examples` stacks them and adds `positions` float32 `[B, T * gh * gw, 3]` (U-RoPE
-(t, h, w) of every patch token, from `rope.frame_times` / `rope.grid_positions`) and
+(t, h, w) of every patch token, from `positions.frame_times` / `positions.grid_positions`) and
 `token_mask` bool `[B, T * gh * gw]` (the frame mask repeated over the frame's patches).
 """
 
@@ -27,10 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from univit_jax import config_lib
+from univit_jax import config_lib, positions
 from univit_jax.data import sources as sources_lib
 from univit_jax.data import transforms
-from univit_jax.models import rope
 
 # A record whose decode fails is replaced by the next record of the same source; after this many
 # failures in a row the source is deemed broken.
@@ -142,7 +141,7 @@ def bucket_positions(num_frames: int, image_size: int, patch_size: int,
   A padded frame keeps its position (the token mask hides it), so shapes stay static.
   """
   grid = image_size // patch_size
-  return rope.grid_positions(rope.frame_times(num_frames, virtual_frames), grid, grid)
+  return positions.grid_positions(positions.frame_times(num_frames, virtual_frames), grid, grid)
 
 
 class BatchBuilder:

@@ -28,6 +28,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from univit_jax import config_lib
 from univit_jax.data import demo
 from univit_jax.data import sources as sources_lib
 from univit_jax.data import transforms
@@ -127,7 +128,7 @@ def dataset_record_set(name: str, spec: Mapping[str, Any], image_size: int) -> R
   """A labelled classification set from `config.eval.datasets.<name>`: `train` and `test` are
   source specs of `univit_jax.data.sources` (e.g. TFDS splits, image or video folders) and
   `frames` the frames per example (1 for images)."""
-  sources = {split: sources_lib.build_source(sources_lib.SourceSpec.from_dict(
+  sources = {split: sources_lib.build_source(config_lib.SourceSpec.from_dict(
     f"{name}_{split}", dict(spec[split]))) for split in SPLITS}
   return RecordSet(name, sources, int(spec.get("frames", 1)), image_size)
 

@@ -2,8 +2,9 @@
 
 UniViT discriminates offline clusters in one unified embedding space made of several banks: one
 object bank (image-region clusters) and one event bank per temporal granularity g (clips cut into
-g ordered segments, each granularity clustered on its own). A bank is a matrix W [K, D] of class
-centres, compared by cosine with the encoder's embeddings (`univit_jax/losses.py`).
+g ordered segments, each granularity clustered on its own; their names: `univit_jax/specs.py`).
+A bank is a matrix W [K, D] of class centres, compared by cosine with the encoder's embeddings
+(`univit_jax/losses.py`).
 
 Initialisation follows MLCD / OneVision-Encoder: from the k-means centroids of the bank when they
 are given (`clusters/<bank>/centroids.npy`), else normal(0, init_std) with init_std = 0.01
@@ -29,25 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-OBJECT_BANK = "object"
 BANKS_ATTRIBUTE = "banks"
 LOGICAL_AXES = ("classes", None)
-
-
-def event_bank_name(granularity: int) -> str:
-  """Name of the event bank of clips cut into `granularity` ordered segments, e.g. "event_4"."""
-  return f"event_{granularity}"
-
-
-def event_granularity(name: str) -> int | None:
-  """The granularity g of an event bank name "event_<g>", None for any other bank."""
-  prefix, _, suffix = name.partition("_")
-  return int(suffix) if prefix == "event" and suffix.isdigit() else None
-
-
-def bank_names(granularities: Sequence[int]) -> tuple[str, ...]:
-  """The object bank and one event bank per granularity: ("object", "event_1", ...)."""
-  return (OBJECT_BANK,) + tuple(event_bank_name(g) for g in granularities)
 
 
 def _constant_init(centroids: np.ndarray):

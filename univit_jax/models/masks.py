@@ -1,6 +1,6 @@
 """Which tokens belong to a temporal segment or to a box: shared by the encoder and clustering.
 
-Tokens are ordered frame-major, then row, then column (see `rope.grid_positions`), so a
+Tokens are ordered frame-major, then row, then column (see `positions.grid_positions`), so a
 per-frame mask `[..., T]` becomes a token mask by repeating each frame's entry over its patches.
 """
 

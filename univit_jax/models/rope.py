@@ -30,10 +30,8 @@ per step, so they stay as they are. Per unit of its own coordinate time still ta
 spectrum's lowest frequencies in `temporal_low`; the span chooses that unit. 0 keeps the
 unscaled (earlier) behaviour.
 
-Positions are explicit float (t, h, w) per token. Time lives on a virtual grid of
-`virtual_frames` steps (0 .. virtual_frames - 1): a clip of T frames spans the whole grid
-whatever T is, so 2-, 8- and 16-frame clips share one temporal axis and an image sits at t = 0.
-Padded tokens get angle 0, i.e. the identity rotation.
+Positions are explicit float (t, h, w) per token (`univit_jax/positions.py` builds them), time on
+a virtual grid of `virtual_frames` steps. Padded tokens get angle 0, i.e. the identity rotation.
 """
 
 import functools
@@ -41,25 +39,9 @@ import functools
 import jax.numpy as jnp
 import numpy as np
 
-MODES = ("temporal_low", "per_axis", "chunked", "interleaved")
+from univit_jax import specs
+
 AXES = ("t", "h", "w")
-
-
-def axis_pairs(head_dim: int, split: tuple[int, int, int] = (4, 6, 6)) -> tuple[int, int, int]:
-  """Number of rotary pairs given to (t, h, w).
-
-  Raises:
-    ValueError: if head_dim is odd or its pair count is not divisible by sum(split).
-  """
-  if head_dim % 2:
-    raise ValueError(f"head_dim={head_dim} must be even for rotary pairs")
-  pairs, units = head_dim // 2, sum(split)
-  if pairs % units:
-    raise ValueError(
-      f"head_dim={head_dim} gives {pairs} rotary pairs, not divisible by "
-      f"{units} = sum(split={tuple(split)}); head_dim must be a multiple of {2 * units}")
-  unit = pairs // units
-  return tuple(s * unit for s in split)
 
 
 def _spread(counts: tuple[int, ...]) -> np.ndarray:
@@ -81,7 +63,7 @@ def _spread(counts: tuple[int, ...]) -> np.ndarray:
 @functools.lru_cache(maxsize=None)
 def _table(head_dim: int, mode: str, base: float, split: tuple[int, int, int],
            temporal_span: float, virtual_frames: int):
-  n_t, n_h, n_w = axis_pairs(head_dim, split)
+  n_t, n_h, n_w = specs.rope_axis_pairs(head_dim, split)
   pairs = head_dim // 2
   spectrum = base ** (-np.arange(pairs) / pairs)
   if mode == "per_axis":
@@ -97,7 +79,7 @@ def _table(head_dim: int, mode: str, base: float, split: tuple[int, int, int],
     axes = _spread((n_t, n_h, n_w))
     freqs = spectrum
   else:
-    raise ValueError(f"rope mode={mode!r}: expected one of {MODES}")
+    raise ValueError(f"rope mode={mode!r}: expected one of {specs.ROPE_ALLOCATIONS}")
   if temporal_span:
     time = axes == 0
     freqs = freqs.copy()
@@ -121,33 +103,6 @@ def rope_table(
   """
   return _table(int(head_dim), mode, float(base), tuple(int(s) for s in split),
                 float(temporal_span), int(virtual_frames))
-
-
-def frame_times(num_frames: int, virtual_frames: int = 64) -> np.ndarray:
-  """Time positions `[T]` of T evenly spaced frames on the virtual grid; an image is t = 0."""
-  if num_frames < 1:
-    raise ValueError(f"num_frames={num_frames} must be >= 1")
-  if num_frames == 1:
-    return np.zeros(1, np.float32)
-  return np.linspace(0.0, virtual_frames - 1, num_frames, dtype=np.float32)
-
-
-def grid_positions(times: np.ndarray, grid_h: int, grid_w: int) -> np.ndarray:
-  """(t, h, w) positions `[..., T * grid_h * grid_w, 3]` of the patches of frames at `times`.
-
-  Tokens are ordered frame-major, then row, then column, as the patch embedding flattens them.
-
-  Args:
-    times: `[..., T]` time position of each frame on the virtual grid.
-    grid_h: patch rows per frame.
-    grid_w: patch columns per frame.
-  """
-  times = np.asarray(times, np.float32)
-  lead, num_frames = times.shape[:-1], times.shape[-1]
-  t = np.broadcast_to(times[..., :, None, None], (*lead, num_frames, grid_h, grid_w))
-  h = np.broadcast_to(np.arange(grid_h, dtype=np.float32)[:, None], t.shape)
-  w = np.broadcast_to(np.arange(grid_w, dtype=np.float32)[None, :], t.shape)
-  return np.stack([t, h, w], axis=-1).reshape(*lead, num_frames * grid_h * grid_w, 3)
 
 
 def rope_angles(

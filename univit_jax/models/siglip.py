@@ -32,8 +32,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from univit_jax import config_lib
-from univit_jax.models import variants, vit
+from univit_jax import config_lib, specs
+from univit_jax.models import vit
 
 
 class CheckpointError(config_lib.ConfigError):
@@ -41,15 +41,15 @@ class CheckpointError(config_lib.ConfigError):
 
 
 # big_vision's ViT sizes of the SigLIP / SigLIP 2 image towers (its `vit.decode_variant`).
-SIZES: dict[str, variants.Size] = {
-  "B": variants.Size(width=768, depth=12, num_heads=12, mlp_dim=3072),
-  "L": variants.Size(width=1024, depth=24, num_heads=16, mlp_dim=4096),
-  "So400m": variants.Size(width=1152, depth=27, num_heads=16, mlp_dim=4304),
-  "g-opt": variants.Size(width=1536, depth=40, num_heads=16, mlp_dim=6144),
+SIZES: dict[str, specs.Size] = {
+  "B": specs.Size(width=768, depth=12, num_heads=12, mlp_dim=3072),
+  "L": specs.Size(width=1024, depth=24, num_heads=16, mlp_dim=4096),
+  "So400m": specs.Size(width=1152, depth=27, num_heads=16, mlp_dim=4304),
+  "g-opt": specs.Size(width=1536, depth=40, num_heads=16, mlp_dim=6144),
 }
 
 
-def decode_variant(variant: str) -> tuple[variants.Size, int]:
+def decode_variant(variant: str) -> tuple[specs.Size, int]:
   """The size and patch of a variant such as "B/16" or "So400m/14".
 
   Raises:
@@ -101,7 +101,7 @@ def read_image_tower(path: str | os.PathLike) -> dict[str, np.ndarray]:
           for k, v in tower.items()}
 
 
-def _attention(prefix: str, size: variants.Size) -> dict[str, tuple[str, tuple[int, ...]]]:
+def _attention(prefix: str, size: specs.Size) -> dict[str, tuple[str, tuple[int, ...]]]:
   d, h = size.width, size.num_heads
   k = d // h
   out = {f"{prefix}/{name}/kernel": (f"{name}/kernel", (d, h, k))
@@ -117,7 +117,7 @@ def _norm(prefix: str, ours: str, width: int) -> dict[str, tuple[str, tuple[int,
   return {f"{prefix}/{p}": (f"{ours}/{p}", (width,)) for p in ("scale", "bias")}
 
 
-def _mlp(prefix: str, size: variants.Size) -> dict[str, tuple[str, tuple[int, ...]]]:
+def _mlp(prefix: str, size: specs.Size) -> dict[str, tuple[str, tuple[int, ...]]]:
   d, m = size.width, size.mlp_dim
   return {f"{prefix}/Dense_0/kernel": ("fc1/kernel", (d, m)),
           f"{prefix}/Dense_0/bias": ("fc1/bias", (m,)),
@@ -125,7 +125,7 @@ def _mlp(prefix: str, size: variants.Size) -> dict[str, tuple[str, tuple[int, ..
           f"{prefix}/Dense_1/bias": ("fc2/bias", (d,))}
 
 
-def _module(attn: str, norm1: str, norm2: str | None, mlp: str, size: variants.Size
+def _module(attn: str, norm1: str, norm2: str | None, mlp: str, size: specs.Size
             ) -> dict[str, tuple[str, tuple[int, ...]]]:
   """big_vision key -> (our path, shape) for an attention + norm(s) + MLP module; our names are
   those of `vit.Block` (norm1, attn, norm2, mlp) or, without norm1, of `vit.MapHead`."""
@@ -137,13 +137,13 @@ def _module(attn: str, norm1: str, norm2: str | None, mlp: str, size: variants.S
   return table
 
 
-def _block_table(size: variants.Size) -> dict[str, tuple[str, tuple[int, ...]]]:
+def _block_table(size: specs.Size) -> dict[str, tuple[str, tuple[int, ...]]]:
   """Keys inside one `encoderblock` -> (our path inside `vit.Block`, shape)."""
   return _module("MultiHeadDotProductAttention_0", "LayerNorm_0", "LayerNorm_1", "MlpBlock_0",
                  size)
 
 
-def _blocks(tower: dict[str, np.ndarray], size: variants.Size, path: str
+def _blocks(tower: dict[str, np.ndarray], size: specs.Size, path: str
             ) -> list[dict[str, np.ndarray]]:
   """Per block, its arrays keyed as in `_block_table`; from either the unscanned
   (`encoderblock_<i>`) or the scanned (`encoderblock`, stacked on axis 0) layout. Consumes them

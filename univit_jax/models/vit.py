@@ -26,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from univit_jax import config_lib
+from univit_jax import positions as positions_lib
 from univit_jax.models import masks as masks_lib
 from univit_jax.models import rope
 
@@ -244,7 +245,8 @@ class UniViT(nnx.Module):
         f"{self.cfg.pos_grid[1] * p} pixels)")
     if positions is None:
       positions = np.broadcast_to(
-        rope.grid_positions(rope.frame_times(t, self.cfg.rope.virtual_frames), gh, gw),
+        positions_lib.grid_positions(
+          positions_lib.frame_times(t, self.cfg.rope.virtual_frames), gh, gw),
         (b, t * gh * gw, 3))
     if frame_mask is None:
       frame_mask = jnp.ones((b, t), bool)

@@ -31,11 +31,10 @@ from typing import Any
 
 import numpy as np
 
-from univit_jax import provenance
+from univit_jax import provenance, specs
 from univit_jax.clustering import labels as cluster_labels
-from univit_jax.models import heads
 
-GLOBAL_BANKS = (heads.OBJECT_BANK, heads.event_bank_name(1))
+GLOBAL_BANKS = (specs.OBJECT_BANK, specs.event_bank_name(1))
 _SUB_SPAN = 1 << 20  # sub + 1 fits below this; ids below 2**43
 
 
@@ -144,7 +143,7 @@ def load_banks(clusters_workdir: str, names: Sequence[str], sources: Mapping[str
 
 def segment_granularities(banks: Mapping[str, Any], num_frames: int) -> tuple[int, ...]:
   """Event granularities g with 2 <= g <= T that have a bank: the segment terms of a bucket."""
-  return tuple(sorted(g for g in map(heads.event_granularity, banks)
+  return tuple(sorted(g for g in map(specs.event_granularity, banks)
                       if g is not None and 2 <= g <= num_frames))
 
 
@@ -189,7 +188,7 @@ class LabelAttacher:
     width = global_width(self._banks, num_boxes, self.image_labels)
     image = _pad(image[:, 0], width)
     if num_boxes is not None:
-      rows, found = self._rows(heads.OBJECT_BANK, ids, range(num_boxes))
+      rows, found = self._rows(specs.OBJECT_BANK, ids, range(num_boxes))
       batch["labels_regions"] = rows
       batch["regions_valid"] = found & np.asarray(batch["box_mask"], bool)
       if self.image_labels == "objects":
@@ -201,7 +200,7 @@ class LabelAttacher:
     batch["labels_global"] = np.where(is_clip[:, None], _pad(clip[:, 0], width), image)
     batch["global_bank"] = np.where(is_clip, 1, np.where(is_image, 0, -1)).astype(np.int32)
     for g in segment_granularities(self._banks, batch["frames"].shape[1]):
-      rows, found = self._rows(heads.event_bank_name(g), ids, range(g))
+      rows, found = self._rows(specs.event_bank_name(g), ids, range(g))
       batch[f"labels_segments_{g}"], batch[f"segments_valid_{g}"] = rows, found
     return batch
 

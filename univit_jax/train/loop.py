@@ -35,10 +35,9 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
-from jax.experimental import multihost_utils
 from jax.experimental.compilation_cache import compilation_cache
 
-from univit_jax import atomic, checkpointing, config_lib, optim, provenance, sharding
+from univit_jax import atomic, checkpointing, collectives, config_lib, optim, provenance, sharding
 from univit_jax.clustering import extract
 from univit_jax.data import pipeline
 from univit_jax.train import labels as labels_lib
@@ -135,8 +134,6 @@ def validate_train(config: ml_collections.ConfigDict) -> None:
   for field in ("log_every", "checkpoint_every", "keep_checkpoints"):
     if t[field] < 1:
       raise config_lib.ConfigError(f"train.{field}={t[field]} must be a positive integer")
-  if t.debug_step_sleep < 0:
-    raise config_lib.ConfigError(f"train.debug_step_sleep={t.debug_step_sleep} must be >= 0")
   if t.bank_init not in BANK_INITS:
     raise config_lib.ConfigError(f"train.bank_init={t.bank_init!r}: expected one of {BANK_INITS}")
 
@@ -233,9 +230,7 @@ class _Preemption:
 
   def agreed(self) -> bool:
     """Whether any process was asked to stop (all processes must save the same step)."""
-    if jax.process_count() == 1:
-      return self.requested
-    return bool(multihost_utils.process_allgather(np.int32(self.requested)).any())
+    return collectives.any_process(self.requested)
 
   def __exit__(self, *exc) -> None:
     if self._previous is not None:
@@ -387,7 +382,6 @@ def _loop(run: _Run, state: state_lib.TrainState, iterator, ckpt: checkpointing.
   compile_s = time.perf_counter() - start
   logging.info("Compiled %d buckets in %.1fs", len(compiled), compile_s)
 
-  nan_step = np.int32(train.debug_nan_step)
   preempted = False
   bar = _progress_bar(run, step)
   window_start, window_samples, window_tokens, window_steps = time.perf_counter(), 0, 0, 0
@@ -407,7 +401,7 @@ def _loop(run: _Run, state: state_lib.TrainState, iterator, ckpt: checkpointing.
         t = host["frames"].shape[1]
         batch = pipeline.to_global_batch({k: host[k] for k in inputs[t]}, batch_sharding)
         weights = step_lib.term_weights(loss_cfg, step / total, names)
-        state, metrics = compiled[t](state, batch, weights, nan_step)
+        state, metrics = compiled[t](state, batch, weights)
         metrics = jax.device_get(metrics)
         if not metrics["finite"]:
           raise NonFiniteError(_nonfinite_message(step, metrics, ckpt.latest_step()))
@@ -433,8 +427,6 @@ def _loop(run: _Run, state: state_lib.TrainState, iterator, ckpt: checkpointing.
         if step % train.checkpoint_every == 0 or step == total:
           ckpt.save(step, state, iterator, force=True)
         bar.update(1)
-        if train.debug_step_sleep:
-          time.sleep(train.debug_step_sleep)
   finally:
     bar.close()
     logger.close()

@@ -9,8 +9,7 @@ Loss terms (each weighted by `config.loss`, see `losses.loss_weights`):
                  with ordered event-transition targets at the bucket's contrast granularity; for
                  images, over object co-occurrence (region clusters, else the image's labels)
 The weights are an argument (replicated f32 scalars), so the coarse-to-fine curriculum changes
-them without recompiling: each frame bucket compiles exactly once. So is the testing aid
-`nan_step` (the contrastive term becomes NaN at that step; -1 = never).
+them without recompiling: each frame bucket compiles exactly once.
 
 A step whose loss or gradient is not finite returns the incoming state unchanged (and the metrics
 that say so), so the state in memory is never a bad one.
@@ -24,8 +23,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from univit_jax import config_lib, losses
-from univit_jax.models import heads
+from univit_jax import config_lib, losses, specs
 from univit_jax.train import labels as labels_lib
 from univit_jax.train.state import TrainState
 
@@ -62,7 +60,7 @@ def term_weights(loss_config: config_lib.LossConfig, progress: float,
   """Weights of every term at `progress` (fraction of training done), as f32 scalars."""
   weights = losses.loss_weights(loss_config, progress)
   out = {name: weights.get(name, 0.0) for name in banks}
-  out["object_region"] = weights.get(heads.OBJECT_BANK, 0.0)
+  out["object_region"] = weights.get(specs.OBJECT_BANK, 0.0)
   out["contrastive"] = weights["contrastive"]
   return {name: jnp.float32(w) for name, w in out.items()}
 
@@ -89,8 +87,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   """The pure step function of one bucket (jit it with `compile_step`)."""
   disc = loss_config.discrimination
 
-  def loss_fn(params: nnx.State, batch: Batch, rng: jax.Array, step: jax.Array,
-              weights: Mapping[str, jax.Array], nan_step: jax.Array):
+  def loss_fn(params: nnx.State, batch: Batch, rng: jax.Array, weights: Mapping[str, jax.Array]):
     model = nnx.merge(graphdef, params)
     encoder = model.encoder
     emb, aux = encoder(batch["frames"], positions=batch["positions"],
@@ -105,14 +102,14 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
           emb, batch["labels_global"], batch["global_bank"] == index, centres[name], next(keys),
           disc)
     for g in spec.segments:
-      name = heads.event_bank_name(g)
+      name = specs.event_bank_name(g)
       valid = batch[f"segments_valid_{g}"] & aux["segment_mask"][g]
       terms[name] = losses.discrimination_loss(
         aux["segments"][g], batch[f"labels_segments_{g}"], valid, centres[name], next(keys), disc)
-    if spec.has_boxes and heads.OBJECT_BANK in centres:
+    if spec.has_boxes and specs.OBJECT_BANK in centres:
       terms["object_region"] = losses.discrimination_loss(
         aux["regions"], batch["labels_regions"], batch["regions_valid"],
-        centres[heads.OBJECT_BANK], next(keys), disc)
+        centres[specs.OBJECT_BANK], next(keys), disc)
 
     if spec.contrast_granularity:
       g = spec.contrast_granularity
@@ -128,27 +125,23 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
       if spec.has_boxes:
         ids, valid = losses.object_sets(
           batch["labels_regions"], batch["regions_valid"], batch["labels_global"],
-          batch["global_bank"] == labels_lib.GLOBAL_BANKS.index(heads.OBJECT_BANK))
+          batch["global_bank"] == labels_lib.GLOBAL_BANKS.index(specs.OBJECT_BANK))
       else:
         ids = batch["labels_global"][..., None]
         valid = (batch["labels_global"] >= 0) & (batch["global_bank"] >= 0)[:, None]
       terms["contrastive"] = losses.structured_contrastive_loss(
         emb, losses.set_jaccard(ids, valid), None, loss_config.temperature)
-    # Testing aid (`config.train.debug_nan_step`): a runtime input, so it costs no recompile.
-    loss, metrics = terms["contrastive"]
-    loss = jnp.where(step == nan_step, jnp.nan, loss)
-    terms["contrastive"] = (loss, dict(metrics, loss=loss))
 
     total, metrics = losses.combine_losses(terms, {name: weights[name] for name in terms})
     metrics["embedding_cosine"] = mean_pairwise_cosine(emb)
     return total, metrics
 
-  def train_step(state: TrainState, batch: Batch, weights: Mapping[str, jax.Array],
-                 nan_step: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimiser step. `weights`: f32 [] per term; `nan_step`: int32 [] (-1: off)."""
+  def train_step(state: TrainState, batch: Batch, weights: Mapping[str, jax.Array]
+                 ) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimiser step. `weights`: f32 [] per term."""
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state.params, batch, rng, state.step, weights, nan_step)
+      state.params, batch, rng, weights)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     grad_norm = optax.global_norm(grads)
@@ -171,8 +164,7 @@ def compile_step(train_step: Callable, abstract_state: TrainState, state_shardin
   """Lowers and compiles the step for one bucket (ahead of its first batch); the state is
   donated, so its buffers are reused for the new state."""
   jitted = jax.jit(
-    train_step, in_shardings=(state_shardings, dict(batch_shardings), replicated, replicated),
+    train_step, in_shardings=(state_shardings, dict(batch_shardings), replicated),
     out_shardings=(state_shardings, replicated), donate_argnums=0)
   abstract_weights = {k: jax.ShapeDtypeStruct((), jnp.float32) for k in weights}
-  return jitted.lower(abstract_state, dict(abstract_batch), abstract_weights,
-                      jax.ShapeDtypeStruct((), jnp.int32)).compile()
+  return jitted.lower(abstract_state, dict(abstract_batch), abstract_weights).compile()
