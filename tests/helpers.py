@@ -44,6 +44,22 @@ def run_main(*args: str, devices: int = 1, timeout: int = 300) -> subprocess.Com
 
 
 # A one-round pipeline small enough for a CPU test; `loss` keeps its defaults.
+# configs/demo.py shrunk to a two-round pipeline that runs in well under a minute once compiled
+# (tests/test_rounds.py, benchmarks/faults.py).
+TINY_DEMO_PIPELINE = (
+  "--config.data.frames=(1,2)", "--config.data.bucket_weights=(1,1)",
+  "--config.data.sources.digits.num_examples=32", "--config.data.sources.objects.num_examples=32",
+  "--config.data.sources.events.num_examples=16", "--config.extract.batch_size=16",
+  "--config.extract.clip_frames=4", "--config.extract.granularities=(1,2)",
+  "--config.extract.pixels_fit_examples=32", "--config.extract.pixels_dim=16",
+  "--config.cluster.num_clusters={'object': 8, 'event_1': 4, 'event_2': 4}",
+  "--config.cluster.top_k=2", "--config.cluster.iterations=3",
+  "--config.loss.bank_weights={'object': 1.0, 'event_1': 1.0, 'event_2': 1.0}",
+  "--config.loss.event_schedule=((0.0, (1, 2)),)",
+  "--config.total_steps=2", "--config.train.log_every=1", "--config.train.checkpoint_every=2",
+  "--config.train.progress_bar=False", "--config.optim.warmup_steps=1",
+)
+
 TINY_PIPELINE = """
 import ml_collections
 from univit_jax import config_lib

@@ -4,23 +4,11 @@ import json
 
 import numpy as np
 
-from helpers import load_config, run_main
+from helpers import TINY_DEMO_PIPELINE, load_config, run_main
 from univit_jax import rounds
 from univit_jax.clustering import store
 
-SMALL = [
-  "--config.data.frames=(1,2)", "--config.data.bucket_weights=(1,1)",
-  "--config.data.sources.digits.num_examples=32", "--config.data.sources.objects.num_examples=32",
-  "--config.data.sources.events.num_examples=16", "--config.extract.batch_size=16",
-  "--config.extract.clip_frames=4", "--config.extract.granularities=(1,2)",
-  "--config.extract.pixels_fit_examples=32", "--config.extract.pixels_dim=16",
-  "--config.cluster.num_clusters={'object': 8, 'event_1': 4, 'event_2': 4}",
-  "--config.cluster.top_k=2", "--config.cluster.iterations=3",
-  "--config.loss.bank_weights={'object': 1.0, 'event_1': 1.0, 'event_2': 1.0}",
-  "--config.loss.event_schedule=((0.0, (1, 2)),)",
-  "--config.total_steps=2", "--config.train.log_every=1", "--config.train.checkpoint_every=2",
-  "--config.train.progress_bar=False", "--config.optim.warmup_steps=1",
-]
+SMALL = TINY_DEMO_PIPELINE
 
 
 def test_two_round_pipeline(tmp_path):
