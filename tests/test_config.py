@@ -68,6 +68,7 @@ def test_bad_values_name_the_field(field, value, message):
   (["--config.model.num_heads=3"], "model.num_heads=3"),
   (["--config.mesh.shape=(3,1,1)"], "mesh.shape=(3, 1, 1)"),
 ])
+@pytest.mark.slow
 def test_command_line_rejects_bad_configs_before_compute(args, message, tmp_path):
   result = run_main("--config=configs/demo.py", f"--workdir={tmp_path}", *args)
   assert result.returncode == 2, result.stderr

@@ -2,6 +2,7 @@
 
 import jax
 import numpy as np
+import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -11,6 +12,7 @@ from univit_jax.data import pipeline
 from univit_jax.models import vit
 
 
+@pytest.mark.slow
 def test_encoder_consumes_a_batch_of_each_bucket():
   config = load_config("demo")
   config.mesh.shape = (8, 1, 1)

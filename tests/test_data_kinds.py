@@ -102,6 +102,7 @@ def _run_pipeline(tmp_path, sources: dict, *overrides: str) -> dict:
   return json.loads((workdir / "pipeline.json").read_text())["rounds"][0]
 
 
+@pytest.mark.slow
 def test_pipeline_over_an_image_folder_alone(tmp_path):
   images = write_images(tmp_path / "images")
   # The default buckets (1, 2, 4, 8, 16): only the 1-frame one is fed, and trained.
@@ -111,6 +112,7 @@ def test_pipeline_over_an_image_folder_alone(tmp_path):
   assert not any(k.startswith("event_") for k in summary["last_losses"])
 
 
+@pytest.mark.slow
 def test_pipeline_over_a_video_folder_alone(tmp_path):
   videos = write_videos(tmp_path / "videos")
   summary = _run_pipeline(tmp_path, dict(clips=dict(type="video_folder", path=videos)),

@@ -53,6 +53,7 @@ def _frames(spec: dict, count: int, num_frames: int) -> tuple[list[dict], np.nda
   return records, np.stack([tasks.eval_frames(r, num_frames, SIZE) for r in records])
 
 
+@pytest.mark.slow
 def test_embeds_an_image_folder_like_load_encoder(export, tmp_path):
   """Row i of an image folder's embeddings is `load_encoder(export).embed` of image i (40 x 48
   PNGs: centre square, resized); 11 images make a full and a padded batch."""
@@ -69,6 +70,7 @@ def test_embeds_an_image_folder_like_load_encoder(export, tmp_path):
     rows=11, skipped=0, frames=1, export=export)
 
 
+@pytest.mark.slow
 def test_embeds_clips_with_segment_and_region_embeddings(export, tmp_path):
   """Clips get per-segment embeddings, images with boxes per-box ones, as the encoder pools
   them; the keys of in-memory records are their indices."""
@@ -112,6 +114,7 @@ def test_bad_embed_settings_are_named(export, tmp_path):
     embed.run_embed(_config(export, "", folder), None)
 
 
+@pytest.mark.slow
 def test_embed_mode_runs_from_the_command_line(export, tmp_path):
   folder = write_images(tmp_path / "images", count=3)
   result = helpers.run_main(

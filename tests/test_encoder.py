@@ -48,6 +48,7 @@ def _record_frames(data_cfg: pipeline.DataConfig, sources: dict, name: str, num_
   return batch["frames"], records[:, picked]
 
 
+@pytest.mark.slow
 def test_embed_of_a_record_equals_what_training_saw(export):
   """uint8 frames of a record into `embed` == the pipeline's normalised frames into the model."""
   path, params, graphdef, config = export
@@ -60,6 +61,7 @@ def test_embed_of_a_record_equals_what_training_saw(export):
   np.testing.assert_allclose(encoder.embed(frames), trained, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_loaded_encoder_embeds_images_and_clips_like_the_model(export):
   path, params, graphdef, config = export
   encoder = univit_jax.load_encoder(path)
@@ -110,6 +112,7 @@ def test_unreadable_encoder_json_is_refused_naming_it(export, tmp_path, change, 
     univit_jax.load_encoder(tmp_path / "copy")
 
 
+@pytest.mark.slow
 def test_export_without_encoder_json_still_loads(export, tmp_path):
   """Exports written before encoder.json (params/ and config.json only) load from config.json."""
   path, params, _, config = export
@@ -193,6 +196,7 @@ def _numpy_forward(export_path: str, frames: np.ndarray) -> tuple[np.ndarray, np
 
 
 @pytest.mark.parametrize("scan", [False, True])
+@pytest.mark.slow
 def test_safetensors_name_map_rebuilds_the_forward_pass_in_numpy(tmp_path, scan):
   """The names and layouts docs/export.md gives, read by plain NumPy, compute what the model
   computes: patch embedding, time embedding, every pre-LN block with U-RoPE, the MAP head."""
@@ -228,6 +232,7 @@ def trained(tmp_path_factory):
   return config, workdir, out.getvalue()
 
 
+@pytest.mark.slow
 def test_train_mode_exports_the_trained_encoder(trained):
   config, workdir, out = trained
   assert f"Encoder export (univit_jax.load_encoder): {workdir}/export" in out
@@ -246,6 +251,7 @@ np.save(sys.argv[3], np.asarray(encoder.embed(np.load(sys.argv[2]))))
 """
 
 
+@pytest.mark.slow
 def test_export_mode_exports_the_checkpoint_loadable_anywhere(trained, tmp_path):
   """--mode=export writes the checkpoint's encoder; copied elsewhere and loaded in a fresh
   process, it embeds a training record as the training-time model did."""
@@ -270,6 +276,7 @@ def test_export_mode_exports_the_checkpoint_loadable_anywhere(trained, tmp_path)
   np.testing.assert_allclose(np.load(tmp_path / "embedding.npy"), trained_embedding, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_export_reads_the_chosen_checkpoint_of_the_newest_round(trained, tmp_path):
   """Only the encoder is restored (equal to the training state's); a pipeline workdir gives its
   newest round's checkpoint; a missing step is named."""

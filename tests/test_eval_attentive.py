@@ -32,6 +32,7 @@ def one_token_task(n: int, seed: int) -> common.Split:
   return common.Split(tokens, labels, {"token_mask": np.broadcast_to(mask, (n, LENGTH + PADDING))})
 
 
+@pytest.mark.slow
 def test_attentive_probe_finds_the_labelled_token():
   train, test = one_token_task(384, 0), one_token_task(256, 1)
   valid = test.x[:, :LENGTH]

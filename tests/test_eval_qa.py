@@ -152,6 +152,7 @@ class OnceLoader:
 
 
 @pytest.mark.parametrize("informative", [True, False])
+@pytest.mark.slow
 def test_probe_answers_from_the_tokens(informative):
   loader = OnceLoader(synthetic(300, seed=1, informative=informative))
   result = qa.qa_probe(synthetic(1000, seed=0, informative=informative), loader, epochs=15,
@@ -169,6 +170,7 @@ def test_probe_answers_from_the_tokens(informative):
     assert abs(result.value - majority) < 0.15
 
 
+@pytest.mark.slow
 def test_probe_selects_lr_on_validation_and_reports_every_type(events):
   tokens = np.random.default_rng(0).normal(size=(len(events), 6, 8)).astype(np.float32)
   train = qa.build_qa_split(tokens[:150], None, events[:150], "events", seed=0)

@@ -118,6 +118,7 @@ def _run_chromium(binary: str, profile: str, *args: str) -> subprocess.Completed
     capture_output=True, text=True, timeout=60, check=True)
 
 
+@pytest.mark.slow
 def test_report_renders_in_chromium(tmp_path):
   binary = _chromium()
   paths = report.write_report(str(tmp_path / "eval"), _fake_results(), _fake_visuals())

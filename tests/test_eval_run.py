@@ -47,6 +47,7 @@ def _context(num_train=200, num_test=100, probes=("linear", "order")):
   return run.Context(data=tasks.EvalData({"clips": record_set}), tasks=(task,), cfg=cfg)
 
 
+@pytest.mark.slow
 def test_temporal_probe_is_at_majority_when_blind_to_order_and_high_when_not():
   ctx = _context()
   blind = run.evaluate(ctx, features.pixels("pixels_mean", 8), ctx.cfg.probes, log=print)
@@ -91,6 +92,7 @@ def _tiny_eval_config():
   return config
 
 
+@pytest.mark.slow
 def test_eval_mode_writes_results_table_and_report(tmp_path):
   config = _tiny_eval_config()
   graphdef, params = vit.init_encoder(config_lib.model_config(config), seed=5)
@@ -123,6 +125,7 @@ def test_unknown_probe_is_refused_naming_it():
     run.eval_config(config)
 
 
+@pytest.mark.slow
 def test_training_logs_probe_metrics_every_eval_steps(tmp_path):
   config = train_fixtures.tiny_config()
   config.eval.demo = True

@@ -99,6 +99,7 @@ def read_bank(workdir, bank):
   return np.concatenate(list(reader.rows(0, reader.num_rows))), reader.ids()
 
 
+@pytest.mark.slow
 def test_demo_extraction_writes_every_bank(tmp_path):
   config = small_demo()
   teachers = extract.run_extract(config, str(tmp_path))
@@ -118,6 +119,7 @@ def test_demo_extraction_writes_every_bank(tmp_path):
   assert os.path.getmtime(tmp_path / "features" / "object" / "meta.json") == before
 
 
+@pytest.mark.slow
 def test_teacher_baseline_reproduces_the_rows_round_1_clusters(tmp_path):
   """The evaluation's "teacher" row (`features.pixels_teacher`) embeds a record exactly as the
   extract stage wrote it: an image's whole-image object row, a clip's event_1 row."""
@@ -139,6 +141,7 @@ def test_teacher_baseline_reproduces_the_rows_round_1_clusters(tmp_path):
     np.testing.assert_allclose(embedding, expected, atol=2e-3, err_msg=source)
 
 
+@pytest.mark.slow
 def test_extraction_resumes_after_sigkill(tmp_path):
   args = ["--config=configs/demo.py", "--mode=extract", "--config.extract.batch_size=8",
           "--config.data.sources.digits.num_examples=96",

@@ -41,6 +41,7 @@ def setup(tmp_path_factory) -> faults.Setup:
   # Mid re-export (`--mode=export`) over a complete earlier export.
   ("export", "export", ".export.partial/params", 0.0, True),
 ])
+@pytest.mark.slow
 def test_kill_then_rerun_gives_the_uninterrupted_outputs(setup, tmp_path, stage, mode, trigger,
                                                           delay, previous_export):
   record = faults.kill_trial(setup, stage, str(tmp_path), 1, delay, previous_export, mode,

@@ -272,6 +272,7 @@ def _assert_same_outputs(a, b, atol=0.0):
 
 
 @pytest.mark.parametrize("backend", ["exact", "scann"])
+@pytest.mark.slow
 def test_stage_resumes_after_sigkill_with_identical_outputs(tmp_path, backend):
   reference, killed = tmp_path / "reference", tmp_path / "killed"
   for workdir in (reference, killed):
@@ -307,6 +308,7 @@ def _free_port():
 
 @pytest.mark.parametrize("backend, center", [("exact", False), ("scann", False),
                                              ("exact", True)])
+@pytest.mark.slow
 def test_two_processes_match_one(tmp_path, backend, center):
   single, double = tmp_path / "single", tmp_path / "double"
   for workdir in (single, double):

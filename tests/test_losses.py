@@ -211,6 +211,7 @@ def test_discrimination_loss_accepts_segments_and_regions():
 
 @pytest.mark.parametrize("kind, mesh_shape, pin_logits", [
   ("mlcd", (2, 2, 2), True), ("cosface_slot", (1, 1, 8), True), ("mlcd", (1, 1, 8), False)])
+@pytest.mark.slow
 def test_sharded_bank_matches_one_device(kind, mesh_shape, pin_logits):
   mesh = jax.make_mesh(mesh_shape, ("data", "fsdp", "model"), axis_types=(AxisType.Auto,) * 3)
   rng = np.random.default_rng(0)
@@ -289,6 +290,7 @@ def test_set_jaccard_matches_numpy():
   assert got[1, 2] == 1.0 and got.max() == 1.0 and got[0].max() == 0.0
 
 
+@pytest.mark.slow
 def test_object_sets_use_the_top_cluster_of_valid_regions():
   region_labels = np.array([[[5, 1], [6, 2], [-1, -1]], [[6, 3], [5, 4], [9, 9]]], np.int32)
   region_valid = np.array([[True, True, True], [True, True, False]])

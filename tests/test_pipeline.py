@@ -205,6 +205,7 @@ def test_demo_source_wiring():
   assert batch["boxes"].shape == (16 // t, 4, 4)
 
 
+@pytest.mark.slow
 def test_resume_with_worker_processes():
   """Grain workers need a __main__ guard and parsed absl flags: run as a script."""
   script = os.path.join(os.path.dirname(__file__), "worker_resume_check.py")

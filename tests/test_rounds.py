@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from helpers import TINY_DEMO_PIPELINE, load_config, run_main
 from univit_jax import rounds
@@ -11,6 +12,7 @@ from univit_jax.clustering import store
 SMALL = TINY_DEMO_PIPELINE
 
 
+@pytest.mark.slow
 def test_two_round_pipeline(tmp_path):
   result = run_main("--config=configs/demo.py", f"--workdir={tmp_path}", *SMALL, timeout=900)
   assert result.returncode == 0, result.stderr[-3000:]

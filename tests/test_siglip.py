@@ -135,6 +135,7 @@ def images(b=3, seed=1):
 
 @pytest.mark.parametrize("scanned_file,scan_model,prefix", [
   (False, False, ""), (True, False, "params/"), (False, True, ""), (True, True, "")])
+@pytest.mark.slow
 def test_tower_maps_every_key_and_matches_a_plain_reference(tmp_path, scanned_file, scan_model,
                                                             prefix):
   ckpt, reference_params = big_vision_checkpoint(scanned=scanned_file, prefix=prefix)

@@ -10,6 +10,7 @@ from univit_jax import config_lib, summary
 from univit_jax.models import vit
 
 
+@pytest.mark.slow
 def test_demo_summary_from_the_command_line(tmp_path):
   result = run_main("--config=configs/demo.py", f"--workdir={tmp_path}", "--mode=summary")
   assert result.returncode == 0, result.stderr
@@ -28,6 +29,7 @@ def test_demo_summary_from_the_command_line(tmp_path):
   ("vit_b", "runlocal", 85_671_936),
   ("vit_l", None, 302_948_352),
 ])
+@pytest.mark.slow
 def test_summary_of_each_size(name, arg, backbone, tmp_path):
   config = load_config(name, arg)
   config.summary.compile = name != "vit_l"  # vit_l: abstract only, as on a laptop.

@@ -126,6 +126,7 @@ def tiny_siglip(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("image_size", [32, 16])
+@pytest.mark.slow
 def test_siglip_teacher_feeds_the_tower_pixels_in_minus_one_to_one(tiny_siglip, image_size):
   path, params = tiny_siglip
   config = small_config()

@@ -138,6 +138,7 @@ def test_missing_cluster_outputs_name_the_bank(tmp_path):
     labels_lib.load_banks(str(tmp_path), ("event_4",), train_fixtures.data_sources())
 
 
+@pytest.mark.slow
 def test_state_is_born_sharded_with_banks_from_centroids():
   config = train_fixtures.tiny_config()
   config.mesh.shape = (2, 2, 2)
@@ -163,6 +164,7 @@ def test_state_is_born_sharded_with_banks_from_centroids():
   np.testing.assert_allclose(bank_step / bias_step, 10.0, rtol=1e-3)
 
 
+@pytest.mark.slow
 def test_a_fresh_state_starts_from_an_exported_encoder(tmp_path):
   """`train.init_encoder` (the pipeline's warm start): the new state's encoder equals the
   export, on this run's shardings, with fresh banks; an export of another shape is refused."""
@@ -195,6 +197,7 @@ def test_a_fresh_state_starts_from_an_exported_encoder(tmp_path):
     state_lib.load_encoder_params(path, wider, abstract)
 
 
+@pytest.mark.slow
 def test_training_lowers_discrimination_loss_and_reaches_every_parameter(runs):
   dirs, reports = runs
   assert reports[1]["step"] == 12 and reports[1]["error"] is None
@@ -217,6 +220,7 @@ def test_training_lowers_discrimination_loss_and_reaches_every_parameter(runs):
   assert os.listdir(os.path.join(dirs["train"], "tensorboard"))
 
 
+@pytest.mark.slow
 def test_checkpoint_of_other_cluster_labels_is_refused(runs):
   reports = runs[1]
   assert reports[2]["error_type"] == "CheckpointMismatchError"
@@ -236,6 +240,7 @@ def test_labels_made_for_other_data_sources_are_refused(tmp_path):
     labels_lib.load_banks(str(tmp_path), ("event_1",), train_fixtures.data_sources(config))
 
 
+@pytest.mark.slow
 def test_a_finished_run_rerun_with_other_data_or_optimiser_is_refused_before_any_step(
     runs, tmp_path):
   """Issue 13, end to end on a finished run's workdir (real checkpoints and train_run.json):
@@ -279,6 +284,7 @@ def test_a_finished_run_rerun_with_other_data_or_optimiser_is_refused_before_any
     assert f.read() == metrics
 
 
+@pytest.mark.slow
 def test_nan_stops_the_run_naming_step_and_term_and_keeps_last_checkpoint(runs):
   dirs, reports = runs
   assert reports[3]["error_type"] == "NonFiniteError"
@@ -293,6 +299,7 @@ def test_nan_stops_the_run_naming_step_and_term_and_keeps_last_checkpoint(runs):
     assert json.load(f)["schedule"]["total_steps"] == 4
 
 
+@pytest.mark.slow
 def test_sigkill_then_sigterm_then_resume_matches_uninterrupted_run(runs, cache, tmp_path):
   dirs, reports = runs
   assert reports[5]["step"] == 6
@@ -335,6 +342,7 @@ def test_sigkill_then_sigterm_then_resume_matches_uninterrupted_run(runs, cache,
   assert _data_state(workdir, 0) == _data_state(dirs["reference"], 5)
 
 
+@pytest.mark.slow
 def test_an_object_bank_of_whole_image_rows_only_trains(cache, tmp_path):
   """A teacher without regions (`features:<folder>`) clusters whole images only: the region term
   finds no labelled row, adds 0 and is left out of the log; the whole-image and event terms

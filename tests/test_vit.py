@@ -35,6 +35,7 @@ def model():
   return make()
 
 
+@pytest.mark.slow
 def test_all_frame_buckets_share_weights(model):
   graphdef, params = model
   for t in (1, 2, 4, 8, 16):
@@ -62,6 +63,7 @@ def test_image_equals_one_frame_clip(model):
   ("none", 0.0, 0.0, 0.01),  # the earlier default: the first and last frame look the same
   ("none", np.pi, 0.02, 0.2),  # RoPE with a usable temporal span
   ("sincos", np.pi, 0.3, 2.0)])  # the default: the time embedding
+@pytest.mark.slow
 def test_tokens_carry_their_frame_time_from_initialisation(time_embedding, span, low, high):
   """A clip of one repeated frame: only time tells its frames apart. Unscaled RoPE alone left a
   fresh encoder's tokens nearly identical across frames (the demo could not learn order)."""
@@ -74,6 +76,7 @@ def test_tokens_carry_their_frame_time_from_initialisation(time_embedding, span,
   assert low < gap < high
 
 
+@pytest.mark.slow
 def test_padding_frames_do_not_change_the_embedding(model):
   graphdef, params = model
   frames = clip(2)
@@ -88,6 +91,7 @@ def test_padding_frames_do_not_change_the_embedding(model):
   np.testing.assert_allclose(padded, short, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_segment_and_region_pooling(model):
   graphdef, params = model
   frames = clip(8)
@@ -122,6 +126,7 @@ def unstack(scan_params, list_params):
 
 
 @pytest.mark.parametrize("remat", ["none", "full", "dots"])
+@pytest.mark.slow
 def test_scan_matches_unrolled(remat):
   scan_cfg = dataclasses.replace(CFG, scan=True, remat=remat)
   g_scan, p_scan = make(scan_cfg)
@@ -143,6 +148,7 @@ def optax_global_norm(tree):
   return float(jnp.sqrt(sum(jnp.sum(x.astype(jnp.float32) ** 2) for x in jax.tree.leaves(tree))))
 
 
+@pytest.mark.slow
 def test_sharded_forward_matches_single_device():
   assert jax.device_count() == 8
   config = config_lib.default_config("mu/8")
@@ -169,6 +175,7 @@ def test_sharded_forward_matches_single_device():
   np.testing.assert_allclose(sharded, single, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_each_bucket_compiles_once(model):
   graphdef, params = model
   traces = []
@@ -185,6 +192,7 @@ def test_each_bucket_compiles_once(model):
   assert forward._cache_size() == 5
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_params():
   cfg = dataclasses.replace(CFG, dtype="bfloat16")
   graphdef, params = make(cfg)
@@ -195,6 +203,7 @@ def test_bfloat16_compute_keeps_float32_params():
   np.testing.assert_allclose(embedding, reference, atol=0.1)
 
 
+@pytest.mark.slow
 def test_attention_implementation_reaches_the_kernel():
   """`model.attention` picks `jax.nn.dot_product_attention`'s kernel for the blocks: cuDNN's is
   refused on a machine without cuDNN and agrees with XLA's where it runs."""
