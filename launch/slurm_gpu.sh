@@ -26,18 +26,8 @@ usage() {
   exit 2
 }
 
-# Runs a command, or under --dry-run prints it for pasting (words quoted only where needed).
-run() {
-  if ((dry_run)); then
-    local word line=()
-    for word in "$@"; do
-      if [[ $word =~ ^[[:alnum:]_@%+=:,./-]+$ ]]; then line+=("$word"); else line+=("${word@Q}"); fi
-    done
-    echo "${line[*]}"
-  else
-    "$@"
-  fi
-}
+# shellcheck source=launch/common.sh
+source "${SLURM_SUBMIT_DIR:-$PWD}/launch/common.sh"
 
 dry_run=0
 if [[ ${1:-} == --dry-run ]]; then dry_run=1; shift; fi

@@ -52,18 +52,8 @@ while (($#)); do
 done
 [[ $nodes =~ ^[0-9]+$ ]] || usage
 
-# Runs a command, or under --dry-run prints it for pasting (words quoted only where needed).
-run() {
-  if ((dry_run)); then
-    local word line=()
-    for word in "$@"; do
-      if [[ $word =~ ^[[:alnum:]_@%+=:,./-]+$ ]]; then line+=("$word"); else line+=("${word@Q}"); fi
-    done
-    echo "${line[*]}"
-  else
-    "$@"
-  fi
-}
+# shellcheck source=launch/common.sh
+source "$(dirname "$0")/common.sh"
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 if [[ ${words[0]:-} == worker && ${#words[@]} == 1 ]]; then

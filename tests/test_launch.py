@@ -53,7 +53,9 @@ def test_scripts_pass_shellcheck(script):
                        shutil.which("shellcheck")) if p and os.path.exists(p)]
   if not found:
     pytest.skip("no shellcheck binary (pip install -r requirements.txt provides one)")
-  result = subprocess.run([found[0], script], capture_output=True, text=True, timeout=60)
+  # -x follows `source launch/common.sh` (paths relative to the repository root).
+  result = subprocess.run([found[0], "-x", script], capture_output=True, text=True, timeout=60,
+                          cwd=ROOT)
   assert result.returncode == 0, result.stdout
 
 
@@ -116,7 +118,8 @@ def test_worker_logs_to_run_log_and_passes_the_exit_code_on(tmp_path):
   """A real (not dry) worker run, in a copy of the checkout whose python only reports."""
   checkout = tmp_path / "univit_jax"
   (checkout / "launch").mkdir(parents=True)
-  shutil.copy(TPU, checkout / "launch")
+  for script in SCRIPTS:
+    shutil.copy(script, checkout / "launch")
   python = checkout / ".venv" / "bin" / "python"
   python.parent.mkdir(parents=True)
   python.write_text("#!/usr/bin/env bash\necho \"pid $$ distributed $UNIVIT_DISTRIBUTED\"\n"
