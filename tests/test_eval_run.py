@@ -10,7 +10,7 @@ import pytest
 import helpers
 import train_fixtures
 from univit_jax import checkpointing, config_lib, train
-from univit_jax.evaluation import features, run, tasks
+from univit_jax.evaluation import clusters, features, run, tasks
 from univit_jax.models import vit
 
 _PATTERNS = 4
@@ -175,3 +175,15 @@ def test_image_folder_classification_goes_through_the_same_probes(tmp_path):
   results = run.evaluate(ctx, features.pixels("pixels_mean", 8), ("linear", "knn"), log=print)
   assert set(results) == {"zero_one/linear", "zero_one/knn"}
   assert results["zero_one/linear"].value > 0.6  # zeros and ones differ in shape
+
+
+def test_cluster_quality_refuses_clusters_of_other_data(tmp_path):
+  """Cluster NMI pairs each cluster row with the record its id names: clusters made for other
+  data sources are refused (their ids would name other records), not scored."""
+  config = train_fixtures.tiny_config()
+  train_fixtures.write_clusters(str(tmp_path))
+  scores = clusters.cluster_quality(config, str(tmp_path))
+  assert scores and all(0 <= r.value <= 1 for r in scores.values())
+  config.data.sources.events.num_examples += 1
+  with pytest.raises(train.LabelError, match="data.sources.events.records was 16, now 17"):
+    clusters.cluster_quality(config, str(tmp_path))

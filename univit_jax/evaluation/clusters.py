@@ -16,6 +16,7 @@ import numpy as np
 from univit_jax.clustering import labels as cluster_labels
 from univit_jax.data import demo, pipeline
 from univit_jax.evaluation import common, metrics
+from univit_jax.train import labels as train_labels
 
 
 def _truths(bank: str, record: dict, sub: int, source) -> dict[str, int]:
@@ -50,6 +51,10 @@ def cluster_quality(config: ml_collections.ConfigDict, workdir: str,
 
   Returns:
     {"<bank>:<truth>/clusters": ProbeResult(metric "nmi", details purity, rows, clusters)}.
+
+  Raises:
+    train.LabelError: clusters made for other data sources than `config`'s (their ids would
+      name other records, and the scores would be of wrong pairs).
   """
   data_cfg = pipeline.DataConfig.from_config(config)
   opened = pipeline.open_sources(data_cfg)
@@ -60,6 +65,8 @@ def cluster_quality(config: ml_collections.ConfigDict, workdir: str,
     if not os.path.exists(os.path.join(cluster_labels.clusters_dir(workdir, bank), "ids.npy")):
       continue
     out = cluster_labels.load_clusters(workdir, bank)
+    train_labels.check_sources(bank, cluster_labels.clusters_dir(workdir, bank), out["stats"],
+                               pipeline.sources_fingerprint(data_cfg, opened))
     pairs: dict[str, tuple[list[int], list[int]]] = {}
     records: dict[int, dict] = {}
     for (example, sub), cluster in zip(out["ids"], out["labels"][:, 0]):

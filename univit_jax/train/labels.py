@@ -99,13 +99,7 @@ def load_bank(clusters_workdir: str, bank: str, sources: Mapping[str, Any]) -> B
   version = out["stats"].get("version")
   if not version:
     raise LabelError(f"bank {bank!r}: {where}/stats.json has no 'version'")
-  changed = provenance.differences(
-    (out["stats"].get("inputs") or {}).get("data", {}).get("sources"), sources, "data.sources")
-  if changed:
-    raise LabelError(
-      f"bank {bank!r}: the labels in {where} were made for other data than the config now "
-      f"gives: {'; '.join(changed)}; their example ids would name other records. Extract and "
-      "cluster again in a new workdir (or delete its features/ and clusters/)")
+  check_sources(bank, where, out["stats"], sources)
   if centroids.ndim != 2 or not np.all(np.isfinite(centroids)):
     raise LabelError(f"bank {bank!r}: {where}/centroids.npy must be finite [K, D], "
                      f"got shape {centroids.shape}")
@@ -127,6 +121,23 @@ def load_bank(clusters_workdir: str, bank: str, sources: Mapping[str, Any]) -> B
   return BankLabels(name=bank, centroids=centroids.astype(np.float32), keys=keys,
                     labels=labels[order].astype(np.int32), version=str(version),
                     teacher=str(out["stats"].get("teacher", "")))
+
+
+def check_sources(bank: str, where: str, stats: Mapping[str, Any],
+                  sources: Mapping[str, Any]) -> None:
+  """Refuses cluster outputs (their `stats.json`) made for other data sources than `sources`
+  (`pipeline.sources_fingerprint`): their example ids would name other records.
+
+  Raises:
+    LabelError: naming the bank, its folder `where` and what changed.
+  """
+  changed = provenance.differences(
+    (stats.get("inputs") or {}).get("data", {}).get("sources"), sources, "data.sources")
+  if changed:
+    raise LabelError(
+      f"bank {bank!r}: the labels in {where} were made for other data than the config now "
+      f"gives: {'; '.join(changed)}; their example ids would name other records. Extract and "
+      "cluster again in a new workdir (or delete its features/ and clusters/)")
 
 
 def load_banks(clusters_workdir: str, names: Sequence[str], sources: Mapping[str, Any]
