@@ -128,11 +128,11 @@ def load_encoder_params(path: str, config: ml_collections.ConfigDict,
   Raises:
     ConfigError: the export's model has another shape than this run's (names both).
   """
-  exported = model_shape(ml_collections.ConfigDict(checkpointing.read_export_config(path)))
-  if exported != model_shape(config):
+  exported = model_shape(encoder_lib.read_spec(path).model)
+  ours = model_shape(config_lib.model_config(config))
+  if exported != ours:
     raise config_lib.ConfigError(
-      f"train.init_encoder={path!r}: its model {exported} differs from this run's "
-      f"{model_shape(config)}")
+      f"train.init_encoder={path!r}: its model {exported} differs from this run's {ours}")
   params, _ = checkpointing.load_export(path, abstract.params["encoder"])
   return params
 
@@ -175,9 +175,8 @@ def checkpoint_encoder(config: ml_collections.ConfigDict, workdir: str, step: in
     f"no checkpoint in {workdir} (looked in checkpoints/ and round_<r>/checkpoints/)")
 
 
-def model_shape(config: ml_collections.ConfigDict) -> dict:
-  """The fields of the model config that fix its parameter shapes."""
-  m = config_lib.model_config(config)
+def model_shape(m: config_lib.ModelConfig) -> dict:
+  """The fields of a model config that fix its parameter shapes."""
   return dict(width=m.width, depth=m.depth, num_heads=m.num_heads, mlp_dim=m.mlp_dim,
               patch_size=m.patch_size, channels=m.channels, scan=m.scan,
               param_dtype=m.param_dtype, time_embedding=m.time_embedding)
@@ -207,7 +206,7 @@ def fingerprint(config: ml_collections.ConfigDict, bank_sizes: Mapping[str, int]
   chain = isinstance(opt_state, tuple) and not hasattr(opt_state, "_fields")
   parts = opt_state if chain else (opt_state,)
   return provenance.jsonable(dict(
-    model=dict(model_shape(config),
+    model=dict(model_shape(config_lib.model_config(config)),
                rope=dataclasses.asdict(config_lib.model_config(config).rope)),
     bank_sizes=dict(bank_sizes), label_versions=dict(label_versions), data=dict(data),
     optimizer=[type(part).__name__ for part in parts],
