@@ -32,6 +32,7 @@ import sys
 import time
 
 from absl import app, flags, logging
+import jax
 import ml_collections
 import numpy as np
 
@@ -39,9 +40,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 # pylint: disable=wrong-import-position
-from univit_jax import atomic, encoder, rounds  # noqa: E402
+from univit_jax import atomic, encoder, rounds, run_config  # noqa: E402
 from univit_jax.evaluation import common, report, run  # noqa: E402
 from univit_jax.evaluation import features as features_lib  # noqa: E402
+from univit_jax.run_config import stage_config  # noqa: E402
 
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 import helpers  # noqa: E402  # pylint: disable=import-error
@@ -108,7 +110,7 @@ _OUT = flags.DEFINE_string("out", os.path.join(ROOT, "benchmarks", "results", "d
                            "JSON results path")
 
 
-def variant_config(variant: str, seed: int, workdir: str):
+def variant_config(variant: str, seed: int, workdir: str) -> run_config.RunConfig:
   rounds_, overrides = VARIANTS[variant]
   config = helpers.load_config("demo")
   config.rounds = rounds_
@@ -124,10 +126,10 @@ def variant_config(variant: str, seed: int, workdir: str):
     for part in path:
       node = node[part]
     node[leaf] = value
-  return config
+  return run_config.build(config, jax.device_count())
 
 
-def run_pipeline(variant: str, seed: int) -> tuple[object, str, float]:
+def run_pipeline(variant: str, seed: int) -> tuple[run_config.RunConfig, str, float]:
   folder = os.path.join(_WORKDIR.value, variant, f"seed_{seed}")
   config = variant_config(variant, seed, _WORKDIR.value)
   start = time.perf_counter()
@@ -193,7 +195,7 @@ def main(argv):
   if unknown:
     raise app.UsageError(f"--variants: unknown {unknown}; expected some of {list(VARIANTS)}")
   base = variant_config("univit", seeds[0], _WORKDIR.value)
-  ctx = run.make_context(base)
+  ctx = run.make_context(base.eval, base.data.image_size)
   rows: dict[str, list] = {}
   kinds: dict[str, str] = {}
   timings = {}
@@ -207,12 +209,13 @@ def main(argv):
     ctx.data.forget(extractor.name)
     print(f"  {row}: probed in {time.perf_counter() - t0:.0f} s", flush=True)
 
-  for mode in features_lib.PIXEL_BASELINES:
+  for mode in stage_config.PIXEL_BASELINES:
     probe(features_lib.pixels(mode, base.model.patch_size).name,
           features_lib.pixels(mode, base.model.patch_size))
-  probe("pixels bootstrap teacher", features_lib.pixels_teacher(base))
+  probe("pixels bootstrap teacher", features_lib.pixels_teacher(base.extract, base.data, base.seed))
+  spec = encoder.EncoderSpec.from_sections(base.model, base.data, base.mesh)
   for seed in seeds:
-    probe("random init", features_lib.random_init(base, seed))
+    probe("random init", features_lib.random_init(spec, seed))
   for seed in _seed_list(_SUPERVISED_SEEDS.value, seeds):
     t0 = time.perf_counter()
     extractor = supervised_demo.train_supervised(base, seed, _SUPERVISED_STEPS.value,

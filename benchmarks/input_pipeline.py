@@ -20,7 +20,8 @@ from absl import app, flags
 from PIL import Image
 
 from univit_jax import atomic, config_lib
-from univit_jax.data import pipeline, sources, transforms, video
+from univit_jax.data import pipeline, sources, video
+from univit_jax.run_config import data_config
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("workers", ["0", "1", "2"], "grain worker counts to measure")
@@ -85,10 +86,10 @@ def measure(folder: str, kind: str, num_frames: int, batch: int, workers: int) -
     type="image_folder" if kind == "images" else "video_folder", path=folder))
   patch = 16 if FLAGS.image_size % 16 == 0 else 8
   tokens = num_frames * (FLAGS.image_size // patch) ** 2 * batch
-  cfg = pipeline.DataConfig(
+  cfg = data_config.DataConfig(
     sources=(spec,), frames=(num_frames,), bucket_weights=(1,), tokens_per_batch=tokens,
     image_size=FLAGS.image_size, patch_size=patch,
-    transform=transforms.TransformConfig(FLAGS.image_size), worker_count=workers)
+    transform=data_config.TransformConfig(FLAGS.image_size), worker_count=workers)
   it = iter(pipeline.build_train_dataset(cfg, process_index=0, process_count=1))
   start = time.perf_counter()
   next(it)

@@ -31,9 +31,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 # pylint: disable=wrong-import-position
-from univit_jax import config_lib, losses, specs  # noqa: E402
+from univit_jax import encoder, losses, run_config, specs  # noqa: E402
 from univit_jax.clustering import labels as cluster_labels  # noqa: E402
 from univit_jax.data import pipeline  # noqa: E402
+from univit_jax.run_config import data_config  # noqa: E402
 from univit_jax.evaluation import features, report, run  # noqa: E402
 from univit_jax.models import heads, vit  # noqa: E402
 
@@ -46,9 +47,9 @@ _BATCH = flags.DEFINE_integer("batch", 128, "items per step")
 _SEED = flags.DEFINE_integer("seed", 0, "initialisation and batch-order seed")
 
 
-def item_targets(config, labels: str, clusters: str | None) -> tuple[np.ndarray, np.ndarray, int]:
+def item_targets(data_cfg: data_config.DataConfig, labels: str, clusters: str | None
+                 ) -> tuple[np.ndarray, np.ndarray, int]:
   """uint8 frames `[N, S, S, 3]` of the `digits` source, their targets `[N]` and the class count."""
-  data_cfg = pipeline.DataConfig.from_config(config)
   opened = pipeline.open_sources(data_cfg)
   source, ids = opened["digits"], pipeline.id_ranges(data_cfg, opened)["digits"]
   records = [source[i] for i in range(len(source))]
@@ -64,11 +65,12 @@ def item_targets(config, labels: str, clusters: str | None) -> tuple[np.ndarray,
 
 def main(argv):
   del argv
-  config = _CONFIG.value
-  cfg = config_lib.model_config(config)
-  disc = config_lib.loss_config(config).discrimination
-  frames, targets, num_classes = item_targets(config, _LABELS.value, _CLUSTERS.value)
-  mean, std = np.asarray(config.data.mean, np.float32), np.asarray(config.data.std, np.float32)
+  run_cfg = run_config.build(_CONFIG.value, jax.device_count())
+  cfg = run_cfg.model
+  disc = run_cfg.loss.discrimination
+  frames, targets, num_classes = item_targets(run_cfg.data, _LABELS.value, _CLUSTERS.value)
+  mean = np.asarray(run_cfg.data.transform.mean, np.float32)
+  std = np.asarray(run_cfg.data.transform.std, np.float32)
 
   class Student(nnx.Module):
     def __init__(self, rngs: nnx.Rngs):
@@ -78,9 +80,9 @@ def main(argv):
   with nnx.use_eager_sharding(False):
     graphdef, params = nnx.split(Student(nnx.Rngs(_SEED.value)))
   steps = max(_STEPS.value, 1)
-  tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, config.optim.lr, min(50, steps // 10),
-                                                      steps),
-                   weight_decay=config.optim.weight_decay)
+  tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, run_cfg.optim.lr,
+                                                      min(50, steps // 10), steps),
+                   weight_decay=run_cfg.optim.weight_decay)
   opt_state = tx.init(params)
 
   @jax.jit
@@ -107,8 +109,9 @@ def main(argv):
   with nnx.use_eager_sharding(False):
     encoder_params = nnx.split(nnx.merge(graphdef, params).encoder)[1]
   name = f"items only, {_LABELS.value}, {_STEPS.value} steps"
-  extractor = features.from_params(config, encoder_params, name, "export", name)
-  ctx = run.make_context(config)
+  spec = encoder.EncoderSpec.from_sections(run_cfg.model, run_cfg.data, run_cfg.mesh)
+  extractor = features.from_params(spec, encoder_params, name, "export", name)
+  ctx = run.make_context(run_cfg.eval, run_cfg.data.image_size)
   results = {extractor.name: run.evaluate(ctx, extractor, ("linear",))}
   print(report.markdown_table(run.results_dict(ctx, [extractor], results, {})))
 

@@ -17,6 +17,7 @@ the gap lies between the clusters and the student, not in the step.
 import os
 import sys
 
+import jax
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,16 +26,16 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 # pylint: disable=wrong-import-position
 import helpers  # noqa: E402  # pylint: disable=import-error
-from univit_jax import atomic, encoder, train  # noqa: E402
+from univit_jax import atomic, encoder, run_config, train  # noqa: E402
 from univit_jax.data import demo, pipeline  # noqa: E402
+from univit_jax.run_config import data_config  # noqa: E402
 
 BANK_SIZES = dict(object=demo.NUM_CLASSES, **{f"event_{g}": len(demo.ACTIONS)
                                               for g in (1, 2, 4, 8)})
 
 
-def oracle_rows(config) -> dict[str, tuple[list, list]]:
+def oracle_rows(data_cfg: data_config.DataConfig) -> dict[str, tuple[list, list]]:
   """Bank -> ((example id, sub) rows, top-1 labels) from the ground truth of the sources."""
-  data_cfg = pipeline.DataConfig.from_config(config)
   opened = pipeline.open_sources(data_cfg)
   names = [s.name for s in data_cfg.sources]
   offsets = np.cumsum([0] + [len(opened[n]) for n in names])
@@ -75,19 +76,20 @@ def main(argv: list[str]) -> None:
       node = node[part]
     node[leaf] = type(node[leaf])(value) if isinstance(node[leaf], str) else type(
       node[leaf])(eval(value))  # pylint: disable=eval-used
+  run = run_config.build(config, jax.device_count())
   rng = np.random.default_rng(0)
-  for bank, (ids, labels) in oracle_rows(config).items():
+  for bank, (ids, labels) in oracle_rows(run.data).items():
     out = os.path.join(workdir, "clusters", bank)
-    centres = rng.normal(size=(BANK_SIZES[bank], config.model.width)).astype(np.float32)
+    centres = rng.normal(size=(BANK_SIZES[bank], run.model.width)).astype(np.float32)
     atomic.save_npy(os.path.join(out, "centroids.npy"),
                     centres / np.linalg.norm(centres, axis=1, keepdims=True))
     atomic.save_npy(os.path.join(out, "labels.npy"), np.asarray(labels, np.int32))
     atomic.save_npy(os.path.join(out, "ids.npy"), np.asarray(ids, np.int64))
     atomic.write_json(os.path.join(out, "stats.json"), dict(
       bank=bank, version="oracle", config=dict(num_clusters=BANK_SIZES[bank]), objective=[0.0]))
-  result = train.run_train(config, workdir)
+  result = train.run_train(run, workdir)
   print(f"trained {result.step} steps; export: "
-        f"{encoder.export_encoder(config, workdir, result.state.params['encoder'])}")
+        f"{encoder.export_encoder(run, workdir, result.state.params['encoder'])}")
 
 
 if __name__ == "__main__":

@@ -161,9 +161,10 @@ def time_univit_step(variant: str, dtype: str, attention: str, image_size: int,
   loss_cfg = config_lib.loss_config(config)
   banks = loss_cfg.trained_banks
   sizes = dict.fromkeys(banks, bank_classes)
-  mesh = sharding.make_mesh(config, jax.devices()[:1])
-  rules = tuple(config.sharding_rules)
-  tx = optim.make_optimizer(config.optim, 1000)
+  mesh_cfg = config_lib.MeshConfig.from_config(config)
+  mesh = sharding.make_mesh(mesh_cfg, jax.devices()[:1])
+  rules = mesh_cfg.rules
+  tx = optim.make_optimizer(config_lib.OptimConfig.from_config(config), 1000)
   graphdef, abstract_params = state_lib.abstract_model(cfg, sizes)
   shardings = state_lib.state_shardings(abstract_params, tx, mesh, rules)
   state = state_lib.create_state(cfg, sizes, {}, tx, shardings, 0)

@@ -23,7 +23,6 @@ import time
 from absl import app, flags
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from flax import nnx
@@ -33,7 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 # pylint: disable=wrong-import-position
-from univit_jax import config_lib  # noqa: E402
+from univit_jax import config_lib, encoder, run_config  # noqa: E402
 from univit_jax.data import demo  # noqa: E402
 from univit_jax.evaluation import features, report, run, tasks  # noqa: E402
 from univit_jax.models import vit  # noqa: E402
@@ -71,18 +70,19 @@ def _records(kind: str, num: int, image_size: int, clip_frames: int) -> dict[str
   return out
 
 
-def train_supervised(config: ml_collections.ConfigDict, seed: int, steps: int,
+def train_supervised(run_cfg: run_config.RunConfig, seed: int, steps: int,
                      num_records: int = 16000, log=print) -> features.FeatureExtractor:
-  """Trains the supervised encoder; returns it as a feature extractor."""
-  cfg = config_lib.model_config(config)
+  """Trains the supervised encoder of `run_cfg.model`; returns it as a feature extractor."""
   data = {kind: _records(kind, num_records if kind != "events" else num_records // 2,
-                         config.data.image_size, config.eval.clip_frames)
+                         run_cfg.data.image_size, run_cfg.eval.clip_frames)
           for kind in BATCH}
-  mean, std = np.asarray(config.data.mean, np.float32), np.asarray(config.data.std, np.float32)
+  mean = np.asarray(run_cfg.data.transform.mean, np.float32)
+  std = np.asarray(run_cfg.data.transform.std, np.float32)
   with nnx.use_eager_sharding(False):
-    graphdef, params = nnx.split(Supervised(cfg, rngs=nnx.Rngs(seed)))
-  schedule = optax.warmup_cosine_decay_schedule(0.0, config.optim.lr, min(50, steps // 10), steps)
-  tx = optax.adamw(schedule, weight_decay=config.optim.weight_decay)
+    graphdef, params = nnx.split(Supervised(run_cfg.model, rngs=nnx.Rngs(seed)))
+  schedule = optax.warmup_cosine_decay_schedule(0.0, run_cfg.optim.lr, min(50, steps // 10),
+                                                steps)
+  tx = optax.adamw(schedule, weight_decay=run_cfg.optim.weight_decay)
   opt_state = tx.init(params)
 
   def loss_fn(params, batch):
@@ -119,7 +119,8 @@ def train_supervised(config: ml_collections.ConfigDict, seed: int, steps: int,
           f"({time.perf_counter() - start:.0f} s)")
   with nnx.use_eager_sharding(False):
     encoder_params = nnx.split(nnx.merge(graphdef, params).encoder)[1]
-  return features.from_params(config, encoder_params, f"supervised (seed {seed})", "supervised",
+  spec = encoder.EncoderSpec.from_sections(run_cfg.model, run_cfg.data, run_cfg.mesh)
+  return features.from_params(spec, encoder_params, f"supervised (seed {seed})", "supervised",
                               f"supervised:{seed}")
 
 
@@ -134,9 +135,9 @@ _RECORDS = flags.DEFINE_integer("records", 16000, "training records per image ki
 
 def main(argv):
   del argv
-  config = _CONFIG.value
-  extractor = train_supervised(config, _SEED.value, _STEPS.value, _RECORDS.value)
-  ctx = run.make_context(config)
+  run_cfg = run_config.build(_CONFIG.value, jax.device_count())
+  extractor = train_supervised(run_cfg, _SEED.value, _STEPS.value, _RECORDS.value)
+  ctx = run.make_context(run_cfg.eval, run_cfg.data.image_size)
   results = {extractor.name: run.evaluate(ctx, extractor, ctx.cfg.probes)}
   out = run.results_dict(ctx, [extractor], results, {})
   print(report.markdown_table(out))

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from univit_jax import atomic
+from univit_jax import atomic, run_config
 from univit_jax.data import pipeline
 from univit_jax.train import logs, loop
 
@@ -43,13 +43,13 @@ def _demo_config(arg: str):
   return module.get_config(arg or None)
 
 
-def _write_random_clusters(workdir: str, config, num_clusters: int) -> None:
+def _write_random_clusters(workdir: str, run: run_config.RunConfig, num_clusters: int) -> None:
   """Random top-k labels for every demo record (ids: sources in name order)."""
   rng = np.random.default_rng(0)
-  width = config.model.width
-  cfg = pipeline.DataConfig.from_config(config)
+  width = run.model.width
+  cfg = run.data
   opened = pipeline.open_sources(cfg)
-  rows = {bank: [] for bank in config.loss.bank_weights}
+  rows = {bank: [] for bank, _ in run.loss.bank_weights}
   offset = 0
   for spec in cfg.sources:
     n = len(opened[spec.name])
@@ -80,10 +80,11 @@ def main(argv):
   config.train.checkpoint_every = FLAGS.steps
   config.train.compilation_cache_dir = "none"
   config.train.progress_bar = False
+  run = run_config.build(config, jax.device_count())
   with tempfile.TemporaryDirectory() as workdir:
-    _write_random_clusters(workdir, config, FLAGS.clusters)
+    _write_random_clusters(workdir, run, FLAGS.clusters)
     start = time.perf_counter()
-    compile_s = loop.run_train(config, workdir).compile_s
+    compile_s = loop.run_train(run, workdir).compile_s
     total = time.perf_counter() - start
     records = logs.read_metrics(workdir)
 

@@ -1,5 +1,6 @@
-"""Shared test helpers: loading config files the way `--config=configs/<name>.py:arg` does,
-running `univit_jax.main`, writing small inputs (videos, a tiny pipeline's config file)."""
+"""Shared test helpers: loading config files the way `--config=configs/<name>.py:arg` does and
+typing them as `main` does, running `univit_jax.main`, writing small inputs (videos, a tiny
+pipeline's config file)."""
 
 import importlib.util
 import os
@@ -16,6 +17,14 @@ def load_config(name: str, arg: str | None = None):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg)
+
+
+def typed(config, num_devices: int | None = None):
+  """`run_config.build(config, ...)`: the typed sections the stages take, as `main` builds them,
+  for this process's devices (or `num_devices`)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from univit_jax import run_config  # pylint: disable=import-outside-toplevel
+  return run_config.build(config, jax.device_count() if num_devices is None else num_devices)
 
 
 def encode_video(path, num_frames: int, fps: int = 10, size: int = 64, rng=None) -> str:

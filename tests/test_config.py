@@ -3,7 +3,7 @@
 import pytest
 
 from helpers import load_config, run_main
-from univit_jax import config_lib
+from univit_jax import config_lib, run_config
 
 CONFIGS = ("demo", "vit_s", "vit_b", "vit_l")
 
@@ -12,7 +12,7 @@ CONFIGS = ("demo", "vit_s", "vit_b", "vit_l")
 @pytest.mark.parametrize("arg", [None, "runlocal"])
 def test_configs_validate(name, arg):
   config = load_config(name, arg)
-  model = config_lib.validate(config, num_devices=8)
+  model = run_config.build(config, num_devices=8).model
   assert model.width % model.num_heads == 0
 
 
@@ -59,7 +59,7 @@ def test_bad_values_name_the_field(field, value, message):
     target = target[part]
   target[key] = value
   with pytest.raises(config_lib.ConfigError, match=message):
-    config_lib.validate(config, num_devices=8)
+    run_config.build(config, num_devices=8)
 
 
 @pytest.mark.parametrize("args,message", [

@@ -6,8 +6,8 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from helpers import load_config
-from univit_jax import config_lib, sharding
+from helpers import load_config, typed
+from univit_jax import sharding
 from univit_jax.data import pipeline
 from univit_jax.models import vit
 
@@ -19,12 +19,12 @@ def test_encoder_consumes_a_batch_of_each_bucket():
   config.data.sources.digits.num_examples = 64
   config.data.sources.objects.num_examples = 64
   config.data.sources.events.num_examples = 32
-  cfg = config_lib.validate(config, jax.device_count())
-  mesh = sharding.make_mesh(config)
-  data_cfg = pipeline.DataConfig.from_config(config)
-  dataset = pipeline.build_train_dataset(data_cfg, batch_multiple=8)
+  run = typed(config)
+  cfg = run.model
+  mesh = sharding.make_mesh(run.mesh)
+  dataset = pipeline.build_train_dataset(run.data, batch_multiple=8)
   graphdef, abstract = vit.abstract_encoder(cfg)
-  shardings = sharding.tree_shardings(abstract, mesh, config.sharding_rules)
+  shardings = sharding.tree_shardings(abstract, mesh, run.mesh.rules)
   _, params = vit.init_encoder(cfg, 0, shardings)
   batch_sharding = NamedSharding(mesh, P(("data", "fsdp")))
 
@@ -40,7 +40,7 @@ def test_encoder_consumes_a_batch_of_each_bucket():
     t = batch["frames"].shape[1]
     if t in seen:
       continue
-    assert batch["frames"].shape[0] == config_lib.bucket_batch_size(config, t)
+    assert batch["frames"].shape[0] == run.data.batch_sizes()[t]
     global_batch = pipeline.to_global_batch(batch, batch_sharding)
     embedding, token_mask, regions = forward(params, global_batch)
     np.testing.assert_array_equal(token_mask, batch["token_mask"])

@@ -21,20 +21,20 @@ WIDTH, SIZE = 64, 32  # the demo encoder's
 @pytest.fixture(scope="module")
 def export(tmp_path_factory) -> str:
   """A random-init export of the demo encoder."""
-  config = helpers.load_config("demo")
-  _, params = vit.init_encoder(config_lib.model_config(config), seed=2)
-  return encoder_lib.export_encoder(config, str(tmp_path_factory.mktemp("run")), params)
+  run = helpers.typed(helpers.load_config("demo"))
+  _, params = vit.init_encoder(run.model, seed=2)
+  return encoder_lib.export_encoder(run, str(tmp_path_factory.mktemp("run")), params)
 
 
-def _config(export_path: str, output, source: dict, **fields):
-  """The demo config embedding `source` with `export_path` into `output` (8 records a batch,
-  one per fake device)."""
+def _run(export_path: str, output, source: dict, **fields):
+  """The demo run embedding `source` with `export_path` into `output` (8 records a batch, one
+  per fake device)."""
   config = helpers.load_config("demo")
   config.embed.encoder, config.embed.output, config.embed.batch_size = export_path, str(output), 8
   config.embed.source = source
   for key, value in fields.items():
     config.embed[key] = value
-  return config
+  return helpers.typed(config)
 
 
 def _load(folder: str) -> dict:
@@ -58,7 +58,7 @@ def test_embeds_an_image_folder_like_load_encoder(export, tmp_path):
   """Row i of an image folder's embeddings is `load_encoder(export).embed` of image i (40 x 48
   PNGs: centre square, resized); 11 images make a full and a padded batch."""
   spec = dict(type="image_folder", path=write_images(tmp_path / "images", count=11))
-  out = embed.run_embed(_config(export, tmp_path / "out", spec), None)
+  out = embed.run_embed(_run(export, tmp_path / "out", spec), None)
   result = _load(out)
   assert result["embeddings"].shape == (11, WIDTH) and result["embeddings"].dtype == np.float32
   np.testing.assert_array_equal(result["ids"], np.arange(11))
@@ -77,7 +77,7 @@ def test_embeds_clips_with_segment_and_region_embeddings(export, tmp_path):
   encoder = univit_jax.load_encoder(export)
   clips = dict(type="demo", kind="events", split="test", num_examples=3, image_size=SIZE,
                num_frames=8)
-  result = _load(embed.run_embed(_config(export, tmp_path / "clips", clips, frames=4,
+  result = _load(embed.run_embed(_run(export, tmp_path / "clips", clips, frames=4,
                                          segments=(2,)), None))
   _, frames = _frames(clips, 3, 4)
   embedding, aux = encoder(frames, segments=(2,))
@@ -86,7 +86,7 @@ def test_embeds_clips_with_segment_and_region_embeddings(export, tmp_path):
   assert result["segment_mask_2"].all() and result["keys"] == ["0", "1", "2"]
 
   images = dict(type="demo", kind="objects", split="test", num_examples=3, image_size=SIZE)
-  result = _load(embed.run_embed(_config(export, tmp_path / "boxes", images, regions=True), None))
+  result = _load(embed.run_embed(_run(export, tmp_path / "boxes", images, regions=True), None))
   records, frames = _frames(images, 3, 1)
   max_boxes = helpers.load_config("demo").data.max_boxes
   boxes = np.zeros((3, max_boxes, 4), np.float32)
@@ -103,15 +103,15 @@ def test_embeds_clips_with_segment_and_region_embeddings(export, tmp_path):
 def test_bad_embed_settings_are_named(export, tmp_path):
   folder = dict(type="image_folder", path=write_images(tmp_path / "images", count=2))
   with pytest.raises(config_lib.ConfigError, match="embed.source is empty"):
-    embed.EmbedConfig.from_config(helpers.load_config("demo"))
+    embed.run_embed(helpers.typed(helpers.load_config("demo")), str(tmp_path))
   with pytest.raises(config_lib.ConfigError, match="embed.source: .*needs fields"):
-    embed.EmbedConfig.from_config(_config(export, tmp_path, dict(type="image_folder")))
+    _run(export, tmp_path, dict(type="image_folder"))
   with pytest.raises(config_lib.ConfigError, match="embed.batch_size=3 must be a multiple of 8"):
-    embed.run_embed(_config(export, tmp_path / "out", folder, batch_size=3), None)
+    embed.run_embed(_run(export, tmp_path / "out", folder, batch_size=3), None)
   with pytest.raises(sources.SourceError, match="embed.regions=True, but .* no boxes"):
-    embed.run_embed(_config(export, tmp_path / "out", folder, regions=True), None)
+    embed.run_embed(_run(export, tmp_path / "out", folder, regions=True), None)
   with pytest.raises(config_lib.ConfigError, match="embed.output is empty: set it or pass"):
-    embed.run_embed(_config(export, "", folder), None)
+    embed.run_embed(_run(export, "", folder), None)
 
 
 @pytest.mark.slow

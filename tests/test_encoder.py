@@ -24,18 +24,20 @@ from univit_jax import checkpointing, config_lib, encoder as encoder_lib
 from univit_jax import positions as positions_lib
 from univit_jax.data import demo, pipeline, transforms, video
 from univit_jax.models import rope, vit
+from univit_jax.run_config import data_config
 from univit_jax.train import state as state_lib
 
 
 @pytest.fixture(scope="module")
 def export(tmp_path_factory):
   config = load_config("demo")
-  graphdef, params = vit.init_encoder(config_lib.model_config(config), seed=3)
-  path = encoder_lib.export_encoder(config, str(tmp_path_factory.mktemp("run")), params)
+  run = helpers.typed(config)
+  graphdef, params = vit.init_encoder(run.model, seed=3)
+  path = encoder_lib.export_encoder(run, str(tmp_path_factory.mktemp("run")), params)
   return path, jax.tree.map(np.asarray, params), graphdef, config
 
 
-def _record_frames(data_cfg: pipeline.DataConfig, sources: dict, name: str, num_frames: int,
+def _record_frames(data_cfg: data_config.DataConfig, sources: dict, name: str, num_frames: int,
                    count: int) -> tuple[np.ndarray, np.ndarray]:
   """The first `count` records of the clip source `name` as training's pipeline feeds them
   (normalised, `[count, T, S, S, 3]`) and as a user would (the same frames, uint8)."""
@@ -55,7 +57,7 @@ def test_embed_of_a_record_equals_what_training_saw(export):
   encoder = univit_jax.load_encoder(path)
   source = demo.DemoSource("events", "test", num_examples=2, image_size=config.data.image_size)
   normalized, frames = _record_frames(
-    pipeline.DataConfig.from_config(config),
+    helpers.typed(config).data,
     {"digits": source, "events": source, "objects": source}, "events", 4, 2)
   trained, _ = jax.jit(lambda p, f: nnx.merge(graphdef, p)(f))(params, normalized)
   np.testing.assert_allclose(encoder.embed(frames), trained, atol=1e-5)
@@ -95,7 +97,8 @@ def test_encoder_json_holds_what_loading_needs(export):
     image_size=32, mean=list(config.data.mean), std=list(config.data.std), patch_size=8,
     frames=list(config_lib.active_parts(config).frames))
   spec = encoder_lib.EncoderSpec.from_json(data, "encoder.json")
-  assert spec == encoder_lib.EncoderSpec.from_config(config)
+  run = helpers.typed(config)
+  assert spec == encoder_lib.EncoderSpec.from_sections(run.model, run.data, run.mesh)
   assert univit_jax.load_encoder(path).spec == spec
 
 
@@ -202,8 +205,9 @@ def test_safetensors_name_map_rebuilds_the_forward_pass_in_numpy(tmp_path, scan)
   computes: patch embedding, time embedding, every pre-LN block with U-RoPE, the MAP head."""
   config = load_config("demo")
   config.model.scan = scan
-  _, params = vit.init_encoder(config_lib.model_config(config), seed=4)
-  path = encoder_lib.export_encoder(config, str(tmp_path), params)
+  run = helpers.typed(config)
+  _, params = vit.init_encoder(run.model, seed=4)
+  path = encoder_lib.export_encoder(run, str(tmp_path), params)
   names = set(safetensors.numpy.load_file(os.path.join(path, "encoder.safetensors")))
   assert {"blocks.0.attn.query.kernel", "blocks.1.mlp.fc2.bias", "head.probe"} <= names
   assert not any(n.startswith("blocks.attn") for n in names)  # scanned layers are unstacked
@@ -228,7 +232,7 @@ def trained(tmp_path_factory):
   config.total_steps = 2
   train_fixtures.write_clusters(str(workdir))
   with contextlib.redirect_stdout(io.StringIO()) as out:
-    main._train(config, str(workdir))  # pylint: disable=protected-access
+    main._train(helpers.typed(config), str(workdir))  # pylint: disable=protected-access
   return config, workdir, out.getvalue()
 
 
@@ -264,7 +268,7 @@ def test_export_mode_exports_the_checkpoint_loadable_anywhere(trained, tmp_path)
   assert f"Encoder export of {workdir} at step 2" in result.stdout
   copy = shutil.copytree(workdir / "export", tmp_path / "elsewhere" / "export")
 
-  data_cfg = pipeline.DataConfig.from_config(config)
+  data_cfg = helpers.typed(config).data
   normalized, frames = _record_frames(data_cfg, pipeline.open_sources(data_cfg), "events", 2, 2)
   trained_embedding, _ = jax.jit(lambda p, f: nnx.merge(graphdef, p)(f))(training_params,
                                                                          normalized)
@@ -285,13 +289,15 @@ def test_export_reads_the_chosen_checkpoint_of_the_newest_round(trained, tmp_pat
     shutil.copytree(workdir / "checkpoints", tmp_path / f"round_{r}" / "checkpoints")
   config = config.copy_and_resolve_references()
   config.rounds = 2
-  folder, step, params = state_lib.checkpoint_encoder(config, str(tmp_path))
+  run = helpers.typed(config)
+  folder, step, params = state_lib.checkpoint_encoder(run, str(tmp_path))
   assert (folder, step) == (str(tmp_path / "round_2"), 2)
-  _, shapes = encoder_lib.inference_shapes(encoder_lib.EncoderSpec.from_config(config))
+  _, shapes = encoder_lib.inference_shapes(
+    encoder_lib.EncoderSpec.from_sections(run.model, run.data, run.mesh))
   expected, _ = checkpointing.load_export(encoder_lib.export_dir(str(workdir)), shapes)
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, params),
                jax.tree.map(np.asarray, expected))
   with pytest.raises(FileNotFoundError, match=r"no checkpoint for step 1 .*\(have \[2\]\)"):
-    state_lib.checkpoint_encoder(config, str(tmp_path), step=1)
+    state_lib.checkpoint_encoder(run, str(tmp_path), step=1)
   with pytest.raises(FileNotFoundError, match="no checkpoint in"):
-    state_lib.checkpoint_encoder(config, str(tmp_path / "empty"))
+    state_lib.checkpoint_encoder(run, str(tmp_path / "empty"))

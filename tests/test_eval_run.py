@@ -10,8 +10,10 @@ import pytest
 import helpers
 import train_fixtures
 from univit_jax import checkpointing, config_lib, train
+from univit_jax import encoder as encoder_lib
 from univit_jax.evaluation import clusters, features, run, tasks
 from univit_jax.models import vit
+from univit_jax.run_config import stage_config
 
 _PATTERNS = 4
 
@@ -41,9 +43,9 @@ def _context(num_train=200, num_test=100, probes=("linear", "order")):
                                          "test": _OrderedClips(num_test, 1)}, 4, 16)
   task = tasks.Task("first_pattern", "clips", "multiclass", _PATTERNS,
                     lambda r: int(r["label"]), "the first frame's pattern", temporal=True)
-  cfg = run.EvalConfig(encoder="", baselines=(), probes=probes, every=0, train_probes=(),
-                       val_fraction=0.2, seed=0, attentive_epochs=2, qa_epochs=1,
-                       qa_per_record=1)
+  cfg = stage_config.EvalConfig(encoder="", baselines=(), probes=probes, every=0,
+                                train_probes=(), val_fraction=0.2, seed=0, attentive_epochs=2,
+                                qa_epochs=1, qa_per_record=1)
   return run.Context(data=tasks.EvalData({"clips": record_set}), tasks=(task,), cfg=cfg)
 
 
@@ -122,7 +124,12 @@ def test_unknown_probe_is_refused_naming_it():
   config = _tiny_eval_config()
   config.eval.probes = ("linear", "linaer")
   with pytest.raises(config_lib.ConfigError, match="linaer"):
-    run.eval_config(config)
+    helpers.typed(config)
+
+
+def test_every_probe_name_has_its_evaluator():
+  """`eval.probes` is checked against `stage_config.PROBES`; `EVALUATORS` resolves each."""
+  assert tuple(run.EVALUATORS) == stage_config.PROBES
 
 
 @pytest.mark.slow
@@ -135,7 +142,8 @@ def test_training_logs_probe_metrics_every_eval_steps(tmp_path):
   config.eval.clip_frames = 2
   config.eval.train_probes = ("linear", "order")
   train_fixtures.write_clusters(str(tmp_path))
-  train.run_train(config, str(tmp_path), run.training_evaluator(config))
+  run_cfg = helpers.typed(config)
+  train.run_train(run_cfg, str(tmp_path), run.training_evaluator(run_cfg))
   with open(tmp_path / "metrics.jsonl") as f:
     records = [json.loads(line) for line in f]
   evals = [r for r in records if "eval/first_action/linear" in r]
@@ -144,9 +152,10 @@ def test_training_logs_probe_metrics_every_eval_steps(tmp_path):
   assert evals[-1]["eval/events/order"] >= 0
   # --mode=eval's "checkpoint" encoder is the run's newest state: the same features as the live
   # parameters it was saved from.
-  result = train.run_train(config, str(tmp_path))  # resumes at the end: returns the state
-  from_checkpoint = run.resolve_extractor(config, str(tmp_path), "checkpoint")
-  live = features.live(config, result.state.params["encoder"], result.step)
+  result = train.run_train(run_cfg, str(tmp_path))  # resumes at the end: returns the state
+  from_checkpoint = run.resolve_extractor(run_cfg, str(tmp_path), "checkpoint")
+  spec = encoder_lib.EncoderSpec.from_sections(run_cfg.model, run_cfg.data, run_cfg.mesh)
+  live = features.live(spec, result.state.params["encoder"], result.step)
   frames = np.random.default_rng(0).integers(0, 256, (2, 2, 32, 32, 3), dtype=np.uint8)
   assert from_checkpoint.kind == "checkpoint" and "step 6" in from_checkpoint.name
   np.testing.assert_allclose(from_checkpoint(frames)["embedding"], live(frames)["embedding"],
@@ -170,7 +179,7 @@ def test_image_folder_classification_goes_through_the_same_probes(tmp_path):
   config.eval.datasets = {"zero_one": dict(
     train=dict(type="image_folder", path=str(tmp_path / "train")),
     test=dict(type="image_folder", path=str(tmp_path / "test")), num_classes=2, frames=1)}
-  ctx = run.make_context(config)
+  ctx = run.make_context(helpers.typed(config).eval, config.data.image_size)
   assert [t.name for t in ctx.tasks] == ["zero_one"]
   results = run.evaluate(ctx, features.pixels("pixels_mean", 8), ("linear", "knn"), log=print)
   assert set(results) == {"zero_one/linear", "zero_one/knn"}
@@ -182,8 +191,8 @@ def test_cluster_quality_refuses_clusters_of_other_data(tmp_path):
   data sources are refused (their ids would name other records), not scored."""
   config = train_fixtures.tiny_config()
   train_fixtures.write_clusters(str(tmp_path))
-  scores = clusters.cluster_quality(config, str(tmp_path))
+  scores = clusters.cluster_quality(helpers.typed(config).data, str(tmp_path))
   assert scores and all(0 <= r.value <= 1 for r in scores.values())
   config.data.sources.events.num_examples += 1
   with pytest.raises(train.LabelError, match="data.sources.events.records was 16, now 17"):
-    clusters.cluster_quality(config, str(tmp_path))
+    clusters.cluster_quality(helpers.typed(config).data, str(tmp_path))

@@ -10,10 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import ROOT, load_config
+from helpers import ROOT, load_config, typed
 from univit_jax.clustering import extract, store
 from univit_jax.data import pipeline
 from univit_jax.evaluation import features, tasks
+from univit_jax.run_config import stage_config
 
 
 def test_event_features_have_the_documented_shapes():
@@ -101,8 +102,8 @@ def read_bank(workdir, bank):
 
 @pytest.mark.slow
 def test_demo_extraction_writes_every_bank(tmp_path):
-  config = small_demo()
-  teachers = extract.run_extract(config, str(tmp_path))
+  run = typed(small_demo())
+  teachers = extract.run_extract(run, str(tmp_path))
   assert sorted(teachers) == ["event_1", "event_2", "event_4", "event_8", "object"]
   feats, ids = read_bank(tmp_path, "object")
   assert feats.shape[1] == 16
@@ -115,7 +116,7 @@ def test_demo_extraction_writes_every_bank(tmp_path):
     np.testing.assert_array_equal(ids[:g, 1], np.arange(g))
   # A second run finds every bank complete and does nothing.
   before = os.path.getmtime(tmp_path / "features" / "object" / "meta.json")
-  extract.run_extract(config, str(tmp_path))
+  extract.run_extract(run, str(tmp_path))
   assert os.path.getmtime(tmp_path / "features" / "object" / "meta.json") == before
 
 
@@ -124,9 +125,10 @@ def test_teacher_baseline_reproduces_the_rows_round_1_clusters(tmp_path):
   """The evaluation's "teacher" row (`features.pixels_teacher`) embeds a record exactly as the
   extract stage wrote it: an image's whole-image object row, a clip's event_1 row."""
   config = small_demo(num_images=16, num_clips=8)
-  extract.run_extract(config, str(tmp_path))
-  teacher = features.pixels_teacher(config)
-  data_cfg = pipeline.DataConfig.from_config(config)
+  run = typed(config)
+  extract.run_extract(run, str(tmp_path))
+  teacher = features.pixels_teacher(run.extract, run.data, run.seed)
+  data_cfg = run.data
   opened = pipeline.open_sources(data_cfg)
   ids = pipeline.id_ranges(data_cfg, opened)
   for source, bank, sub in (("digits", "object", -1), ("events", "event_1", 0)):
@@ -179,31 +181,30 @@ def test_bad_extract_config_names_the_field():
   config.extract.granularities = (1, 32)
   from univit_jax import config_lib
   with pytest.raises(config_lib.ConfigError, match="extract.granularities"):
-    extract.ExtractConfig.from_config(config)
+    stage_config.ExtractConfig.from_config(config)
 
 
 def test_features_made_from_other_inputs_are_refused_never_reused(tmp_path):
   """Issue 13: the stage skips complete banks and resumes unfinished ones, but only for the
   inputs they record (`extract.feature_inputs`); another data source or extract setting is
   refused, naming the change, before any work."""
-  from univit_jax import config_lib
   config = small_demo(num_images=8, num_clips=4)
-  inputs = extract.feature_inputs(extract.ExtractConfig.from_config(config),
-                                  pipeline.DataConfig.from_config(config))
-  banks = config_lib.active_parts(config).banks
+  run = typed(config)
+  inputs = extract.feature_inputs(run.extract, run.data)
+  banks = run.parts.banks
   for bank in banks:
     writer = store.BankWriter(str(tmp_path), bank, 4, "t", inputs)
     writer.write_chunk(0, np.eye(4, dtype=np.float32), np.arange(4))
     writer.finish()
-  assert extract.run_extract(config, str(tmp_path)) == {b: "t" for b in banks}  # kept as is
-  more = small_demo(num_images=9, num_clips=4)
+  assert extract.run_extract(run, str(tmp_path)) == {b: "t" for b in banks}  # kept as is
+  more = typed(small_demo(num_images=9, num_clips=4))
   with pytest.raises(store.FeatureStoreError,
                      match=r"features in \S+/features/\w+ were extracted from other inputs.*"
                            r"data\.sources\.digits\.records was 8, now 9.*delete \S+/features"):
     extract.run_extract(more, str(tmp_path))
   config.extract.pixels_dim = 8
   with pytest.raises(store.FeatureStoreError, match="extract.pixels_dim was 16, now 8"):
-    extract.run_extract(config, str(tmp_path))
+    extract.run_extract(typed(config), str(tmp_path))
   # An unfinished bank is not resumed for other inputs, nor one that records none.
   unfinished = tmp_path / "unfinished"
   store.BankWriter(str(unfinished), "object", 4, "t", inputs).write_chunk(

@@ -22,6 +22,8 @@ LAYERS = (
   ("leaf", ("univit_jax.atomic", "univit_jax.provenance", "univit_jax.specs",
             "univit_jax.positions", "univit_jax.collectives")),
   ("config", ("univit_jax.config_lib",)),
+  # The run's typed sections (`run_config.build`): every module above takes them, not the config.
+  ("run_config", ("univit_jax.run_config",)),
   ("runtime", ("univit_jax.sharding", "univit_jax.checkpointing")),
   ("models", ("univit_jax.models",)),
   ("data", ("univit_jax.data",)),

@@ -18,6 +18,7 @@ import cluster_worker
 from univit_jax import config_lib
 from univit_jax.clustering import labels, store
 from univit_jax.clustering.kmeans import assigners, bounds, lloyd, sources
+from univit_jax.run_config import stage_config
 
 WORKER = os.path.join(os.path.dirname(__file__), "cluster_worker.py")
 # Small-K settings that still take the ScaNN tree path (tree over 12 centroids, 3 leaves).
@@ -366,13 +367,13 @@ def test_stage_outputs_and_stats(tmp_path):
 
 def test_specs_from_default_config():
   config = config_lib.default_config("mu/8")
-  specs = labels.cluster_specs(config)
+  specs = labels.cluster_specs(stage_config.ClusterConfig.from_config(config))
   assert set(specs) == {"object", "event_1", "event_2", "event_4", "event_8"}
   assert specs["object"].num_clusters == 1_000_000 and specs["event_2"].top_k == 10
   assert specs["event_4"].screen_dtype == "auto" and not specs["object"].center
   config.cluster.backend = "faiss"
   with pytest.raises(lloyd.KMeansError, match=r"bank 'event_1': cluster spec backend='faiss'"):
-    labels.cluster_specs(config)
+    labels.cluster_specs(stage_config.ClusterConfig.from_config(config))
 
 
 def test_k_larger_than_n_names_bank(tmp_path):

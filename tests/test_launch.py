@@ -198,12 +198,12 @@ def test_sigterm_stops_train_mode_with_the_preempted_exit_code(tmp_path):
   """The train mode of the entry point (`main._train`) on the tiny training fixture, stopped by
   a real SIGTERM once it is stepping."""
   script = ("import sys\nsys.path[:0] = sys.argv[2:]\n"
-            "import train_fixtures\nfrom univit_jax import main\n"
+            "import helpers\nimport train_fixtures\nfrom univit_jax import main\n"
             "config = train_fixtures.tiny_config()\n"
             "config.total_steps = 100\n"
             "train_fixtures.write_clusters(sys.argv[1])\n"
             "with train_fixtures.slow_steps(1.0):\n"
-            "  main._train(config, sys.argv[1])\n")
+            "  main._train(helpers.typed(config), sys.argv[1])\n")
   env = _env(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1 "
              "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
   proc = subprocess.Popen(

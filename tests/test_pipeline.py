@@ -13,7 +13,8 @@ from fakes import FakeSource
 
 from helpers import load_config
 from univit_jax import checkpointing, config_lib
-from univit_jax.data import pipeline, sources, transforms
+from univit_jax.data import pipeline, sources
+from univit_jax.run_config import data_config
 
 
 def _config(**kw):
@@ -21,8 +22,8 @@ def _config(**kw):
            config_lib.SourceSpec("vid", "demo", None, (("kind", "events"),)))
   defaults = dict(sources=specs, frames=(1, 2, 4), bucket_weights=(2, 1, 1),
                   tokens_per_batch=16 * 16, image_size=16, patch_size=4,
-                  transform=transforms.TransformConfig(16))
-  return pipeline.DataConfig(**defaults | kw)
+                  transform=data_config.TransformConfig(16))
+  return data_config.DataConfig(**defaults | kw)
 
 
 def _sources():
@@ -154,7 +155,7 @@ def test_to_global_batch_shards_the_batch_axis():
 
 
 def test_data_config_from_demo_config():
-  cfg = pipeline.DataConfig.from_config(load_config("demo"))
+  cfg = data_config.DataConfig.from_config(load_config("demo"))
   assert [s.name for s in cfg.sources] == ["digits", "events", "objects"]
   digits, events, _ = cfg.sources
   assert cfg.source_buckets(events) == (1, 2, 4, 8, 16)
@@ -162,13 +163,13 @@ def test_data_config_from_demo_config():
   c = config_lib.default_config("mu/8")
   c.data.sources.bad = dict(type="nope")
   with pytest.raises(ValueError, match="data.sources.bad.type='nope'"):
-    pipeline.DataConfig.from_config(c)
+    data_config.DataConfig.from_config(c)
   c.data.sources.bad = dict(type="image_folder", path="/x", colour=1)
   with pytest.raises(ValueError, match=r"unknown fields \['colour'\]"):
-    pipeline.DataConfig.from_config(c)
+    data_config.DataConfig.from_config(c)
   c.data.sources.bad = dict(type="tfds", name="mnist")
   with pytest.raises(ValueError, match=r"needs fields \['split'\]"):
-    pipeline.DataConfig.from_config(c)
+    data_config.DataConfig.from_config(c)
 
 
 def test_sources_fingerprint_changes_when_the_ids_would_name_other_records(tmp_path):
@@ -198,7 +199,7 @@ def test_demo_source_wiring():
   source = sources.build_source(spec)
   assert len(source) == 4 and source[0]["frames"].shape[0] == 8
   cfg = _config(sources=(spec,), image_size=32, patch_size=8, tokens_per_batch=16 * 16,
-                transform=transforms.TransformConfig(32))
+                transform=data_config.TransformConfig(32))
   batch = next(iter(pipeline.build_train_dataset(cfg, process_index=0, process_count=1)))
   t = batch["frames"].shape[1]
   assert batch["frames"].shape == (16 // t, t, 32, 32, 3)

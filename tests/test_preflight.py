@@ -1,4 +1,5 @@
-"""Every config error a stage can raise is raised before the first stage starts."""
+"""Every config error a stage can raise is raised before the first stage starts: by
+`run_config.build` (each section's values) or `preflight.check` (what the mode needs)."""
 
 import re
 
@@ -65,7 +66,7 @@ def test_pipeline_refuses_a_bad_config_before_any_stage(field, value, message, t
   config = helpers.load_config("demo")
   _set(config, field, value)
   with pytest.raises(config_lib.ConfigError, match=re.escape(message)):
-    rounds.run_pipeline(config, str(tmp_path), log=lambda _: None)
+    rounds.run_pipeline(helpers.typed(config), str(tmp_path), log=lambda _: None)
   assert not list(tmp_path.iterdir())
 
 
@@ -74,16 +75,16 @@ def test_every_mode_has_its_checks():
 
 
 def test_checks_follow_the_mode():
-  """Evaluation settings are checked where they are used: always for --mode=eval, for training
-  only when it evaluates (`eval.every`)."""
+  """What evaluating needs, something to probe, is required where it is used: always for
+  --mode=eval, for training only when it evaluates (`eval.every`)."""
   config = helpers.load_config("demo")
   config.eval.demo = False  # and no eval.datasets: nothing to probe
-  preflight.check(config, "train")
+  preflight.check(helpers.typed(config), "train")
   with pytest.raises(config_lib.ConfigError, match="nothing to probe"):
-    preflight.check(config, "eval")
+    preflight.check(helpers.typed(config), "eval")
   config.eval.every = 10
   with pytest.raises(config_lib.ConfigError, match="nothing to probe"):
-    preflight.check(config, "train")
+    preflight.check(helpers.typed(config), "train")
 
 
 def test_main_checks_the_config_before_the_first_stage(tmp_path):

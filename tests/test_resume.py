@@ -11,11 +11,12 @@ tests/test_train.py.
 import json
 import os
 
+import helpers
 import jax
 import pytest
 import train_fixtures
 
-from univit_jax import atomic, config_lib, optim
+from univit_jax import atomic, optim
 from univit_jax.data import pipeline
 from univit_jax.train import loop
 from univit_jax.train import state as state_lib
@@ -26,13 +27,14 @@ VERSIONS = {bank: "v1" for bank in SIZES}
 
 def _fingerprint(config, sizes=SIZES, versions=VERSIONS, batch_multiple=1) -> dict:
   """The fingerprint `loop.run_train` records and compares for `config` (with batch sizes
-  rounded to `batch_multiple`, the data-parallel size)."""
-  tx = optim.make_optimizer(config.optim, int(config.total_steps))
-  _, params = state_lib.abstract_model(config_lib.model_config(config), sizes)
-  data_cfg = pipeline.DataConfig.from_config(config)
-  data = pipeline.batches_fingerprint(data_cfg, pipeline.open_sources(data_cfg),
-                                      data_cfg.batch_sizes(batch_multiple))
-  return state_lib.fingerprint(config, sizes, versions, jax.eval_shape(tx.init, params), data)
+  rounded to `batch_multiple`, the data-parallel size; typed for one device, which divides
+  every batch)."""
+  run = helpers.typed(config, num_devices=1)
+  tx = optim.make_optimizer(run.optim, run.train.total_steps)
+  _, params = state_lib.abstract_model(run.model, sizes)
+  data = pipeline.batches_fingerprint(run.data, pipeline.open_sources(run.data),
+                                      run.data.batch_sizes(batch_multiple))
+  return state_lib.fingerprint(run, sizes, versions, jax.eval_shape(tx.init, params), data)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from helpers import TINY_DEMO_PIPELINE, load_config, run_main
+from helpers import TINY_DEMO_PIPELINE, load_config, run_main, typed
 from univit_jax import rounds
 from univit_jax.clustering import store
 
@@ -48,12 +48,15 @@ def test_two_round_pipeline(tmp_path):
 
 def test_later_rounds_learn_from_and_start_at_the_previous_export(tmp_path):
   config = load_config("demo")
-  first, second = (rounds.round_config(config, str(tmp_path), r) for r in (1, 2))
+  first, second = (rounds.round_config(typed(config), str(tmp_path), r) for r in (1, 2))
   previous = str(tmp_path / "round_1" / "export")
   assert first.extract.teacher == "pixels" and first.train.init_encoder == ""
   assert second.extract.teacher == previous and second.train.init_encoder == previous
   assert first.train.compilation_cache_dir == second.train.compilation_cache_dir == str(
     tmp_path / "jax_cache")
+  # The round's export records the round's config (config.json), as given plus these changes.
+  assert second.record["extract"]["teacher"] == second.record["train"]["init_encoder"] == previous
+  assert second.record["train"]["compilation_cache_dir"] == str(tmp_path / "jax_cache")
   with config.unlocked():
     config.train.warm_start = False
-  assert rounds.round_config(config, str(tmp_path), 2).train.init_encoder == ""
+  assert rounds.round_config(typed(config), str(tmp_path), 2).train.init_encoder == ""

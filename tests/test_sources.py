@@ -10,6 +10,7 @@ from PIL import Image
 
 from univit_jax import config_lib
 from univit_jax.data import pipeline, sources, transforms
+from univit_jax.run_config import data_config
 
 
 def _save(path, array, mode=None):
@@ -68,7 +69,7 @@ def test_images_are_converted_or_skipped(tmp_path):
     frames, mask = sources.load_clip(dict(path=str(path), kind="image"), 1, "uniform", 1, None)
     assert frames.ndim == 4 and frames.shape[-1] == 3 and frames.dtype == np.uint8 and mask.all()
     out, _, _ = transforms.apply(frames, np.zeros((0, 4)), np.zeros(0, bool),
-                                 transforms.TransformConfig(16), np.random.default_rng(0))
+                                 data_config.TransformConfig(16), np.random.default_rng(0))
     assert out.shape == (1, 16, 16, 3)
   data = open(tiny, "rb").read()
   broken = tmp_path / "broken.jpg"
@@ -125,7 +126,7 @@ def test_in_memory_images_of_other_dtypes_convert_when_unambiguous():
 def test_tfds_mnist_images_under_mock_data():
   tfds = pytest.importorskip("tensorflow_datasets")
   spec = config_lib.SourceSpec.from_dict("mnist", dict(type="tfds", name="mnist", split="train"))
-  cfg = pipeline.DataConfig(sources=(spec,), frames=(1,), bucket_weights=(1,),
+  cfg = data_config.DataConfig(sources=(spec,), frames=(1,), bucket_weights=(1,),
                             tokens_per_batch=4 * 16, image_size=16, patch_size=4)
   with tfds.testing.mock_data(num_examples=12):
     source = sources.build_source(spec)
@@ -144,7 +145,7 @@ def test_tfds_detection_boxes_under_mock_data():
   spec = config_lib.SourceSpec.from_dict("voc", dict(
     type="tfds", name="voc/2007", split="train", label_key=None, boxes_key="objects/bbox",
     box_labels_key="objects/label"))
-  cfg = pipeline.DataConfig(sources=(spec,), frames=(1,), bucket_weights=(1,),
+  cfg = data_config.DataConfig(sources=(spec,), frames=(1,), bucket_weights=(1,),
                             tokens_per_batch=2 * 16, image_size=16, patch_size=4, max_boxes=3)
   with tfds.testing.mock_data(num_examples=6, policy=tfds.testing.MockPolicy.USE_CODE):
     source = sources.build_source(spec)
@@ -194,9 +195,9 @@ def test_tfds_prepared_directory_with_boxes(tmp_path):
   assert sorted(counts) == [0, 1, 2, 3]
   for i, n in enumerate(counts):
     assert source[i]["frames"].shape == (1, 20, 30, 3) and source[i]["boxes"].shape == (n, 4)
-  cfg = pipeline.DataConfig(sources=(spec,), frames=(1,), bucket_weights=(1,),
+  cfg = data_config.DataConfig(sources=(spec,), frames=(1,), bucket_weights=(1,),
                             tokens_per_batch=4 * 16, image_size=16, patch_size=4, max_boxes=2,
-                            transform=transforms.TransformConfig(16, augment=False))
+                            transform=data_config.TransformConfig(16, augment=False))
   batch = next(iter(pipeline.build_eval_dataset(cfg, 1, 4, sources={"det": source},
                                                 process_index=0, process_count=1)))
   kept = [min(n, 2) for n in counts]

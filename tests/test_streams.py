@@ -8,7 +8,8 @@ import pytest
 from fakes import FakeSource
 
 from univit_jax import config_lib, positions
-from univit_jax.data import pipeline, streams, transforms
+from univit_jax.data import pipeline, streams
+from univit_jax.run_config import data_config
 
 
 def test_bucket_batch_sizes_follow_token_budget():
@@ -24,8 +25,8 @@ def _config(**kw):
            config_lib.SourceSpec("vid", "demo", None, (("kind", "events"),)))
   defaults = dict(sources=specs, frames=(1, 2, 4), bucket_weights=(2, 1, 1),
                   tokens_per_batch=16 * 8, image_size=16, patch_size=4,
-                  transform=transforms.TransformConfig(16))
-  return pipeline.DataConfig(**defaults | kw)
+                  transform=data_config.TransformConfig(16))
+  return data_config.DataConfig(**defaults | kw)
 
 
 def _sources():
@@ -115,7 +116,7 @@ class _FlakySource(FakeSource):
 
 def test_any_exception_of_one_record_is_a_bad_record_named_by_its_key(caplog):
   loader = streams.ExampleLoader([FakeSource(4), _FlakySource(6)], streams.ExampleConfig(
-    num_frames=1, transform=transforms.TransformConfig(16, augment=False)))
+    num_frames=1, transform=data_config.TransformConfig(16, augment=False)))
   example = loader(4 + 2, None)
   assert example["id"] == 4 + 4  # records 2 and 3 replaced by the next readable one
   assert example["skipped"] == ("record 2 of FlakySource: RuntimeError: reader failed",

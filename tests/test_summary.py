@@ -1,18 +1,25 @@
-"""`--mode=summary` for every config: parameter counts, FLOPs, shardings, memory, compilation."""
+"""`--mode=summary` for every config: parameter counts, FLOPs, shardings, memory, compilation;
+the train step it compiles (the training loop's), and ViT-L/14 at scale on 64 simulated devices."""
 
 import json
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from helpers import load_config, run_main
-from univit_jax import config_lib, summary
+from univit_jax import config_lib, positions, sharding, summary
 from univit_jax.models import vit
+from univit_jax.train import labels as labels_lib
+from univit_jax.train import state as state_lib
+from univit_jax.train import step as step_lib
 
 
 @pytest.mark.slow
 def test_demo_summary_from_the_command_line(tmp_path):
-  result = run_main("--config=configs/demo.py", f"--workdir={tmp_path}", "--mode=summary")
+  result = run_main("--config=configs/demo.py", f"--workdir={tmp_path}", "--mode=summary",
+                    "--config.summary.step=forward")
   assert result.returncode == 0, result.stderr
   assert "UniViT mu/8: 164,480 parameters" in result.stdout
   assert "compiled 16-frame forward" in result.stdout
@@ -33,13 +40,14 @@ def test_demo_summary_from_the_command_line(tmp_path):
 def test_summary_of_each_size(name, arg, backbone, tmp_path):
   config = load_config(name, arg)
   config.summary.compile = name != "vit_l"  # vit_l: abstract only, as on a laptop.
+  config.summary.step = "forward"
   result = summary.run(config, str(tmp_path))
   assert result["params_backbone"] == backbone
   assert result["mesh"]["fsdp" if name == "vit_l" else "data"] == 8
   if name == "vit_l":
     assert abs(result["params_backbone"] / 1e6 - 304) < 2  # ViT-L/14: ~304M
-    # FSDP over 8 devices: per-device parameter bytes are an eighth of the f32 total.
-    assert result["device_bytes"]["params"] < result["params_total"] * 4 / 8 * 1.01
+    # A data-parallel encoder (configs/vit_l.py): every device holds all f32 parameters.
+    assert result["device_bytes"]["params"] == result["params_total"] * 4
     assert result["buckets"][1]["gflops_per_sample"] == pytest.approx(162.5, rel=0.01)
   else:
     assert all(b["compile_seconds"] >= 0 for b in result["buckets"].values())
@@ -58,10 +66,117 @@ def test_analytic_flops_match_xla():
   graphdef, abstract = vit.abstract_encoder(cfg)
   mesh = jax.make_mesh((1, 1, 1), ("data", "fsdp", "model"), devices=jax.devices()[:1],
                        axis_types=(jax.sharding.AxisType.Auto,) * 3)
-  from univit_jax import sharding
   shardings = sharding.tree_shardings(abstract, mesh, config.sharding_rules)
   for t in (1, 16):
     got = summary.compile_bucket(graphdef, shardings, abstract, mesh, config, cfg, t)
     per_sample = got["xla_flops_per_device"] / got["global_batch"]
     analytic = summary.forward_flops(cfg, t, 32)
     assert analytic <= per_sample <= 1.25 * analytic
+
+
+@pytest.mark.parametrize("field,value,message", [
+  ("step", "backward", "summary.step='backward'"),
+  ("devices", -1, "summary.devices=-1"),
+])
+def test_bad_summary_options_are_refused_naming_the_field(field, value, message):
+  config = load_config("demo")
+  config.summary[field] = value
+  with pytest.raises(config_lib.ConfigError, match=message):
+    summary.run(config, None)
+
+
+def test_a_trained_bank_without_a_class_count_is_refused():
+  config = load_config("demo")
+  config.cluster.num_clusters = dict(object=64)
+  with pytest.raises(config_lib.ConfigError,
+                     match="cluster.num_clusters gives no class count .*'event_1'"):
+    summary.run(config, None)
+
+
+def _random_batch(shapes: dict, num_classes: int, image_size: int, patch_size: int) -> dict:
+  """Arrays for the abstract batch of `summary.step_batch`: random frames, grid positions, valid
+  boxes and labels below `num_classes`, every mask True."""
+  rng = np.random.default_rng(0)
+  b, t = shapes["frames"].shape[:2]
+  grid = image_size // patch_size
+  arrays = {}
+  for key, s in shapes.items():
+    if s.dtype == np.bool_:
+      arrays[key] = np.ones(s.shape, bool)
+    elif key == "global_bank":
+      arrays[key] = rng.integers(0, len(labels_lib.GLOBAL_BANKS), s.shape, dtype=np.int32)
+    elif s.dtype == np.int32:
+      arrays[key] = rng.integers(0, num_classes, s.shape, dtype=np.int32)
+    else:
+      arrays[key] = rng.standard_normal(s.shape).astype(np.float32)
+  arrays["positions"] = np.broadcast_to(
+    positions.grid_positions(positions.frame_times(t), grid, grid), shapes["positions"].shape)
+  corners = np.sort(rng.uniform(size=shapes["boxes"].shape[:-1] + (2, 2)), axis=-2)
+  arrays["boxes"] = corners.reshape(shapes["boxes"].shape).astype(np.float32)
+  return arrays
+
+
+@pytest.mark.slow
+def test_logits_sharding_leaves_the_train_step_unchanged():
+  """The train step with the partial-FC logits pinned to ("batch", "classes") on a 2x2x2 mesh
+  (rows over data x fsdp, sampled classes over model) gives the loss, every term, the gradient
+  norm and the updated parameters that it gives without (GSPMD's own layout), from another
+  partitioned program."""
+  config = load_config("demo")
+  config.mesh.shape = (2, 2, 2)
+  config.model.depth = 1
+  config.data.frames, config.data.bucket_weights = (1,), (1,)
+  config.data.image_size, config.data.tokens_per_batch = 16, 8 * 4
+  config.cluster.num_clusters = dict(object=16, event_1=12)
+  config.loss.bank_weights = dict(object=1.0, event_1=1.0)
+  config.loss.event_schedule = ((0.0, (1,)),)
+  cfg = config_lib.validate(config, 8)
+  mesh_cfg = config_lib.MeshConfig.from_config(config)
+  mesh = sharding.make_mesh(mesh_cfg)
+  setup = summary.TrainSetup.build(config, cfg, mesh)
+  shapes, boxes = summary.step_batch(config, setup.loss, 1)
+  spec = step_lib.StepSpec.for_bucket(1, tuple(setup.sizes), boxes > 0)
+  batch_sharding = sharding.batch_sharding(mesh, mesh_cfg.rules)
+  batch = jax.device_put(_random_batch(shapes, 12, 16, cfg.patch_size), batch_sharding)
+  weights = step_lib.term_weights(setup.loss, 0.0, tuple(setup.sizes))
+  pinned = sharding.logits_sharding(mesh, mesh_cfg.rules)
+  assert pinned.spec == jax.sharding.PartitionSpec(("data", "fsdp"), "model")
+  state = state_lib.create_state(cfg, setup.sizes, {}, setup.tx, setup.shardings, seed=0)
+  results, programs = [], []
+  for logits in (None, pinned):
+    train_step = step_lib.make_train_step(
+      setup.graphdef, setup.tx, lambda step: 1e-3, setup.loss, spec, logits)
+    compiled = step_lib.compile_step(train_step, setup.abstract, setup.shardings, shapes,
+                                     dict.fromkeys(shapes, batch_sharding), weights,
+                                     sharding.replicated(mesh))
+    programs.append(compiled.as_text())
+    # The step donates the state: each run gets its own copy.
+    results.append(jax.device_get(compiled(jax.tree.map(jnp.copy, state), batch, weights)))
+  assert programs[0] != programs[1]
+  (plain, plain_metrics), (pinned_state, pinned_metrics) = results
+  terms = sorted(k for k in plain_metrics if k.endswith("/loss"))
+  assert terms == ["contrastive/loss", "event_1/loss", "object/loss", "object_region/loss"]
+  for key in ["loss", "grad_norm", *terms]:
+    np.testing.assert_allclose(pinned_metrics[key], plain_metrics[key], rtol=1e-5, err_msg=key)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               pinned_state.params, plain.params)
+
+
+@pytest.mark.slow
+def test_vit_l_train_step_with_million_class_banks_fits_a_v5p_on_64_devices(tmp_path):
+  """configs/vit_l.py's full train step, compiled in a child process for the 64 fake devices of
+  a v5p-128 slice with 1M-class object and event banks at the documented batch: XLA's
+  per-device total fits a v5p's HBM in the image bucket (16,384 images, the largest partial-FC
+  logits) and the 16-frame bucket (1,024 clips, the largest activations; docs/scaling.md)."""
+  config = load_config("vit_l")
+  config.summary.devices = 64
+  config.data.frames, config.data.bucket_weights = (1, 16), (1, 1)
+  config.cluster.num_clusters = dict.fromkeys(config.cluster.num_clusters, 1_000_000)
+  result = summary.run(config, str(tmp_path))
+  assert result["devices"] == "64 x cpu"
+  assert result["mesh"] == dict(data=1, fsdp=64, model=1)
+  assert all(b["spec"] == "P(('fsdp', 'model'), None)" for b in result["banks"])
+  assert [b["global_batch"] for b in result["buckets"].values()] == [16_384, 1_024]
+  for bucket in result["buckets"].values():
+    assert bucket["targets"]["TPU v5p"]["fits"], bucket["total_bytes"]
+  assert json.loads((tmp_path / "summary.json").read_text())["buckets"]["16"]["targets"]

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 
 import test_siglip
-from helpers import load_config
-from univit_jax import config_lib, sharding, specs
+from helpers import load_config, typed
+from univit_jax import config_lib, preflight, sharding, specs
 from univit_jax.clustering import extract, store
 from univit_jax.data import pipeline
 from univit_jax.models import siglip
+from univit_jax.run_config import data_config
 
 # Sources sort by name, so ids are digits 0-4, events 5-7, objects 8-14: the image group's first
 # chunk (batch 8) holds digits and objects.
@@ -55,7 +56,7 @@ def unit(x):
 
 
 def test_id_ranges_are_the_ids_batches_carry():
-  data_cfg = pipeline.DataConfig.from_config(small_config())
+  data_cfg = data_config.DataConfig.from_config(small_config())
   ranges = pipeline.id_ranges(data_cfg, pipeline.open_sources(data_cfg))
   assert ranges == dict(digits=range(0, 5), events=range(5, 8), objects=range(8, 15))
   batch = next(iter(pipeline.build_eval_dataset(data_cfg, 1, 8, source_names=["objects"],
@@ -71,7 +72,7 @@ def test_precomputed_features_become_rows_keyed_by_example_id(tmp_path, monkeypa
 
   monkeypatch.setattr(pipeline, "build_eval_dataset", no_frames)
   config = small_config(f"features:{tmp_path / 'feats'}")
-  teachers = extract.run_extract(config, str(tmp_path / "run"))
+  teachers = extract.run_extract(typed(config), str(tmp_path / "run"))
   assert set(teachers) == {"object", "event_1", "event_2", "event_4", "event_8"}
   assert all(t.startswith(f"features:{tmp_path / 'feats'}:") for t in teachers.values())
 
@@ -104,7 +105,7 @@ def test_malformed_feature_files_are_named(tmp_path, replace, message):
   write_features(tmp_path / "feats", **replace)
   config = small_config(f"features:{tmp_path / 'feats'}")
   with pytest.raises(extract.TeacherError, match=message):
-    extract.run_extract(config, str(tmp_path / "run"))
+    extract.run_extract(typed(config), str(tmp_path / "run"))
 
 
 def test_non_finite_features_name_the_file_and_first_bad_row(tmp_path):
@@ -113,7 +114,7 @@ def test_non_finite_features_name_the_file_and_first_bad_row(tmp_path):
   write_features(tmp_path / "feats", objects=objects)
   config = small_config(f"features:{tmp_path / 'feats'}")
   with pytest.raises(extract.TeacherError, match=r"feats/objects.npy: row 4 holds non-finite"):
-    extract.run_extract(config, str(tmp_path / "run"))
+    extract.run_extract(typed(config), str(tmp_path / "run"))
 
 
 @pytest.fixture
@@ -131,9 +132,10 @@ def test_siglip_teacher_feeds_the_tower_pixels_in_minus_one_to_one(tiny_siglip, 
   path, params = tiny_siglip
   config = small_config()
   config.data.image_size = image_size
-  data_cfg = pipeline.DataConfig.from_config(config)
+  data_cfg = data_config.DataConfig.from_config(config)
+  mesh_cfg = config_lib.MeshConfig.from_config(config)
   teacher = extract.siglip_teacher(path, test_siglip.VARIANT, data_cfg,
-                                   sharding.make_mesh(config), config.sharding_rules)
+                                   sharding.make_mesh(mesh_cfg), mesh_cfg.rules)
   assert teacher.dim == test_siglip.WIDTH and teacher.name.startswith("siglip:")
   pixels = np.random.default_rng(0).uniform(0, 1, (2, 3, image_size, image_size, 3))
   mean, std = np.asarray(config.data.mean), np.asarray(config.data.std)
@@ -154,7 +156,7 @@ def test_siglip_teacher_extracts_every_bank(tiny_siglip, tmp_path):
   path, _ = tiny_siglip
   config = small_config(f"siglip:{path}")
   config.extract.siglip_variant = test_siglip.VARIANT
-  teachers = extract.run_extract(config, str(tmp_path / "run"))
+  teachers = extract.run_extract(typed(config), str(tmp_path / "run"))
   feats, ids, teacher = read_bank(tmp_path / "run", "object")
   assert teacher.startswith(f"siglip:{path}:{test_siglip.VARIANT}:") and feats.shape[1] == 32
   assert (ids[:, 1] == -1).sum() == 12 and (ids[:, 1] >= 0).sum() >= 12  # images and regions
@@ -167,6 +169,9 @@ def test_unknown_siglip_variant_is_a_config_error(tiny_siglip):
   path, _ = tiny_siglip
   config = small_config(f"siglip:{path}")
   config.extract.siglip_variant = "Q/16"
+  run = typed(config)
   with pytest.raises(config_lib.ConfigError, match="extract.siglip_variant='Q/16'"):
-    extract.make_teacher(config, extract.ExtractConfig.from_config(config),
-                         pipeline.DataConfig.from_config(config), sharding.make_mesh(config))
+    preflight.check(run, "extract")  # before any stage runs
+  with pytest.raises(config_lib.ConfigError, match="extract.siglip_variant='Q/16'"):
+    extract.make_teacher(run.extract, run.data, sharding.make_mesh(run.mesh), run.mesh.rules,
+                         run.seed)

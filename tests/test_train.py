@@ -142,14 +142,15 @@ def test_missing_cluster_outputs_name_the_bank(tmp_path):
 def test_state_is_born_sharded_with_banks_from_centroids():
   config = train_fixtures.tiny_config()
   config.mesh.shape = (2, 2, 2)
-  cfg = config_lib.model_config(config)
+  config.optim.bank_lr_scale = 10.0
+  run = helpers.typed(config)
+  cfg = run.model
   centroids = {name: np.random.default_rng(0).normal(size=(8, cfg.width)).astype(np.float32)
                for name in ("object", "event_1")}
-  config.optim.bank_lr_scale = 10.0
-  tx = optim.make_optimizer(config.optim, 10)
-  mesh = sharding.make_mesh(config)
+  tx = optim.make_optimizer(run.optim, 10)
+  mesh = sharding.make_mesh(run.mesh)
   _, abstract = state_lib.abstract_model(cfg, {n: 8 for n in centroids})
-  shardings = state_lib.state_shardings(abstract, tx, mesh, config.sharding_rules)
+  shardings = state_lib.state_shardings(abstract, tx, mesh, run.mesh.rules)
   state = state_lib.create_state(cfg, {n: 8 for n in centroids}, centroids, tx, shardings, 0)
   centres = state.params["heads"]["banks"]["object"]["centres"][...]
   np.testing.assert_array_equal(np.asarray(centres), centroids["object"])
@@ -170,17 +171,18 @@ def test_a_fresh_state_starts_from_an_exported_encoder(tmp_path):
   export, on this run's shardings, with fresh banks; an export of another shape is refused."""
   config = train_fixtures.tiny_config()
   config.mesh.shape = (2, 2, 2)
-  cfg = config_lib.model_config(config)
-  tx = optim.make_optimizer(config.optim, 10)
-  mesh = sharding.make_mesh(config)
+  run = helpers.typed(config)
+  cfg = run.model
+  tx = optim.make_optimizer(run.optim, 10)
+  mesh = sharding.make_mesh(run.mesh)
   sizes = dict(object=8)
   _, abstract_params = state_lib.abstract_model(cfg, sizes)
-  shardings = state_lib.state_shardings(abstract_params, tx, mesh, config.sharding_rules)
+  shardings = state_lib.state_shardings(abstract_params, tx, mesh, run.mesh.rules)
   abstract = state_lib.abstract_state(cfg, sizes, tx, shardings)
   donor = state_lib.create_state(cfg, sizes, {}, tx, shardings, seed=7)
   path = str(tmp_path / "export")
   checkpointing.save_export(path, donor.params["encoder"], config.to_json_best_effort())
-  start = state_lib.load_encoder_params(path, config, abstract)
+  start = state_lib.load_encoder_params(path, cfg, abstract)
   state = state_lib.create_state(cfg, sizes, {}, tx, shardings, 0, start)
   fresh = state_lib.create_state(cfg, sizes, {}, tx, shardings, 0)
   for got, want, spec in zip(jax.tree.leaves(state.params["encoder"]),
@@ -194,7 +196,7 @@ def test_a_fresh_state_starts_from_an_exported_encoder(tmp_path):
   wider = train_fixtures.tiny_config()
   wider.model.width = 2 * cfg.width
   with pytest.raises(config_lib.ConfigError, match="train.init_encoder.*differs"):
-    state_lib.load_encoder_params(path, wider, abstract)
+    state_lib.load_encoder_params(path, config_lib.model_config(wider), abstract)
 
 
 @pytest.mark.slow
@@ -261,7 +263,7 @@ def test_a_finished_run_rerun_with_other_data_or_optimiser_is_refused_before_any
       for field, value in fields.items():
         config[section][field] = value
     with pytest.raises(error, match=match):
-      loop.run_train(config, workdir)
+      loop.run_train(helpers.typed(config), workdir)
     return config
 
   shifted = dict(sources=dict(events=dict(
@@ -386,4 +388,4 @@ def test_banks_start_from_centroids_only_from_an_encoder_teacher_of_the_same_wid
 def test_bad_train_settings_are_refused_naming_the_field(tmp_path, field, value):
   config = train_fixtures.tiny_config(**{field: value})
   with pytest.raises(config_lib.ConfigError, match=f"train.{field}="):
-    loop.run_train(config, str(tmp_path))
+    loop.run_train(helpers.typed(config), str(tmp_path))

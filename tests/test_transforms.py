@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from univit_jax.data import transforms
+from univit_jax.run_config import data_config
 
 
 def _clip(num_frames=3, height=24, width=32):
@@ -22,7 +23,7 @@ def test_to_rgb():
 
 
 def test_same_crop_and_flip_on_every_frame():
-  cfg = transforms.TransformConfig(16, color_jitter=0.0, mean=(0, 0, 0), std=(1, 1, 1))
+  cfg = data_config.TransformConfig(16, color_jitter=0.0, mean=(0, 0, 0), std=(1, 1, 1))
   clip = _clip()
   out, _, _ = transforms.apply(clip, np.zeros((0, 4)), np.zeros(0, bool), cfg,
                                np.random.default_rng(3))
@@ -33,7 +34,7 @@ def test_same_crop_and_flip_on_every_frame():
 
 
 def test_eval_transform_is_deterministic_centre_square():
-  cfg = transforms.TransformConfig(12, augment=False, mean=(0, 0, 0), std=(1, 1, 1))
+  cfg = data_config.TransformConfig(12, augment=False, mean=(0, 0, 0), std=(1, 1, 1))
   clip = _clip(1, 24, 36)
   boxes = np.array([[0.0, 0.0, 0.5, 0.2], [0.25, 0.25, 0.75, 0.75]], np.float32)
   out, b, m = transforms.apply(clip, boxes, np.ones(2, bool), cfg, None)

@@ -9,7 +9,8 @@ import pytest
 
 from helpers import encode_video as _encode
 from univit_jax import config_lib
-from univit_jax.data import pipeline, sources, transforms, video
+from univit_jax.data import pipeline, sources, video
+from univit_jax.run_config import data_config
 
 
 def _frame_ids(frames):
@@ -72,9 +73,9 @@ def test_video_folder_pipeline_skips_and_counts_bad_files(tmp_path, caplog):
   manifest = tmp_path / "clips.jsonl"
   manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
   spec = config_lib.SourceSpec.from_dict("clips", dict(type="video_folder", path=str(manifest)))
-  cfg = pipeline.DataConfig(
+  cfg = data_config.DataConfig(
     sources=(spec,), frames=(1, 4), bucket_weights=(1, 1), tokens_per_batch=4 * 16 * 4,
-    image_size=16, patch_size=4, transform=transforms.TransformConfig(16),
+    image_size=16, patch_size=4, transform=data_config.TransformConfig(16),
     max_bad_fraction=0.6)
   ds = pipeline.build_train_dataset(cfg, process_index=0, process_count=1)
   with caplog.at_level("WARNING"):

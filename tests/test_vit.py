@@ -153,7 +153,7 @@ def test_sharded_forward_matches_single_device():
   assert jax.device_count() == 8
   config = config_lib.default_config("mu/8")
   config.mesh.shape = (2, 2, 2)
-  mesh = sharding.make_mesh(config)
+  mesh = sharding.make_mesh(config_lib.MeshConfig.from_config(config))
   cfg = dataclasses.replace(CFG, scan=True)
   graphdef, abstract = vit.abstract_encoder(cfg)
   shardings = sharding.tree_shardings(abstract, mesh, config.sharding_rules)

@@ -19,6 +19,7 @@ import numpy as np
 
 from univit_jax import atomic, losses
 from univit_jax.data import demo, pipeline
+from univit_jax.run_config import data_config
 from univit_jax.train import step as step_lib
 
 NUM_EVENTS, NUM_OBJECTS, TOP_K = 16, 32, 3
@@ -59,7 +60,7 @@ def _top_k(first: int, num_classes: int) -> list[int]:
 def data_sources(config=None) -> dict:
   """`pipeline.sources_fingerprint` of `config`'s data (default: `tiny_config`'s), as the cluster
   stage records it in stats.json."""
-  data_cfg = pipeline.DataConfig.from_config(config or tiny_config())
+  data_cfg = data_config.DataConfig.from_config(config or tiny_config())
   return pipeline.sources_fingerprint(data_cfg, pipeline.open_sources(data_cfg))
 
 

@@ -22,6 +22,7 @@ if __name__ == "__main__":
   sys.path[:0] = [tests_dir, os.path.dirname(tests_dir)]
   import jax
   import numpy as np
+  import helpers
   import train_fixtures
 
   from univit_jax import train
@@ -43,7 +44,7 @@ if __name__ == "__main__":
       faults.enter_context(train_fixtures.slow_steps(phase["step_sleep"]))
     try:
       with faults:
-        result = train.run_train(config, workdir)
+        result = train.run_train(helpers.typed(config), workdir)
     except (train.NonFiniteError, train.CheckpointMismatchError, train.LabelError) as e:
       report.update(error_type=type(e).__name__, error=str(e))
     else:

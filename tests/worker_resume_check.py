@@ -12,7 +12,8 @@ import numpy as np
 from absl import flags
 
 from univit_jax import checkpointing, config_lib
-from univit_jax.data import pipeline, transforms
+from univit_jax.data import pipeline
+from univit_jax.run_config import data_config
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from fakes import FakeSource  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -21,9 +22,9 @@ from fakes import FakeSource  # pylint: disable=g-import-not-at-top,wrong-import
 def build():
   specs = (config_lib.SourceSpec("img", "demo", None, (("kind", "objects"),)),
            config_lib.SourceSpec("vid", "demo", None, (("kind", "events"),)))
-  cfg = pipeline.DataConfig(
+  cfg = data_config.DataConfig(
     sources=specs, frames=(1, 2), bucket_weights=(1, 1), tokens_per_batch=16 * 8,
-    image_size=16, patch_size=4, transform=transforms.TransformConfig(16), worker_count=2)
+    image_size=16, patch_size=4, transform=data_config.TransformConfig(16), worker_count=2)
   return pipeline.build_train_dataset(
     cfg, sources=dict(img=FakeSource(30, boxes=True), vid=FakeSource(12, num_frames=3)),
     process_index=0, process_count=1)

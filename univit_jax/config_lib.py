@@ -2,7 +2,8 @@
 
 Configs are `ml_collections.ConfigDict`s built by `configs/<name>.py:get_config(arg)`. They import
 only `ml_collections` and this module, so they load from any working directory. Modules never see
-the whole config: `model_config(config)` and friends turn sections into frozen dataclasses.
+the whole config: `model_config(config)` and friends turn sections into frozen dataclasses, and
+`run_config.build` gathers them, with the stages' sections, into the `RunConfig` the stages take.
 """
 
 import ast
@@ -396,29 +397,100 @@ def bucket_batch_size(config: ml_collections.ConfigDict, num_frames: int) -> int
     (num_frames,), d.tokens_per_batch, d.image_size, config.model.patch_size)[num_frames]
 
 
-def batch_shards(config: ml_collections.ConfigDict, num_devices: int) -> int:
-  """Ways the batch axis is split over the mesh (product of the mesh axes `batch` maps to)."""
-  target = dict(config.sharding_rules).get("batch")
-  axes = (target,) if isinstance(target, str) else tuple(target or ())
-  sizes = dict(zip(config.mesh.axes, mesh_shape(config, num_devices)))
-  unknown = [a for a in axes if a not in sizes]
-  if unknown:
-    raise ConfigError(
-      f"sharding_rules maps 'batch' to {unknown}, not among mesh.axes={tuple(config.mesh.axes)}")
-  return math.prod(sizes[a] for a in axes)
+def sharding_rules(rules: Sequence[Sequence[Any]]
+                   ) -> tuple[tuple[str, str | tuple[str, ...] | None], ...]:
+  """Sharding rules (logical axis name, mesh axes) as tuples: a JSON or ConfigDict list of
+  targets becomes a tuple."""
+  return tuple((str(name), tuple(target) if isinstance(target, (list, tuple)) else target)
+               for name, target in rules)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Typed view of `config.mesh` and `config.sharding_rules` (`sharding.make_mesh` builds the
+  mesh from it).
+
+  Attributes:
+    axes: the mesh axis names, e.g. ("data", "fsdp", "model").
+    shape: their sizes; one may be -1 (the devices the others leave).
+    rules: logical axis name -> mesh axes (or None), as `config.sharding_rules`.
+  """
+  axes: tuple[str, ...]
+  shape: tuple[int, ...]
+  rules: tuple[tuple[str, str | tuple[str, ...] | None], ...]
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> "MeshConfig":
+    """Reads `config.mesh` and `config.sharding_rules`."""
+    return cls(axes=tuple(config.mesh.axes), shape=tuple(config.mesh.shape),
+               rules=sharding_rules(config.sharding_rules))
+
+  def resolved_shape(self, num_devices: int) -> tuple[int, ...]:
+    """`shape` (one entry may be -1) resolved for `num_devices` devices.
+
+    Raises:
+      ConfigError: if the axes and shape disagree or the product cannot equal num_devices.
+    """
+    axes, shape = self.axes, self.shape
+    if len(axes) != len(shape):
+      raise ConfigError(f"mesh.axes={axes} and mesh.shape={shape} differ in length")
+    if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+      raise ConfigError(f"mesh.shape={shape}: sizes must be positive, with at most one -1")
+    fixed = math.prod(s for s in shape if s != -1)
+    if num_devices % fixed or (-1 not in shape and fixed != num_devices):
+      raise ConfigError(
+        f"mesh.shape={shape} (axes {axes}) cannot be laid over {num_devices} devices")
+    return tuple(num_devices // fixed if s == -1 else s for s in shape)
+
+  def batch_shards(self, num_devices: int) -> int:
+    """Ways the batch axis is split over the mesh (product of the mesh axes `batch` maps to).
+
+    Raises:
+      ConfigError: as `resolved_shape`, or for a `batch` rule naming axes the mesh lacks.
+    """
+    target = dict(self.rules).get("batch")
+    axes = (target,) if isinstance(target, str) else tuple(target or ())
+    sizes = dict(zip(self.axes, self.resolved_shape(num_devices)))
+    unknown = [a for a in axes if a not in sizes]
+    if unknown:
+      raise ConfigError(
+        f"sharding_rules maps 'batch' to {unknown}, not among mesh.axes={self.axes}")
+    return math.prod(sizes[a] for a in axes)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """Typed view of `config.optim` (see `default_config`; `optim.make_optimizer` builds the
+  optimiser and `optim.learning_rate` its schedule, which checks `schedule`)."""
+  lr: float
+  weight_decay: float
+  b1: float
+  b2: float
+  eps: float
+  grad_clip_norm: float
+  schedule: str
+  warmup_steps: int
+  end_lr_fraction: float
+  bank_lr_scale: float
+  bank_weight_decay: float
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> "OptimConfig":
+    """Reads `config.optim`."""
+    return cls(**{f.name: config.optim[f.name] for f in dataclasses.fields(cls)})
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> ModelConfig:
   """Validates the model, the data buckets and sources and the mesh of a config for a device
-  count; returns the typed model config. (`preflight.check` runs it with every other check a
-  stage makes.)
+  count; returns the typed model config. (`run_config.build` runs it with every other check of
+  a section's values.)
 
   Raises:
     ConfigError: naming the first invalid field.
   """
   parts = active_parts(config)
   model = model_config(config)
-  shards = batch_shards(config, num_devices)
+  shards = MeshConfig.from_config(config).batch_shards(num_devices)
   d = config.data
   per_frame = tokens_per_frame(d.image_size, config.model.patch_size)
   for t in parts.frames:
@@ -429,24 +501,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> ModelConfig
         f"{t}-frame bucket ({per_frame} tokens per frame), which must be a positive multiple "
         f"of the {shards} batch shards of the mesh")
   return model
-
-
-def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
-  """Resolves `config.mesh.shape` (one entry may be -1) for `num_devices` devices.
-
-  Raises:
-    ConfigError: if the axes and shape disagree or the product cannot equal num_devices.
-  """
-  axes, shape = tuple(config.mesh.axes), tuple(config.mesh.shape)
-  if len(axes) != len(shape):
-    raise ConfigError(f"mesh.axes={axes} and mesh.shape={shape} differ in length")
-  if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
-    raise ConfigError(f"mesh.shape={shape}: sizes must be positive, with at most one -1")
-  fixed = math.prod(s for s in shape if s != -1)
-  if num_devices % fixed or (-1 not in shape and fixed != num_devices):
-    raise ConfigError(
-      f"mesh.shape={shape} (axes {axes}) cannot be laid over {num_devices} devices")
-  return tuple(num_devices // fixed if s == -1 else s for s in shape)
 
 
 # Logical axis names used by parameters and activations, mapped to mesh axes. One table; configs
@@ -550,7 +604,10 @@ def default_config(variant: str) -> ml_collections.ConfigDict:
     # another config"); without it such a resume is refused.
     allow_schedule_change=False))
   c.rounds = 1  # extract -> cluster -> train rounds of --mode=pipeline
-  c.summary = ml_collections.ConfigDict(dict(compile=True))
+  # --mode=summary (univit_jax/summary.py, docs/scaling.md): compile every bucket ahead of time;
+  # step: "train" (the full train step, against the accelerators' HBM) or "forward" (the encoder
+  # only); devices: compile for that many simulated devices (0: this process's devices).
+  c.summary = ml_collections.ConfigDict(dict(compile=True, step="train", devices=0))
   # --mode=export: the encoder of a run's checkpoint written to <workdir>/export (docs/export.md).
   c.export = ml_collections.ConfigDict(dict(
     step=-1,  # the checkpoint's step; -1 = the newest (of the newest round, for a pipeline)

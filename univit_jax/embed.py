@@ -36,64 +36,16 @@ import os
 import shutil
 
 import jax
-import ml_collections
 import numpy as np
 import tqdm
 
-from univit_jax import atomic, collectives, config_lib, encoder, sharding
-from univit_jax.data import pipeline, transforms
+from univit_jax import atomic, collectives, config_lib, encoder, run_config, sharding
+from univit_jax.data import pipeline
 from univit_jax.data import sources as sources_lib
+from univit_jax.run_config import data_config
 
 OUTPUT_FORMAT = "univit_jax.embeddings"
 OUTPUT_VERSION = 1
-SOURCE_NAME = "embed"  # the source's name inside the pipeline (its ids are its record indices)
-
-
-@dataclasses.dataclass(frozen=True)
-class EmbedConfig:
-  """Typed view of `config.embed` (see `config_lib.default_config`).
-
-  Attributes:
-    source: the records to embed.
-    encoder: an export folder; "" = the workdir's (`encoder.find_export`).
-    output: the output folder; "" = `<workdir>/embeddings`.
-    batch_size: global records per forward pass.
-    frames: frames sampled from each clip; 0 = the longest clip the export was trained on.
-    segments: granularities g of the per-segment embeddings written.
-    regions: write one embedding per box of the source's records.
-  """
-  source: config_lib.SourceSpec
-  encoder: str
-  output: str
-  batch_size: int
-  frames: int
-  segments: tuple[int, ...]
-  regions: bool
-
-  @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict) -> "EmbedConfig":
-    """Reads `config.embed`.
-
-    Raises:
-      config_lib.ConfigError: naming the field, for no or a malformed source or a
-        non-positive size.
-    """
-    e = config.embed
-    if not e.source.keys():
-      raise config_lib.ConfigError(
-        "embed.source is empty: give the records to embed as one source spec, e.g. "
-        "--config.embed.source='{\"type\": \"image_folder\", \"path\": \"/data/images\"}'")
-    try:
-      source = config_lib.SourceSpec.from_dict(SOURCE_NAME, e.source.to_dict())
-    except config_lib.ConfigError as err:
-      raise config_lib.ConfigError(f"embed.source: {err}") from err
-    segments = tuple(int(g) for g in e.segments)
-    if e.batch_size < 1 or e.frames < 0 or any(g < 1 for g in segments):
-      raise config_lib.ConfigError(
-        f"embed.batch_size={e.batch_size} must be >= 1, embed.frames={e.frames} >= 0 and "
-        f"embed.segments={segments} positive")
-    return cls(source=source, encoder=e.encoder, output=e.output, batch_size=int(e.batch_size),
-               frames=int(e.frames), segments=segments, regions=bool(e.regions))
 
 
 def _in_workdir(workdir: str | None, field: str) -> str:
@@ -102,17 +54,18 @@ def _in_workdir(workdir: str | None, field: str) -> str:
   return workdir
 
 
-def run_embed(config: ml_collections.ConfigDict, workdir: str | None) -> str:
+def run_embed(run: run_config.RunConfig, workdir: str | None) -> str:
   """Writes the embeddings of `embed.source` (see the module docstring); returns the folder.
 
   Raises:
-    config_lib.ConfigError: a malformed `embed` section, or a batch size the devices and
-      processes do not divide.
+    config_lib.ConfigError: no `embed.source`, an empty `embed.encoder` or `embed.output`
+      without a workdir, or a batch size the devices and processes do not divide.
     FileNotFoundError: no export where `embed.encoder` (or the workdir) points.
     sources_lib.SourceError: the source has no records, or no boxes with `embed.regions`.
   """
-  cfg = EmbedConfig.from_config(config)
-  path = cfg.encoder or encoder.find_export(_in_workdir(workdir, "embed.encoder"), config.rounds)
+  cfg = run.embed
+  source_spec = cfg.required_source()
+  path = cfg.encoder or encoder.find_export(_in_workdir(workdir, "embed.encoder"), run.rounds)
   output = cfg.output or os.path.join(_in_workdir(workdir, "embed.output"), "embeddings")
   spec = encoder.read_spec(path)
   mesh = encoder.inference_mesh(spec.mesh_axes)
@@ -123,22 +76,22 @@ def run_embed(config: ml_collections.ConfigDict, workdir: str | None) -> str:
       f"embed.batch_size={cfg.batch_size} must be a multiple of {multiple} (the devices the "
       "batch is split over and the processes)")
   pre = spec.preprocessing
-  num_frames = (cfg.frames or max(pre.frames)) if cfg.source.is_video else 1
+  num_frames = (cfg.frames or max(pre.frames)) if source_spec.is_video else 1
   data_cfg = dataclasses.replace(
-    pipeline.DataConfig.from_config(config), sources=(cfg.source,), frames=(num_frames,),
-    bucket_weights=(1.0,), image_size=pre.image_size, patch_size=pre.patch_size,
-    virtual_frames=spec.model.rope.virtual_frames, transform=transforms.TransformConfig(
+    run.data, sources=(source_spec,), frames=(num_frames,), bucket_weights=(1.0,),
+    image_size=pre.image_size, patch_size=pre.patch_size,
+    virtual_frames=spec.model.rope.virtual_frames, transform=data_config.TransformConfig(
       pre.image_size, augment=False, mean=pre.mean, std=pre.std))
-  source = sources_lib.build_source(cfg.source)
+  source = sources_lib.build_source(source_spec)
   if not len(source):
-    raise sources_lib.SourceError(f"embed.source {cfg.source.to_dict()} has no records")
+    raise sources_lib.SourceError(f"embed.source {source_spec.to_dict()} has no records")
   if cfg.regions and "boxes" not in source[0]:
     raise sources_lib.SourceError(
-      f"embed.regions=True, but the records of embed.source {cfg.source.to_dict()} have no boxes")
+      f"embed.regions=True, but the records of embed.source {source_spec.to_dict()} have no boxes")
 
   batch_sharding = sharding.batch_sharding(mesh, spec.sharding_rules)
-  total, batches = pipeline.eval_batches(data_cfg, [SOURCE_NAME], num_frames, cfg.batch_size,
-                                         {SOURCE_NAME: source})
+  total, batches = pipeline.eval_batches(data_cfg, [source_spec.name], num_frames,
+                                         cfg.batch_size, {source_spec.name: source})
   rows = collections.defaultdict(list)
   for batch in tqdm.tqdm(batches, total=total, desc="embed", unit="batch",
                          disable=jax.process_index() != 0):
@@ -162,7 +115,7 @@ def run_embed(config: ml_collections.ConfigDict, workdir: str | None) -> str:
   if jax.process_index() == 0:
     _write(output, rows, source, dict(
       format=OUTPUT_FORMAT, version=OUTPUT_VERSION, encoder=enc.name,
-      export=os.path.abspath(path), source=cfg.source.to_dict(), frames=num_frames,
+      export=os.path.abspath(path), source=source_spec.to_dict(), frames=num_frames,
       image_size=pre.image_size, segments=list(cfg.segments), regions=cfg.regions,
       records=len(source)))
   collectives.barrier("embed done")

@@ -32,13 +32,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import safetensors.numpy
 from flax import nnx
 
-from univit_jax import checkpointing, collectives, config_lib, sharding
+from univit_jax import checkpointing, collectives, config_lib, run_config, sharding
 from univit_jax.models import vit
+from univit_jax.run_config import data_config
 
 EXPORT_FORMAT = "univit_jax.export"
 EXPORT_VERSION = 1  # raised when a change to encoder.json or the name map breaks old readers
@@ -111,17 +111,17 @@ class EncoderSpec:
   sharding_rules: sharding.Rules
 
   @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict) -> "EncoderSpec":
-    """The spec of an encoder trained with `config`."""
-    model = config_lib.model_config(config)
-    d = config.data
+  def from_sections(cls, model: config_lib.ModelConfig, data: data_config.DataConfig,
+                    mesh: config_lib.MeshConfig) -> "EncoderSpec":
+    """The spec of an encoder of `model` trained on `data` (its frame size, normalisation and
+    buckets) over `mesh`."""
+    t = data.transform
     return cls(
       model=model,
       preprocessing=Preprocessing(
-        image_size=int(d.image_size), mean=tuple(float(v) for v in d.mean),
-        std=tuple(float(v) for v in d.std), patch_size=model.patch_size,
-        frames=config_lib.active_parts(config).frames),
-      mesh_axes=tuple(config.mesh.axes), sharding_rules=_rules(config.sharding_rules))
+        image_size=int(data.image_size), mean=tuple(float(v) for v in t.mean),
+        std=tuple(float(v) for v in t.std), patch_size=model.patch_size, frames=data.frames),
+      mesh_axes=mesh.axes, sharding_rules=mesh.rules)
 
   def to_json(self) -> dict[str, Any]:
     """encoder.json's content."""
@@ -151,15 +151,10 @@ class EncoderSpec:
         model=config_lib.model_config_from_dict(data["model"]),
         preprocessing=Preprocessing(**{**p, "mean": tuple(p["mean"]), "std": tuple(p["std"]),
                                        "frames": tuple(p["frames"])}),
-        mesh_axes=tuple(data["mesh_axes"]), sharding_rules=_rules(data["sharding_rules"]))
+        mesh_axes=tuple(data["mesh_axes"]),
+        sharding_rules=config_lib.sharding_rules(data["sharding_rules"]))
     except (KeyError, TypeError, config_lib.ConfigError) as e:
       raise ExportError(f"{where}: malformed ({type(e).__name__}: {e})") from e
-
-
-def _rules(rules: Sequence[Sequence[Any]]) -> sharding.Rules:
-  """Sharding rules as tuples (a JSON or ConfigDict list of targets becomes a tuple)."""
-  return tuple((str(name), tuple(target) if isinstance(target, (list, tuple)) else target)
-               for name, target in rules)
 
 
 def flat_params(params: nnx.State, model: config_lib.ModelConfig) -> dict[str, np.ndarray]:
@@ -182,21 +177,21 @@ def flat_params(params: nnx.State, model: config_lib.ModelConfig) -> dict[str, n
   return out
 
 
-def export_encoder(config: ml_collections.ConfigDict, folder: str, encoder_params) -> str:
-  """Writes the export of an encoder trained with `config` to `export_dir(folder)` (params/,
-  encoder.json, config.json and, with `config.export.safetensors`, encoder.safetensors);
+def export_encoder(run: run_config.RunConfig, folder: str, encoder_params) -> str:
+  """Writes the export of an encoder trained as `run` to `export_dir(folder)` (params/,
+  encoder.json, config.json: `run.record` and, with `export.safetensors`, encoder.safetensors);
   returns its path. Every process calls this."""
   path = export_dir(folder)
-  spec = EncoderSpec.from_config(config)
+  spec = EncoderSpec.from_sections(run.model, run.data, run.mesh)
   files = {SPEC_FILE: (json.dumps(spec.to_json(), indent=2) + "\n").encode()}
-  if config.export.safetensors:
+  if run.export.safetensors:
     tensors = flat_params(encoder_params, spec.model)
     if jax.process_index() == 0:
       files[SAFETENSORS_FILE] = safetensors.numpy.save(
         {name: np.ascontiguousarray(a) for name, a in tensors.items()},
         metadata={"format": EXPORT_FORMAT, "version": str(EXPORT_VERSION),
                   SPEC_FILE: json.dumps(spec.to_json())})
-  checkpointing.save_export(path, encoder_params, config.to_json_best_effort(), files)
+  checkpointing.save_export(path, encoder_params, run.record_json(), files)
   return path
 
 
@@ -276,7 +271,8 @@ def read_spec(path: str | os.PathLike) -> EncoderSpec:
   if checkpointing.is_export(path) and os.path.exists(spec_file):
     with open(spec_file) as f:
       return EncoderSpec.from_json(json.load(f), spec_file)
-  return EncoderSpec.from_config(ml_collections.ConfigDict(checkpointing.read_export_config(path)))
+  return EncoderSpec.from_sections(
+    *run_config.export_sections(checkpointing.read_export_config(path)))
 
 
 def load_encoder(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = None) -> Encoder:

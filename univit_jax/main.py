@@ -1,8 +1,9 @@
 """The entry point: `python -m univit_jax.main --config=configs/<name>.py[:args] --workdir=DIR`.
 
 `--mode` picks the stage (default: the config's own `mode`); `--config.a.b=value` overrides any
-field of the locked config, so a typo fails at start-up instead of being ignored. Every config
-check a stage of the mode would run is run before the first one starts (`preflight.py`). An
+field of the locked config, so a typo fails at start-up instead of being ignored. The config is
+turned into typed sections once (`run_config.build`), which the stages take; every config check
+a stage of the mode would run is run before the first one starts (`preflight.py`). An
 error in the user's config, data or files prints one line, `<Kind> error: <message>`, and exits
 2; a non-finite loss prints `Training stopped: ...` and a full disk `Disk full: ...`, and both
 exit 1. Library INFO logs are hidden unless `--verbosity=0` is given; `--verbosity=1` also shows
@@ -16,7 +17,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from univit_jax import config_lib
+from univit_jax import config_lib, run_config
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Config file, e.g. configs/demo.py or configs/vit_l.py:runlocal.",
@@ -29,19 +30,21 @@ _MODE = flags.DEFINE_string("mode", None, "Stage to run; default: the config's `
 PREEMPTED_EXIT_CODE = 75
 
 
-def _summary(config, workdir):
+def _summary(run: run_config.RunConfig, workdir: str | None) -> None:
+  """`summary.run` still reads the config itself: it is given the flag's ConfigDict."""
+  del run
   from univit_jax import summary
-  summary.run(config, workdir)
+  summary.run(_CONFIG.value, workdir)
 
 
-def _extract(config, workdir):
+def _extract(run: run_config.RunConfig, workdir: str | None) -> None:
   from univit_jax.clustering import extract
-  extract.run_extract(config, _require(workdir))
+  extract.run_extract(run, _require(workdir))
 
 
-def _cluster(config, workdir):
+def _cluster(run: run_config.RunConfig, workdir: str | None) -> None:
   from univit_jax.clustering import labels
-  labels.run_cluster_stage(_require(workdir), labels.extracted_specs(config, workdir))
+  labels.run_cluster_stage(_require(workdir), labels.extracted_specs(run, workdir))
 
 
 def _require(workdir: str | None) -> str:
@@ -67,45 +70,45 @@ def _stopping_cleanly(run):
     sys.exit(1)
 
 
-def _train(config, workdir):
+def _train(run: run_config.RunConfig, workdir: str | None) -> None:
   from univit_jax import encoder, train
   from univit_jax.evaluation import run as eval_run
-  evaluate = eval_run.training_evaluator(config)
-  result = _stopping_cleanly(lambda: train.run_train(config, _require(workdir), evaluate))
+  evaluate = eval_run.training_evaluator(run)
+  result = _stopping_cleanly(lambda: train.run_train(run, _require(workdir), evaluate))
   how = "stopped by SIGTERM (checkpoint saved)" if result.preempted else "finished"
   print(f"Training {how} at step {result.step}; cluster labels {result.label_versions}")
   if result.preempted:
     sys.exit(PREEMPTED_EXIT_CODE)
-  path = encoder.export_encoder(config, workdir, result.state.params["encoder"])
+  path = encoder.export_encoder(run, workdir, result.state.params["encoder"])
   print(f"Encoder export (univit_jax.load_encoder): {path}")
 
 
-def _pipeline(config, workdir):
+def _pipeline(run: run_config.RunConfig, workdir: str | None) -> None:
   from univit_jax import rounds
-  summary = _stopping_cleanly(lambda: rounds.run_pipeline(config, _require(workdir)))
+  summary = _stopping_cleanly(lambda: rounds.run_pipeline(run, _require(workdir)))
   if summary.get("preempted"):
     sys.exit(PREEMPTED_EXIT_CODE)
 
 
-def _eval(config, workdir):
-  from univit_jax.evaluation import run
-  run.run_eval(config, workdir)
+def _eval(run: run_config.RunConfig, workdir: str | None) -> None:
+  from univit_jax.evaluation import run as eval_run
+  eval_run.run_eval(run, workdir)
 
 
-def _export(config, workdir):
+def _export(run: run_config.RunConfig, workdir: str | None) -> None:
   """The encoder of a run's checkpoint (`export.step`, -1: the newest; a pipeline's newest
   round) written to `<workdir>/export`, without training."""
   from univit_jax import encoder
   from univit_jax.train import state as state_lib
-  step = None if config.export.step == -1 else int(config.export.step)
-  folder, step, params = state_lib.checkpoint_encoder(config, _require(workdir), step)
-  path = encoder.export_encoder(config, workdir, params)
+  step = None if run.export.step == -1 else run.export.step
+  folder, step, params = state_lib.checkpoint_encoder(run, _require(workdir), step)
+  path = encoder.export_encoder(run, workdir, params)
   print(f"Encoder export of {folder} at step {step} (univit_jax.load_encoder): {path}")
 
 
-def _embed(config, workdir):
+def _embed(run: run_config.RunConfig, workdir: str | None) -> None:
   from univit_jax import embed
-  print(f"Embeddings: {embed.run_embed(config, workdir)}")
+  print(f"Embeddings: {embed.run_embed(run, workdir)}")
 
 
 MODES = {"summary": _summary, "extract": _extract, "cluster": _cluster, "train": _train,
@@ -163,8 +166,8 @@ def main(argv: list[str]) -> None:
   if not flags.FLAGS["verbosity"].present:
     # Orbax and JAX log every checkpoint operation at INFO; stages report progress themselves.
     logging.set_verbosity(logging.WARNING)
+  import jax
   if os.environ.get("UNIVIT_DISTRIBUTED"):
-    import jax
     jax.distributed.initialize()  # Multi-host: discovers the TPU slice or SLURM job (launch/).
   config = _CONFIG.value
   if config is None:
@@ -175,8 +178,9 @@ def main(argv: list[str]) -> None:
   from univit_jax import preflight
   errors = _user_errors()
   try:
-    preflight.check(config, mode)
-    MODES[mode](config, _WORKDIR.value)
+    run = run_config.build(config, jax.device_count())
+    preflight.check(run, mode)
+    MODES[mode](run, _WORKDIR.value)
   except tuple(errors) as e:
     if _debugging():
       raise

@@ -6,18 +6,17 @@ other vectors are not weight-decayed; the class-centre banks have their own deca
 """
 
 import jax
-import ml_collections
 import optax
 
 from univit_jax import config_lib
 from univit_jax.models import heads
 
 SCHEDULES = ("cosine", "linear", "constant")
-# The `config.optim` fields `learning_rate` reads (with total_steps): the learning-rate schedule.
+# The `OptimConfig` fields `learning_rate` reads (with total_steps): the learning-rate schedule.
 SCHEDULE_FIELDS = ("lr", "schedule", "warmup_steps", "end_lr_fraction")
 
 
-def learning_rate(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+def learning_rate(optim: config_lib.OptimConfig, total_steps: int) -> optax.Schedule:
   """Linear warm-up over `optim.warmup_steps`, then `optim.schedule` decay to
   `optim.lr * optim.end_lr_fraction` at `total_steps`.
 
@@ -60,9 +59,9 @@ def _scale_banks(factor: float) -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
-def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int
+def make_optimizer(optim: config_lib.OptimConfig, total_steps: int
                    ) -> optax.GradientTransformation:
-  """AdamW over the encoder and its class-centre banks, from `config.optim`.
+  """AdamW over the encoder and its class-centre banks, from the `optim` section.
 
   One global-norm clip (when `grad_clip_norm` > 0), one schedule, and the banks' own weight
   decay (`bank_weight_decay`) and lr multiplier (`bank_lr_scale`). Written as one chain, not

@@ -12,9 +12,7 @@ from those a round's features record is refused, finished rounds included
 import os
 from collections.abc import Callable
 
-import ml_collections
-
-from univit_jax import atomic, checkpointing, encoder, preflight, train
+from univit_jax import atomic, checkpointing, encoder, preflight, run_config, train
 from univit_jax.clustering import extract, labels
 from univit_jax.evaluation import run as eval_run
 from univit_jax.train import logs as train_logs
@@ -29,38 +27,35 @@ def is_exported(folder: str) -> bool:
   return checkpointing.is_export(encoder.export_dir(folder))
 
 
-def round_config(config: ml_collections.ConfigDict, workdir: str, r: int
-                 ) -> ml_collections.ConfigDict:
-  """`config` for round r: round r - 1's export is the teacher for r > 1, and where its encoder
+def round_config(run: run_config.RunConfig, workdir: str, r: int) -> run_config.RunConfig:
+  """`run` for round r: round r - 1's export is the teacher for r > 1, and where its encoder
   starts when `train.warm_start`; every round compiles into one persistent cache,
   `<workdir>/jax_cache` (unless `train.compilation_cache_dir` names one), so later rounds reuse
   the first round's programs."""
-  c = config.copy_and_resolve_references()
-  with c.unlocked():
-    c.train.compilation_cache_dir = (config.train.compilation_cache_dir or
-                                     os.path.join(workdir, "jax_cache"))
-    if r > 1:
-      previous = encoder.export_dir(round_dir(workdir, r - 1))
-      c.extract.teacher = previous
-      if c.train.warm_start:
-        c.train.init_encoder = previous
-  return c
+  changes = dict(compilation_cache_dir=(run.train.compilation_cache_dir or
+                                        os.path.join(workdir, "jax_cache")))
+  if r > 1:
+    previous = encoder.export_dir(round_dir(workdir, r - 1))
+    run = run.with_fields("extract", teacher=previous)
+    if run.train.warm_start:
+      changes["init_encoder"] = previous
+  return run.with_fields("train", **changes)
 
 
-def run_pipeline(config: ml_collections.ConfigDict, workdir: str,
+def run_pipeline(run: run_config.RunConfig, workdir: str,
                  log: Callable[[str], None] = print) -> dict:
-  """Runs `config.rounds` rounds in `workdir`; returns a summary (also in pipeline.json).
+  """Runs `rounds` rounds in `workdir`; returns a summary (also in pipeline.json).
 
   Raises:
-    config_lib.ConfigError: for any invalid field, before the first stage runs
+    config_lib.ConfigError: for a config the pipeline cannot run, before the first stage runs
       (`preflight.check`).
     clustering.store.FeatureStoreError: a round's features were made from other inputs than
-      `config` gives (`extract.checked_inputs`), as any refusal of the stages themselves.
+      `run` gives (`extract.checked_inputs`), as any refusal of the stages themselves.
   """
-  preflight.check(config, "pipeline")
+  preflight.check(run, "pipeline")
   summary = dict(workdir=workdir, rounds=[])
-  for r in range(1, config.rounds + 1):
-    folder, cfg = round_dir(workdir, r), round_config(config, workdir, r)
+  for r in range(1, run.rounds + 1):
+    folder, cfg = round_dir(workdir, r), round_config(run, workdir, r)
     if is_exported(folder):
       extract.checked_inputs(cfg, folder)  # a finished round made from other data is refused
       log(f"round {r}: complete ({encoder.export_dir(folder)})")
@@ -69,7 +64,7 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str,
       extract.run_extract(cfg, folder)
       log(f"round {r}: cluster")
       labels.run_cluster_stage(folder, labels.extracted_specs(cfg, folder), log=log)
-      log(f"round {r}: train {cfg.total_steps} steps")
+      log(f"round {r}: train {cfg.train.total_steps} steps")
       result = train.run_train(cfg, folder, eval_run.training_evaluator(cfg))
       if result.preempted:
         log(f"round {r}: stopped by SIGTERM at step {result.step}; rerun to continue")
@@ -77,7 +72,7 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str,
         return summary
       encoder.export_encoder(cfg, folder, result.state.params["encoder"])
     summary["rounds"].append(_round_summary(folder))
-  summary["export"] = encoder.export_dir(round_dir(workdir, config.rounds))
+  summary["export"] = encoder.export_dir(round_dir(workdir, run.rounds))
   atomic.write_json(os.path.join(workdir, "pipeline.json"), summary)
   _print_summary(summary, log)
   return summary

@@ -9,7 +9,6 @@ import logging
 from collections.abc import Sequence
 
 import jax
-import ml_collections
 import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
@@ -19,13 +18,15 @@ from univit_jax import config_lib
 Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
 
 
-def make_mesh(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None
-              ) -> Mesh:
-  """Builds the mesh `config.mesh.axes` x `config.mesh.shape` over `devices` (default: all)."""
+def make_mesh(cfg: config_lib.MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """Builds the mesh `cfg.axes` x `cfg.shape` over `devices` (default: all).
+
+  Raises:
+    config_lib.ConfigError: if the shape cannot be laid over the devices.
+  """
   devices = list(jax.devices() if devices is None else devices)
-  shape = config_lib.mesh_shape(config, len(devices))
-  axes = tuple(config.mesh.axes)
-  return jax.make_mesh(shape, axes, axis_types=(AxisType.Auto,) * len(axes), devices=devices)
+  return jax.make_mesh(cfg.resolved_shape(len(devices)), cfg.axes,
+                       axis_types=(AxisType.Auto,) * len(cfg.axes), devices=devices)
 
 
 def logical_to_spec(names: Sequence[str | None], rules: Rules) -> P:
@@ -96,6 +97,13 @@ def sharded_shapes(abstract_tree, shardings):
 def batch_sharding(mesh: Mesh, rules: Rules, ndim: int = 1) -> NamedSharding:
   """Sharding of an array whose leading axis is the batch."""
   return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules))
+
+
+def logits_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
+  """Sharding of the partial-FC logits `[N, M]` (`losses.discrimination_loss`): the logical axes
+  ("batch", "classes"), i.e. rows over the batch's mesh axes and the sampled classes over the
+  class axes the batch leaves free ("model" under the default rules)."""
+  return NamedSharding(mesh, logical_to_spec(("batch", "classes"), rules))
 
 
 def batch_shards(mesh: Mesh, rules: Rules) -> int:

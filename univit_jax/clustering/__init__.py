@@ -7,7 +7,8 @@
               JAX matmul or a ScaNN tree), `bounds` (Hamerly bounds that skip settled rows),
               `checkpoint` (per-iteration resume state).
   labels.py   `run_cluster_stage(workdir, banks)` for --mode=cluster: centroids, top-k labels,
-              stats.json and sizes.png per bank; `cluster_specs(config)` reads config.cluster.
-  extract.py  `run_extract(config, workdir)` for --mode=extract: teacher features of object
+              stats.json and sizes.png per bank; `cluster_specs(run.cluster)` their k-means
+              specs.
+  extract.py  `run_extract(run, workdir)` for --mode=extract: teacher features of object
               regions and ordered clip segments into the store.
 """

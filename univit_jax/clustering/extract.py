@@ -38,15 +38,16 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import tqdm
 from flax import nnx
 
-from univit_jax import collectives, config_lib, encoder, losses, provenance, sharding, specs
+from univit_jax import collectives, config_lib, encoder, losses, provenance, run_config, sharding
+from univit_jax import specs
 from univit_jax.clustering import store
 from univit_jax.data import pipeline
 from univit_jax.models import masks, siglip, vit
+from univit_jax.run_config import data_config, stage_config
 
 GLOBAL_ROW = -1
 SIGLIP = "siglip:"
@@ -55,56 +56,6 @@ FEATURES = "features:"
 
 class TeacherError(config_lib.ConfigError):
   """The files `extract.teacher` names are missing or malformed; the message names the file."""
-
-
-@dataclasses.dataclass(frozen=True)
-class ExtractConfig:
-  """Typed view of `config.extract`.
-
-  Attributes:
-    teacher: "pixels" for the PCA bootstrap, "siglip:<file.npz>" for a big_vision SigLIP image
-      tower, "features:<folder>" for precomputed embeddings, else the folder of an exported
-      encoder.
-    siglip_variant: big_vision's name of the SigLIP tower, e.g. "B/16" (its sizes and patch).
-    pixels_dim: PCA components of the pixels teacher (its feature width).
-    pixels_fit_examples: training examples whose frames fit the PCA.
-    batch_size: global examples per extraction step.
-    clip_frames: frames sampled (uniformly) from each clip.
-    granularities: segment counts g of the event banks.
-    segment_frames: frames per segment in an event feature.
-    proposal_grids: n for the n x n grid boxes proposed when an image has no boxes.
-  """
-  teacher: str = "pixels"
-  siglip_variant: str = "B/16"
-  pixels_dim: int = 32
-  pixels_fit_examples: int = 256
-  batch_size: int = 64
-  clip_frames: int = 16
-  granularities: tuple[int, ...] = (1, 2, 4, 8)
-  segment_frames: int = 2
-  proposal_grids: tuple[int, ...] = (2,)
-
-  @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict) -> "ExtractConfig":
-    e = config.extract
-    cfg = cls(teacher=e.teacher, siglip_variant=e.siglip_variant, pixels_dim=e.pixels_dim,
-              pixels_fit_examples=e.pixels_fit_examples, batch_size=e.batch_size,
-              clip_frames=e.clip_frames, granularities=tuple(e.granularities),
-              segment_frames=e.segment_frames, proposal_grids=tuple(e.proposal_grids))
-    for g in cfg.granularities:
-      if g < 1 or g > cfg.clip_frames:
-        raise config_lib.ConfigError(
-          f"extract.granularities={cfg.granularities}: each must be in [1, extract.clip_frames="
-          f"{cfg.clip_frames}]")
-    if cfg.segment_frames < 1 or cfg.pixels_dim < 1 or cfg.batch_size < 1:
-      raise config_lib.ConfigError(
-        f"extract.segment_frames={cfg.segment_frames}, extract.pixels_dim={cfg.pixels_dim} and "
-        f"extract.batch_size={cfg.batch_size} must be >= 1")
-    if cfg.teacher == "pixels" and cfg.pixels_dim % 2:
-      raise config_lib.ConfigError(f"extract.pixels_dim={cfg.pixels_dim} must be even (two views)")
-    if cfg.teacher.startswith(SIGLIP):
-      siglip.decode_variant(cfg.siglip_variant)
-    return cfg
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,7 +259,7 @@ def encoder_teacher(export_dir: str, mesh: jax.sharding.Mesh) -> Teacher:
   return Teacher(name=teacher.name, dim=teacher.model.width, embed=embed, regions=regions)
 
 
-def siglip_teacher(path: str, variant: str, data_cfg: pipeline.DataConfig,
+def siglip_teacher(path: str, variant: str, data_cfg: data_config.DataConfig,
                    mesh: jax.sharding.Mesh, rules: Sequence[tuple]) -> Teacher:
   """A big_vision SigLIP / SigLIP 2 image tower (`models/siglip.py`) applied to every frame as an
   image; its embedding is the MAP head's output.
@@ -326,7 +277,7 @@ def siglip_teacher(path: str, variant: str, data_cfg: pipeline.DataConfig,
     path: the big_vision `.npz`.
     variant: its tower, e.g. "B/16" (`extract.siglip_variant`).
     data_cfg: the data settings (normalisation of the incoming frames).
-    mesh: where the weights are placed, by `rules` (`config.sharding_rules`).
+    mesh: where the weights are placed, by `rules` (`sharding_rules`).
     rules: logical-axis rules.
   """
   cfg, params = siglip.load_big_vision_npz(path, variant, scan=True)
@@ -407,8 +358,8 @@ class PrecomputedFeatures:
     return out
 
 
-def precomputed_features(folder: str, cfg: ExtractConfig, data_cfg: pipeline.DataConfig
-                         ) -> PrecomputedFeatures:
+def precomputed_features(folder: str, cfg: stage_config.ExtractConfig,
+                         data_cfg: data_config.DataConfig) -> PrecomputedFeatures:
   """Opens and checks `<folder>/<source>.npy` of every configured source (`PrecomputedFeatures`).
 
   Row i of a source's file belongs to the source's record i, whose example id is
@@ -458,8 +409,8 @@ def precomputed_features(folder: str, cfg: ExtractConfig, data_cfg: pipeline.Dat
 # The stage.
 
 
-def fit_pixels_teacher(config: ml_collections.ConfigDict, cfg: ExtractConfig,
-                       data_cfg: pipeline.DataConfig) -> Teacher:
+def fit_pixels_teacher(cfg: stage_config.ExtractConfig, data_cfg: data_config.DataConfig,
+                       seed: int) -> Teacher:
   """Fits the pixels teacher on frames of the first `pixels_fit_examples` training records."""
   names = [s.name for s in data_cfg.sources]
   ds = pipeline.build_eval_dataset(data_cfg, 1, jax.process_count(), source_names=names,
@@ -470,21 +421,22 @@ def fit_pixels_teacher(config: ml_collections.ConfigDict, cfg: ExtractConfig,
     if sum(len(f) for f in frames) >= cfg.pixels_fit_examples:
       break
   sample = np.concatenate(frames)[:cfg.pixels_fit_examples]
-  return pixels_teacher(sample, cfg.pixels_dim, config.seed)
+  return pixels_teacher(sample, cfg.pixels_dim, seed)
 
 
-def make_teacher(config: ml_collections.ConfigDict, cfg: ExtractConfig,
-                 data_cfg: pipeline.DataConfig, mesh: jax.sharding.Mesh) -> Teacher:
-  """The frame teacher `extract.teacher` names (`features:` reads no frames: see run_extract)."""
+def make_teacher(cfg: stage_config.ExtractConfig, data_cfg: data_config.DataConfig,
+                 mesh: jax.sharding.Mesh, rules: Sequence[tuple], seed: int) -> Teacher:
+  """The frame teacher `extract.teacher` names (`features:` reads no frames: see run_extract);
+  a SigLIP tower's weights are placed on `mesh` by `rules`, the pixels teacher fitted with
+  `seed`."""
   if cfg.teacher == "pixels":
-    return fit_pixels_teacher(config, cfg, data_cfg)
+    return fit_pixels_teacher(cfg, data_cfg, seed)
   if cfg.teacher.startswith(SIGLIP):
-    return siglip_teacher(cfg.teacher[len(SIGLIP):], cfg.siglip_variant, data_cfg, mesh,
-                          config.sharding_rules)
+    return siglip_teacher(cfg.teacher[len(SIGLIP):], cfg.siglip_variant, data_cfg, mesh, rules)
   return encoder_teacher(cfg.teacher, mesh)
 
 
-def feature_inputs(cfg: ExtractConfig, data_cfg: pipeline.DataConfig) -> dict:
+def feature_inputs(cfg: stage_config.ExtractConfig, data_cfg: data_config.DataConfig) -> dict:
   """What a feature store is made from, recorded in each bank's meta.json: the data sources
   (`pipeline.sources_fingerprint`: what its example ids name), the frame settings they are read
   with (`data.image_size`, `max_boxes`, `mean`, `std`) and the `extract` section (the teacher,
@@ -496,17 +448,16 @@ def feature_inputs(cfg: ExtractConfig, data_cfg: pipeline.DataConfig) -> dict:
     extract=dataclasses.asdict(cfg)))
 
 
-def checked_inputs(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """`feature_inputs` of `config`, after refusing every bank already in `workdir` that was made
+def checked_inputs(run: run_config.RunConfig, workdir: str) -> dict:
+  """`feature_inputs` of the run, after refusing every bank already in `workdir` that was made
   from other ones: a complete bank is never silently kept, nor an unfinished one resumed, for
   other data or settings (docs/clustering.md, "Reruns").
 
   Raises:
     store.FeatureStoreError: naming the bank's folder and what changed.
   """
-  inputs = feature_inputs(ExtractConfig.from_config(config),
-                          pipeline.DataConfig.from_config(config))
-  for bank in config_lib.active_parts(config).banks:
+  inputs = feature_inputs(run.extract, run.data)
+  for bank in run.parts.banks:
     store.check_inputs(workdir, bank, inputs)
   return inputs
 
@@ -515,14 +466,14 @@ def checked_inputs(config: ml_collections.ConfigDict, workdir: str) -> dict:
 Work = Callable[[], tuple[dict, object]]
 
 
-def run_extract(config: ml_collections.ConfigDict, workdir: str,
+def run_extract(run: run_config.RunConfig, workdir: str,
                 teacher: Teacher | None = None) -> dict[str, str]:
   """Writes every bank's features into `<workdir>/features/`; skips complete banks and chunks.
 
   Args:
-    config: the run config (`extract`, `data`, `model`, `mesh`, `sharding_rules`).
+    run: the run's config (`extract`, `data`, `parts`, `mesh`, `seed`).
     workdir: the run folder.
-    teacher: overrides `config.extract.teacher` (tests pass fake teachers).
+    teacher: overrides `extract.teacher` (tests pass fake teachers).
 
   Returns:
     The teacher name recorded for each bank.
@@ -530,13 +481,12 @@ def run_extract(config: ml_collections.ConfigDict, workdir: str,
   Raises:
     store.FeatureStoreError: `workdir` holds features made from other inputs (`checked_inputs`).
   """
-  inputs = checked_inputs(config, workdir)
-  cfg = ExtractConfig.from_config(config)
-  data_cfg = pipeline.DataConfig.from_config(config)
-  mesh = sharding.make_mesh(config)
+  inputs = checked_inputs(run, workdir)
+  cfg, data_cfg = run.extract, run.data
+  mesh = sharding.make_mesh(run.mesh)
   image_sources = [s.name for s in data_cfg.sources if not s.is_video]
   video_sources = [s.name for s in data_cfg.sources if s.is_video]
-  banks = config_lib.active_parts(config).banks
+  banks = run.parts.banks
   if all(_complete(workdir, b) for b in banks):
     logging.info("extract: banks %s are complete; nothing to do", banks)
     return {b: store.BankReader(workdir, b).meta["teacher"] for b in banks}
@@ -545,9 +495,9 @@ def run_extract(config: ml_collections.ConfigDict, workdir: str,
     precomputed = precomputed_features(cfg.teacher[len(FEATURES):], cfg, data_cfg)
     name, dim = precomputed.name, precomputed.dim
   else:
-    teacher = teacher or make_teacher(config, cfg, data_cfg, mesh)
+    teacher = teacher or make_teacher(cfg, data_cfg, mesh, run.mesh.rules, run.seed)
     name, dim = teacher.name, teacher.dim
-  batch_sharding = sharding.batch_sharding(mesh, config.sharding_rules)
+  batch_sharding = sharding.batch_sharding(mesh, run.mesh.rules)
   proposals = grid_proposals(cfg.proposal_grids)
 
   @jax.jit

@@ -31,13 +31,13 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
 
-from univit_jax import atomic, collectives, config_lib
+from univit_jax import atomic, collectives, run_config
 from univit_jax.clustering import store
 from univit_jax.clustering.kmeans import lloyd
 from univit_jax.clustering.kmeans.lloyd import ClusterSpec
+from univit_jax.run_config import stage_config
 
 # Bumped when the stage's outputs change meaning; part of every version id.
 STAGE_FORMAT = 1
@@ -47,28 +47,30 @@ def clusters_dir(workdir: str, bank: str) -> str:
   return os.path.join(workdir, "clusters", bank)
 
 
-def cluster_specs(config: ml_collections.ConfigDict) -> dict[str, ClusterSpec]:
-  """One spec per bank from `config.cluster`: `num_clusters` maps bank -> K, and the other
-  fields (iterations, top_k, init, backend, seed, screen_dtype, center) are shared by all
-  banks."""
-  c = config.cluster
-  shared = {f: c[f] for f in ("iterations", "top_k", "init", "backend", "seed", "screen_dtype",
-                              "center")}
-  specs = {bank: ClusterSpec(num_clusters=int(k), **shared) for bank, k in c.num_clusters.items()}
+def cluster_specs(cfg: stage_config.ClusterConfig) -> dict[str, ClusterSpec]:
+  """One spec per bank of the `cluster` section: K from `num_clusters`, and every other field of
+  the section shared by all banks.
+
+  Raises:
+    lloyd.KMeansError: naming the bank and the field, for a field `ClusterSpec` does not have or
+      an impossible value.
+  """
+  specs = {bank: _as_spec(bank, dict(cfg.fields, num_clusters=k)) for bank, k in cfg.num_clusters}
   for bank, spec in specs.items():
     spec.validate(bank)
   return specs
 
 
-def extracted_specs(config: ml_collections.ConfigDict, workdir: str) -> dict[str, ClusterSpec]:
-  """`cluster_specs` of the banks extraction writes for the data (`config_lib.active_parts`: no
-  event banks without clips, no object bank without images).
+def extracted_specs(run: run_config.RunConfig, workdir: str) -> dict[str, ClusterSpec]:
+  """`cluster_specs` of the banks extraction writes for the data (`run.parts`: no event banks
+  without clips, no object bank without images).
 
   Raises:
+    lloyd.KMeansError: as `cluster_specs`.
     store.FeatureStoreError: if one of them has no features in `workdir`.
   """
-  specs = cluster_specs(config)
-  banks = [b for b in config_lib.active_parts(config).banks if b in specs]
+  specs = cluster_specs(run.cluster)
+  banks = [b for b in run.parts.banks if b in specs]
   missing = [b for b in banks
              if not os.path.exists(os.path.join(store.bank_dir(workdir, b), "meta.json"))]
   if missing:

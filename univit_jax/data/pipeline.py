@@ -1,6 +1,6 @@
 """The input pipeline: sources -> per-host shard -> shuffle -> decode/augment -> VS2 buckets.
 
-  cfg = pipeline.DataConfig.from_config(config)
+  cfg = run.data                                    # run_config.build(config, ...).data
   ds = pipeline.build_train_dataset(cfg)            # grain.IterDataset of host-local batches
   it = iter(ds)                                     # checkpoint it with univit_jax.checkpointing
   batch = pipeline.to_global_batch(next(it), batch_sharding)
@@ -21,125 +21,26 @@ from typing import Any
 
 import grain
 import jax
-import ml_collections
 import numpy as np
 from absl import logging
 
 from univit_jax import config_lib, provenance
 from univit_jax.data import sources as sources_lib
 from univit_jax.data import streams
-from univit_jax.data import transforms
-from univit_jax.data import video
+from univit_jax.run_config import data_config
 
 
 class BadInputError(RuntimeError):
   """Too many unreadable records: the data, not the code, needs fixing."""
 
 
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-  """Typed view of `config.data` (plus the two model fields the pipeline needs).
-
-  Attributes:
-    sources: the record sources, sorted by name (their order defines example ids).
-    frames: the frame-count buckets.
-    bucket_weights: mixing weight of each bucket.
-    tokens_per_batch: global token budget per step.
-    image_size: frame side S.
-    patch_size: model patch size (tokens per frame = (S / patch_size)^2).
-    virtual_frames: U-RoPE temporal grid length (`model.rope.virtual_frames`).
-    transform: training transform settings (evaluation turns `augment` off).
-    frame_sampling: "uniform" or "random_window".
-    frame_stride: frame step of "random_window".
-    max_boxes: boxes kept per example when a source has boxes.
-    worker_count: grain worker processes per host (0: decode in the main process).
-    read_threads: threads decoding records of each bucket, per worker (or in the main process);
-      each bucket reads ahead one batch, so memory stays bounded by about one batch per bucket.
-    worker_buffer_size: batches each worker keeps ready.
-    shuffle_seed: seed of shuffling and augmentation.
-    max_bad_fraction: stop once more than this fraction of attempted records were unreadable.
-    bad_check_after: attempted records before the fraction is checked.
-  """
-  sources: tuple[config_lib.SourceSpec, ...]
-  frames: tuple[int, ...]
-  bucket_weights: tuple[float, ...]
-  tokens_per_batch: int
-  image_size: int
-  patch_size: int
-  virtual_frames: int = 64
-  transform: transforms.TransformConfig | None = None
-  frame_sampling: str = "uniform"
-  frame_stride: int = 2
-  max_boxes: int = 4
-  worker_count: int = 0
-  read_threads: int = 2
-  worker_buffer_size: int = 2
-  shuffle_seed: int = 0
-  max_bad_fraction: float = 0.05
-  bad_check_after: int = 100
-
-  def __post_init__(self):
-    if self.transform is None:
-      object.__setattr__(self, "transform", transforms.TransformConfig(self.image_size))
-    if self.transform.image_size != self.image_size:
-      raise config_lib.ConfigError(
-        f"transform image_size={self.transform.image_size} differs from "
-        f"data.image_size={self.image_size}")
-    if self.frame_sampling not in video.SAMPLINGS:
-      raise config_lib.ConfigError(
-        f"data.frame_sampling={self.frame_sampling!r}: expected one of {video.SAMPLINGS}")
-    config_lib.check_buckets(self.image_size, self.patch_size, tuple(self.frames),
-                             tuple(self.bucket_weights))
-    if not 0 <= self.max_bad_fraction <= 1:
-      raise config_lib.ConfigError(
-        f"data.max_bad_fraction={self.max_bad_fraction} must be in [0, 1]")
-    if self.worker_count < 0 or self.read_threads < 1:
-      raise config_lib.ConfigError(
-        f"data.worker_count={self.worker_count} must be >= 0 and "
-        f"data.read_threads={self.read_threads} >= 1")
-
-  @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict) -> "DataConfig":
-    """Reads `config.data` (and `config.model.patch_size` / `rope.virtual_frames`); the buckets
-    are those `config_lib.active_parts` keeps for the sources.
-
-    Raises:
-      config_lib.ConfigError: naming the offending field.
-    """
-    d = config.data
-    parts = config_lib.active_parts(config)
-    specs = tuple(config_lib.SourceSpec.from_dict(name, spec.to_dict())
-                  for name, spec in sorted(d.sources.items()))
-    return cls(
-      sources=specs, frames=parts.frames, bucket_weights=parts.bucket_weights,
-      tokens_per_batch=d.tokens_per_batch, image_size=d.image_size,
-      patch_size=config.model.patch_size, virtual_frames=config.model.rope.virtual_frames,
-      transform=transforms.TransformConfig(
-        image_size=d.image_size, augment=d.augment, crop_scale=tuple(d.crop_scale),
-        crop_ratio=tuple(d.crop_ratio), flip=d.flip, color_jitter=d.color_jitter,
-        mean=tuple(d.mean), std=tuple(d.std)),
-      frame_sampling=d.frame_sampling, frame_stride=d.frame_stride, max_boxes=d.max_boxes,
-      worker_count=d.worker_count, read_threads=d.read_threads,
-      worker_buffer_size=d.worker_buffer_size,
-      shuffle_seed=d.shuffle_seed, max_bad_fraction=d.max_bad_fraction,
-      bad_check_after=d.bad_check_after)
-
-  def source_buckets(self, spec: config_lib.SourceSpec) -> tuple[int, ...]:
-    """The buckets a source feeds (`SourceSpec.buckets` of these frames)."""
-    return spec.buckets(self.frames)
-
-  def batch_sizes(self, batch_multiple: int = 1) -> dict[int, int]:
-    """Global batch size per bucket (see `config_lib.bucket_batch_sizes`)."""
-    return config_lib.bucket_batch_sizes(
-      self.frames, self.tokens_per_batch, self.image_size, self.patch_size, batch_multiple)
-
-
-def open_sources(cfg: DataConfig) -> dict[str, sources_lib.Source]:
+def open_sources(cfg: data_config.DataConfig) -> dict[str, sources_lib.Source]:
   """Builds every configured source, by name."""
   return {spec.name: sources_lib.build_source(spec) for spec in cfg.sources}
 
 
-def id_ranges(cfg: DataConfig, sources: Mapping[str, sources_lib.Source]) -> dict[str, range]:
+def id_ranges(cfg: data_config.DataConfig, sources: Mapping[str, sources_lib.Source]
+              ) -> dict[str, range]:
   """The example ids of each source's records, by source name.
 
   Ids number the records of all configured sources concatenated in `cfg.sources` order (by
@@ -154,7 +55,8 @@ def id_ranges(cfg: DataConfig, sources: Mapping[str, sources_lib.Source]) -> dic
   return ranges
 
 
-def sources_fingerprint(cfg: DataConfig, sources: Mapping[str, sources_lib.Source]) -> dict:
+def sources_fingerprint(cfg: data_config.DataConfig, sources: Mapping[str, sources_lib.Source]
+                        ) -> dict:
   """What the example ids of `id_ranges` stand for, per source name: its spec (`data.sources.
   <name>`), its record count and, for a source that lists its records (`FileSource`), a digest
   of them (`content_key`). Every output keyed by example id (features, clusters, checkpoints)
@@ -169,7 +71,7 @@ def sources_fingerprint(cfg: DataConfig, sources: Mapping[str, sources_lib.Sourc
   return provenance.jsonable(out)
 
 
-def batches_fingerprint(cfg: DataConfig, sources: Mapping[str, sources_lib.Source],
+def batches_fingerprint(cfg: data_config.DataConfig, sources: Mapping[str, sources_lib.Source],
                         batch_sizes: Mapping[int, int]) -> dict:
   """What fixes the training batches and the meaning of the data iterator's saved position
   (`build_train_dataset`), by `config.data` field: the sources (`sources_fingerprint`), the
@@ -196,7 +98,7 @@ def _seed(*parts: int) -> int:
   return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
 
-def _read_options(cfg: DataConfig, batch_size: int) -> grain.ReadOptions:
+def _read_options(cfg: data_config.DataConfig, batch_size: int) -> grain.ReadOptions:
   # grain's default reads 500 records ahead per stream: with 16-frame clips that is gigabytes.
   return grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=batch_size)
 
@@ -204,7 +106,7 @@ def _read_options(cfg: DataConfig, batch_size: int) -> grain.ReadOptions:
 class _Layout:
   """Where each source's records sit in the concatenated index space, and whether boxes exist."""
 
-  def __init__(self, cfg: DataConfig, opened: Mapping[str, sources_lib.Source]):
+  def __init__(self, cfg: data_config.DataConfig, opened: Mapping[str, sources_lib.Source]):
     missing = [s.name for s in cfg.sources if s.name not in opened]
     if missing:
       raise ValueError(f"no source object for data.sources {missing}")
@@ -294,7 +196,7 @@ class _BadInputIterator(grain.DatasetIterator):
 
 
 def build_train_dataset(
-    cfg: DataConfig, *, sources: Mapping[str, sources_lib.Source] | None = None,
+    cfg: data_config.DataConfig, *, sources: Mapping[str, sources_lib.Source] | None = None,
     process_index: int | None = None, process_count: int | None = None,
     batch_multiple: int = 1) -> grain.IterDataset:
   """The infinite training stream of host-local batches.
@@ -363,7 +265,7 @@ class _EvalLoader:
 
 
 def build_eval_dataset(
-    cfg: DataConfig, num_frames: int, batch_size: int, *,
+    cfg: data_config.DataConfig, num_frames: int, batch_size: int, *,
     source_names: Sequence[str] | None = None,
     sources: Mapping[str, sources_lib.Source] | None = None,
     process_index: int | None = None, process_count: int | None = None) -> grain.IterDataset:
@@ -410,8 +312,8 @@ def build_eval_dataset(
   return BadInputDataset(ds, cfg.max_bad_fraction, cfg.bad_check_after)
 
 
-def eval_batches(cfg: DataConfig, source_names: Sequence[str], num_frames: int, batch_size: int,
-                 sources: Mapping[str, sources_lib.Source] | None = None
+def eval_batches(cfg: data_config.DataConfig, source_names: Sequence[str], num_frames: int,
+                 batch_size: int, sources: Mapping[str, sources_lib.Source] | None = None
                  ) -> tuple[int, Iterator[dict[str, Any]]]:
   """One pass of `build_eval_dataset` over `source_names`, clips sampled uniformly (the
   evaluation choice), and the number of host-local batches it yields (the same on every host;
@@ -444,7 +346,7 @@ def to_global_batch(
           for k, v in batch.items()}
 
 
-def example_shapes(cfg: DataConfig, num_frames: int, batch_size: int,
+def example_shapes(cfg: data_config.DataConfig, num_frames: int, batch_size: int,
                    with_boxes: bool) -> dict[str, jax.ShapeDtypeStruct]:
   """Shapes and dtypes of a (global) batch of a T-frame bucket, for compiling ahead of data."""
   s, n = cfg.image_size, num_frames * config_lib.tokens_per_frame(cfg.image_size, cfg.patch_size)

@@ -30,6 +30,7 @@ import numpy as np
 from univit_jax import config_lib, positions
 from univit_jax.data import sources as sources_lib
 from univit_jax.data import transforms
+from univit_jax.run_config import data_config
 
 # A record whose decode fails is replaced by the next record of the same source; after this many
 # failures in a row the source is deemed broken.
@@ -48,7 +49,7 @@ class ExampleConfig:
     max_boxes: R, boxes kept per example; 0 when no source has boxes (no box fields).
   """
   num_frames: int
-  transform: transforms.TransformConfig
+  transform: data_config.TransformConfig
   sampling: str = "uniform"
   stride: int = 2
   max_boxes: int = 0

@@ -8,37 +8,13 @@ from the `np.random.Generator` passed in, so a pipeline that seeds it per exampl
 deterministic. Resampling uses PIL's antialiased bilinear filter on uint8 frames.
 """
 
-import dataclasses
-
 import numpy as np
 from PIL import Image
 
+from univit_jax.run_config import data_config
+
 # A box survives a crop when at least this fraction of its area stays inside.
 MIN_VISIBLE_FRACTION = 0.25
-
-
-@dataclasses.dataclass(frozen=True)
-class TransformConfig:
-  """How frames are turned into model input; built from `config.data` by `DataConfig`.
-
-  Attributes:
-    image_size: output side S; frames come out `[T, S, S, 3]`.
-    augment: training augmentation on (crop, flip, jitter); off gives the evaluation transform.
-    crop_scale: range of the crop area as a fraction of the frame area.
-    crop_ratio: range of the crop aspect ratio (width / height).
-    flip: random horizontal flip.
-    color_jitter: strength s of brightness, contrast and saturation factors in [1 - s, 1 + s].
-    mean: per-channel mean of frames scaled to [0, 1].
-    std: per-channel standard deviation.
-  """
-  image_size: int
-  augment: bool = True
-  crop_scale: tuple[float, float] = (0.35, 1.0)
-  crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-  flip: bool = True
-  color_jitter: float = 0.4
-  mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-  std: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 
 def to_rgb(frames: np.ndarray) -> np.ndarray:
@@ -153,8 +129,9 @@ def normalize(frames: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...
 
 
 def apply(
-    frames: np.ndarray, boxes: np.ndarray, box_mask: np.ndarray, cfg: TransformConfig,
-    rng: np.random.Generator | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    frames: np.ndarray, boxes: np.ndarray, box_mask: np.ndarray,
+    cfg: data_config.TransformConfig, rng: np.random.Generator | None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Crops, resizes, flips, jitters and normalises a clip and moves its boxes along.
 
   Args:

@@ -8,7 +8,7 @@ repeating its last frame, and the padded frames are marked False in the frame ma
 import av
 import numpy as np
 
-SAMPLINGS = ("uniform", "random_window")
+from univit_jax.run_config import data_config
 
 
 def sample_indices(
@@ -28,8 +28,8 @@ def sample_indices(
   Raises:
     ValueError: for an unknown sampling, n < 1 or T < 1.
   """
-  if sampling not in SAMPLINGS:
-    raise ValueError(f"frame sampling {sampling!r}: expected one of {SAMPLINGS}")
+  if sampling not in data_config.SAMPLINGS:
+    raise ValueError(f"frame sampling {sampling!r}: expected one of {data_config.SAMPLINGS}")
   if num_available < 1 or num_frames < 1:
     raise ValueError(f"cannot sample {num_frames} frames from a clip of {num_available}")
   if num_available < num_frames:

@@ -10,12 +10,12 @@ group colour or placement scores near 0; clusters that follow what is in the pic
 
 import os
 
-import ml_collections
 import numpy as np
 
 from univit_jax.clustering import labels as cluster_labels
 from univit_jax.data import demo, pipeline
 from univit_jax.evaluation import common, metrics
+from univit_jax.run_config import data_config
 from univit_jax.train import labels as train_labels
 
 
@@ -40,12 +40,12 @@ def _truths(bank: str, record: dict, sub: int, source) -> dict[str, int]:
   return {}
 
 
-def cluster_quality(config: ml_collections.ConfigDict, workdir: str,
+def cluster_quality(data_cfg: data_config.DataConfig, workdir: str,
                     banks: tuple[str, ...] = ("object", "event_1")) -> dict[str, common.ProbeResult]:
   """NMI (and purity in details) of each bank's top-1 cluster against each ground truth.
 
   Args:
-    config: the run's config (its `data.sources` define the example ids).
+    data_cfg: the run's data (its sources define the example ids).
     workdir: the folder holding `clusters/<bank>/` (a run, or a pipeline round).
     banks: banks to score; those not clustered in `workdir` are skipped.
 
@@ -53,10 +53,9 @@ def cluster_quality(config: ml_collections.ConfigDict, workdir: str,
     {"<bank>:<truth>/clusters": ProbeResult(metric "nmi", details purity, rows, clusters)}.
 
   Raises:
-    train.LabelError: clusters made for other data sources than `config`'s (their ids would
+    train.LabelError: clusters made for other data sources than `data_cfg`'s (their ids would
       name other records, and the scores would be of wrong pairs).
   """
-  data_cfg = pipeline.DataConfig.from_config(config)
   opened = pipeline.open_sources(data_cfg)
   names = [spec.name for spec in data_cfg.sources]
   offsets = np.cumsum([0] + [len(opened[n]) for n in names])

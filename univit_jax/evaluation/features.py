@@ -18,16 +18,14 @@ import dataclasses
 import os
 from collections.abc import Callable
 
-import ml_collections
 import numpy as np
 
-from univit_jax import config_lib, encoder
+from univit_jax import encoder, run_config
 from univit_jax.clustering import extract
-from univit_jax.data import pipeline
 from univit_jax.models import vit
+from univit_jax.run_config import data_config, stage_config
 from univit_jax.train import state as state_lib
 
-PIXEL_BASELINES = ("pixels_mean", "pixels_ordered")
 _PIXEL_POOL = 8  # frames are average-pooled to 8 x 8 for the pooled pixel embeddings
 
 
@@ -73,11 +71,11 @@ def from_encoder(enc: encoder.Encoder, name: str, kind: str, path: str | None = 
                           fn=fn)
 
 
-def from_params(config: ml_collections.ConfigDict, params, name: str, kind: str,
-                encoder_name: str, path: str | None = None) -> FeatureExtractor:
-  """Features of encoder parameters (`nnx.State` of `vit.UniViT`) of `config`'s architecture;
-  `encoder_name` is the `encoder.Encoder`'s identity, `name` the table's row."""
-  spec = encoder.EncoderSpec.from_config(config)
+def from_params(spec: encoder.EncoderSpec, params, name: str, kind: str, encoder_name: str,
+                path: str | None = None) -> FeatureExtractor:
+  """Features of encoder parameters (`nnx.State` of `vit.UniViT`) of the encoder `spec`
+  describes (`EncoderSpec.from_sections` of a run); `encoder_name` is the `encoder.Encoder`'s
+  identity, `name` the table's row."""
   graphdef, _ = vit.abstract_encoder(spec.model)
   return from_encoder(encoder.Encoder(spec, graphdef, params, name=encoder_name), name, kind,
                       path)
@@ -89,26 +87,27 @@ def export(path: str, name: str | None = None) -> FeatureExtractor:
   return from_encoder(enc, name or f"export {path}", "export", os.fspath(path))
 
 
-def random_init(config: ml_collections.ConfigDict, seed: int = 0) -> FeatureExtractor:
-  """A freshly initialised encoder of `config`'s architecture (no training)."""
-  _, params = vit.init_encoder(config_lib.model_config(config), seed)
-  return from_params(config, params, f"random init (seed {seed})", "random", f"random:{seed}")
+def random_init(spec: encoder.EncoderSpec, seed: int = 0) -> FeatureExtractor:
+  """A freshly initialised encoder of the architecture `spec` describes (no training)."""
+  _, params = vit.init_encoder(spec.model, seed)
+  return from_params(spec, params, f"random init (seed {seed})", "random", f"random:{seed}")
 
 
-def live(config: ml_collections.ConfigDict, encoder_params, step: int) -> FeatureExtractor:
+def live(spec: encoder.EncoderSpec, encoder_params, step: int) -> FeatureExtractor:
   """The encoder parameters of a run in progress (evaluation during training)."""
-  return from_params(config, encoder_params, f"step {step}", "live", f"live:{step}")
+  return from_params(spec, encoder_params, f"step {step}", "live", f"live:{step}")
 
 
-def checkpoint(config: ml_collections.ConfigDict, workdir: str) -> FeatureExtractor:
+def checkpoint(run: run_config.RunConfig, workdir: str) -> FeatureExtractor:
   """The encoder of a run's newest checkpoint (`state_lib.checkpoint_encoder`: the workdir's
   own, else its newest pipeline round's).
 
   Raises:
     FileNotFoundError: if the workdir holds no checkpoint.
   """
-  folder, step, params = state_lib.checkpoint_encoder(config, workdir)
-  return from_params(config, params, f"checkpoint {folder} step {step}", "checkpoint",
+  folder, step, params = state_lib.checkpoint_encoder(run, workdir)
+  spec = encoder.EncoderSpec.from_sections(run.model, run.data, run.mesh)
+  return from_params(spec, params, f"checkpoint {folder} step {step}", "checkpoint",
                      f"checkpoint:{folder}:{step}", folder)
 
 
@@ -135,8 +134,8 @@ def pixels(mode: str, patch_size: int) -> FeatureExtractor:
   time-aware baseline: a linear probe on it can read which frame holds what).
   Tokens are every patch's raw pixels in both.
   """
-  if mode not in PIXEL_BASELINES:
-    raise ValueError(f"pixel baseline {mode!r}: expected one of {PIXEL_BASELINES}")
+  if mode not in stage_config.PIXEL_BASELINES:
+    raise ValueError(f"pixel baseline {mode!r}: expected one of {stage_config.PIXEL_BASELINES}")
 
   def fn(frames: np.ndarray) -> dict[str, np.ndarray]:
     pooled = _pool(frames, _PIXEL_POOL)  # [B, T, 8, 8, 3]
@@ -152,7 +151,8 @@ def pixels(mode: str, patch_size: int) -> FeatureExtractor:
   return FeatureExtractor(name=title, kind="pixels", path=None, patch_size=patch_size, fn=fn)
 
 
-def pixels_teacher(config: ml_collections.ConfigDict) -> FeatureExtractor:
+def pixels_teacher(cfg: stage_config.ExtractConfig, data_cfg: data_config.DataConfig,
+                   seed: int) -> FeatureExtractor:
   """The `pixels` bootstrap teacher fitted as round 1 fits it (`extract.fit_pixels_teacher`).
 
   The embedding is the feature the first clusters are made of: for an image, its object-bank
@@ -161,12 +161,10 @@ def pixels_teacher(config: ml_collections.ConfigDict) -> FeatureExtractor:
   above this row. The teacher has no patch tokens: tokens are every patch's raw pixels, as for
   the pixel baselines.
   """
-  cfg = extract.ExtractConfig.from_config(config)
-  data_cfg = pipeline.DataConfig.from_config(config)
-  teacher = extract.fit_pixels_teacher(config, cfg, data_cfg)
+  teacher = extract.fit_pixels_teacher(cfg, data_cfg, seed)
   mean = np.asarray(data_cfg.transform.mean, np.float32)
   std = np.asarray(data_cfg.transform.std, np.float32)
-  patch = config.model.patch_size
+  patch = data_cfg.patch_size
 
   def fn(frames: np.ndarray) -> dict[str, np.ndarray]:
     x = (frames.astype(np.float32) / 255.0 - mean) / std

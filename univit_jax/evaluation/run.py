@@ -21,30 +21,14 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import ml_collections
 import numpy as np
 
-from univit_jax import config_lib, encoder
+from univit_jax import encoder, run_config
 from univit_jax.evaluation import attentive, common, dense, knn, linear, qa, report, tasks
 from univit_jax.evaluation import features as features_lib
+from univit_jax.run_config import stage_config
 
-BASELINES = ("random",) + features_lib.PIXEL_BASELINES + ("teacher",)
 EVAL_DIR = "eval"
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalConfig:
-  """Typed view of `config.eval` (see `config_lib.default_config`)."""
-  encoder: str
-  baselines: tuple[str, ...]
-  probes: tuple[str, ...]
-  every: int
-  train_probes: tuple[str, ...]
-  val_fraction: float
-  seed: int
-  attentive_epochs: int
-  qa_epochs: int
-  qa_per_record: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +36,7 @@ class Context:
   """What every evaluator reads: the records and cached features, the tasks, the settings."""
   data: tasks.EvalData
   tasks: tuple[tasks.Task, ...]
-  cfg: EvalConfig
+  cfg: stage_config.EvalConfig
 
 
 Evaluator = Callable[[Context, features_lib.FeatureExtractor], dict[str, common.ProbeResult]]
@@ -147,6 +131,7 @@ def order_evaluator(ctx: Context, extractor) -> dict[str, common.ProbeResult]:
   return results
 
 
+# One evaluator per name of `stage_config.PROBES` (the names `eval.probes` is checked against).
 EVALUATORS: dict[str, Evaluator] = {
   "linear": linear_evaluator,
   "knn": knn_evaluator,
@@ -157,41 +142,14 @@ EVALUATORS: dict[str, Evaluator] = {
 }
 
 
-def eval_config(config: ml_collections.ConfigDict) -> EvalConfig:
-  """Validated typed view of `config.eval`.
+def make_context(cfg: stage_config.EvalConfig, image_size: int) -> Context:
+  """Record sets and tasks of the `eval` section at the model's frame size.
 
   Raises:
-    config_lib.ConfigError: naming the field.
+    config_lib.ConfigError: when there is nothing to probe (`EvalConfig.check_probed`).
   """
-  e = config.eval
-  for field in ("probes", "train_probes"):
-    unknown = sorted(set(e[field]) - set(EVALUATORS))
-    if unknown:
-      raise config_lib.ConfigError(
-        f"eval.{field} names unknown probes {unknown}; expected some of {sorted(EVALUATORS)}")
-  unknown = sorted(set(e.baselines) - set(BASELINES))
-  if unknown:
-    raise config_lib.ConfigError(
-      f"eval.baselines names unknown baselines {unknown}; expected some of {list(BASELINES)}")
-  if not 0 < e.val_fraction < 1:
-    raise config_lib.ConfigError(f"eval.val_fraction={e.val_fraction} must be in (0, 1)")
-  if e.num_train < 10 or e.num_test < 1:
-    raise config_lib.ConfigError(
-      f"eval.num_train={e.num_train} must be >= 10 and eval.num_test={e.num_test} >= 1")
-  if e.every < 0:
-    raise config_lib.ConfigError(f"eval.every={e.every} must be >= 0 (0: off)")
-  if not e.demo and not e.datasets:
-    raise config_lib.ConfigError("eval.demo is off and eval.datasets is empty: nothing to probe")
-  return EvalConfig(
-    encoder=e.encoder, baselines=tuple(e.baselines), probes=tuple(e.probes), every=e.every,
-    train_probes=tuple(e.train_probes), val_fraction=float(e.val_fraction), seed=e.seed,
-    attentive_epochs=e.attentive_epochs, qa_epochs=e.qa_epochs, qa_per_record=e.qa_per_record)
-
-
-def make_context(config: ml_collections.ConfigDict) -> Context:
-  """Record sets and tasks of `config.eval` at the model's frame size."""
-  return Context(data=tasks.demo_eval_data(config.eval, config.data.image_size),
-                 tasks=tasks.tasks_for(config.eval), cfg=eval_config(config))
+  cfg.check_probed()
+  return Context(data=tasks.demo_eval_data(cfg, image_size), tasks=tasks.tasks_for(cfg), cfg=cfg)
 
 
 def evaluate(ctx: Context, extractor: features_lib.FeatureExtractor,
@@ -252,31 +210,31 @@ def feature_visuals(ctx: Context, extractor, count: int = 2) -> list[dict]:
   return visuals
 
 
-def resolve_extractor(config: ml_collections.ConfigDict, workdir: str | None, spec: str
+def resolve_extractor(run: run_config.RunConfig, workdir: str | None, spec: str
                       ) -> features_lib.FeatureExtractor:
-  """The extractor `config.eval.encoder` (or a baseline name) names; see the module docstring.
+  """The extractor `eval.encoder` (or a baseline name) names; see the module docstring.
 
   Raises:
     FileNotFoundError: naming the folder when no export or checkpoint is there.
   """
-  patch = config.model.patch_size
   if spec == "random":
-    return features_lib.random_init(config, config.seed)
-  if spec in features_lib.PIXEL_BASELINES:
-    return features_lib.pixels(spec, patch)
+    return features_lib.random_init(
+      encoder.EncoderSpec.from_sections(run.model, run.data, run.mesh), run.seed)
+  if spec in stage_config.PIXEL_BASELINES:
+    return features_lib.pixels(spec, run.model.patch_size)
   if spec == "teacher":
-    return features_lib.pixels_teacher(config)
+    return features_lib.pixels_teacher(run.extract, run.data, run.seed)
   if spec == "checkpoint":
     if not workdir:
       raise FileNotFoundError("eval.encoder='checkpoint' needs --workdir (the training run)")
-    return features_lib.checkpoint(config, workdir)
+    return features_lib.checkpoint(run, workdir)
   if spec:
     return features_lib.export(spec, f"export {spec}")
   if not workdir:
     raise FileNotFoundError("eval.encoder is empty: pass --workdir holding an export, or set "
                             "eval.encoder to an export path, 'checkpoint' or 'random'")
   try:
-    found = encoder.find_export(workdir, config.rounds)
+    found = encoder.find_export(workdir, run.rounds)
   except FileNotFoundError as e:
     raise FileNotFoundError(f"{e}; train first or set eval.encoder") from e
   return features_lib.export(found, f"export {os.path.relpath(found, workdir)}")
@@ -293,18 +251,18 @@ def results_dict(ctx: Context, extractors: Sequence[features_lib.FeatureExtracto
     meta=dict(meta))
 
 
-def run_eval(config: ml_collections.ConfigDict, workdir: str | None,
+def run_eval(run: run_config.RunConfig, workdir: str | None,
              log: Callable[[str], None] = print) -> dict[str, Any]:
-  """Evaluates `config.eval.encoder` and the baselines; writes `workdir/eval/`.
+  """Evaluates `eval.encoder` and the baselines; writes `workdir/eval/`.
 
   Returns:
     The results dict (as written to results.json).
   """
-  ctx = make_context(config)
+  ctx = make_context(run.eval, run.data.image_size)
   specs = [ctx.cfg.encoder] + [b for b in ctx.cfg.baselines if b != ctx.cfg.encoder]
   extractors, results, visuals = [], {}, {}
   for spec in specs:
-    extractor = resolve_extractor(config, workdir, spec)
+    extractor = resolve_extractor(run, workdir, spec)
     extractors.append(extractor)
     results[extractor.name] = evaluate(ctx, extractor, ctx.cfg.probes, log)
     if extractor.kind != "pixels":
@@ -312,8 +270,8 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str | None,
     ctx.data.forget(extractor.name)
   meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               workdir=workdir, encoder=ctx.cfg.encoder or "(the workdir's export)",
-              probes=list(ctx.cfg.probes), num_train=config.eval.num_train,
-              num_test=config.eval.num_test, seed=ctx.cfg.seed)
+              probes=list(ctx.cfg.probes), num_train=ctx.cfg.num_train,
+              num_test=ctx.cfg.num_test, seed=ctx.cfg.seed)
   out = results_dict(ctx, extractors, results, meta)
   folder = os.path.join(workdir or ".", EVAL_DIR)
   paths = report.write_report(folder, out, visuals)
@@ -322,21 +280,21 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str | None,
   return out
 
 
-def training_evaluator(config: ml_collections.ConfigDict
+def training_evaluator(run: run_config.RunConfig
                        ) -> Callable[[int, Any], dict[str, float]] | None:
   """The in-training hook: every `eval.every` steps, `eval.train_probes` on live parameters,
   returned as flat {"eval/<task>/<probe>": value} for metrics.jsonl and TensorBoard; None when
-  `eval.every` is 0 (then `config.eval` is not read: a run without probes needs no eval set)."""
-  if not config.eval.every:
+  `eval.every` is 0 (then no eval set is built: a run without probes needs none)."""
+  if not run.eval.every:
     return None
-  cfg = eval_config(config)
-  ctx = make_context(config)
+  ctx = make_context(run.eval, run.data.image_size)
+  spec = encoder.EncoderSpec.from_sections(run.model, run.data, run.mesh)
 
-  def run(step: int, encoder_params) -> dict[str, float]:
-    extractor = features_lib.live(config, encoder_params, step)
-    results = evaluate(ctx, extractor, cfg.train_probes, log=lambda _: None)
+  def evaluate_live(step: int, encoder_params) -> dict[str, float]:
+    extractor = features_lib.live(spec, encoder_params, step)
+    results = evaluate(ctx, extractor, ctx.cfg.train_probes, log=lambda _: None)
     ctx.data.forget(extractor.name)
     return {f"eval/{k}": v.value for k, v in results.items()}
 
-  return run
+  return evaluate_live
 

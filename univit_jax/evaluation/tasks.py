@@ -25,7 +25,6 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import ml_collections
 import numpy as np
 
 from univit_jax import config_lib
@@ -34,6 +33,7 @@ from univit_jax.data import sources as sources_lib
 from univit_jax.data import transforms
 from univit_jax.evaluation import common
 from univit_jax.evaluation import features as features_lib
+from univit_jax.run_config import stage_config
 
 SPLITS = ("train", "test")
 TASK_TYPES = ("multiclass", "multilabel", "dense")
@@ -219,18 +219,17 @@ class EvalData:
     return common.Split(np.asarray(getattr(feats, field)), self.targets(task, split))
 
 
-def demo_eval_data(eval_cfg: ml_collections.ConfigDict, image_size: int) -> EvalData:
+def demo_eval_data(eval_cfg: stage_config.EvalConfig, image_size: int) -> EvalData:
   """The demo's record sets plus any `eval.datasets`, sized by `eval.num_train` / `num_test`."""
   sets = demo_record_sets(image_size, eval_cfg.clip_frames, eval_cfg.num_train,
                           eval_cfg.num_test, eval_cfg.seed) if eval_cfg.demo else {}
-  for name, spec in eval_cfg.datasets.items():
-    sets[name] = dataset_record_set(name, spec.to_dict(), image_size)
+  for name, spec in eval_cfg.datasets:
+    sets[name] = dataset_record_set(name, spec, image_size)
   return EvalData(sets, eval_cfg.batch_size)
 
 
-def tasks_for(eval_cfg: ml_collections.ConfigDict) -> tuple[Task, ...]:
+def tasks_for(eval_cfg: stage_config.EvalConfig) -> tuple[Task, ...]:
   """The demo tasks (when `eval.demo`) and one classification task per `eval.datasets` entry."""
   tasks = DEMO_TASKS if eval_cfg.demo else ()
-  return tasks + tuple(dataset_task(name, spec.to_dict())
-                       for name, spec in eval_cfg.datasets.items())
+  return tasks + tuple(dataset_task(name, spec) for name, spec in eval_cfg.datasets)
 

@@ -1,7 +1,7 @@
 """Training: cluster labels on batches, the train state and step, and the preemption-safe loop.
 
   from univit_jax import train
-  result = train.run_train(config, workdir)
+  result = train.run_train(run, workdir)  # run: run_config.build(config, jax.device_count())
 """
 
 from univit_jax.train.labels import LabelError

@@ -3,7 +3,7 @@
   python -m univit_jax.main --config=configs/demo.py --workdir=DIR --mode=train
 
 Reads `clusters/<bank>/` (under `config.train.clusters_workdir`, default DIR) for every bank with
-a positive `config.loss.bank_weights` entry that the data feeds (`config_lib.active_parts`: no
+a positive `config.loss.bank_weights` entry that the data feeds (`RunConfig.parts`: no
 event banks without clips, no object bank without images), and writes under DIR:
   checkpoints/<step>/   Orbax: train state + data-iterator position (async, newest N kept)
   train_run.json        what the checkpoints belong to (`state_lib.fingerprint`): model, bank
@@ -32,14 +32,15 @@ from collections.abc import Callable, Mapping
 from typing import Any, Self
 
 import jax
-import ml_collections
 import numpy as np
 from absl import logging
 from jax.experimental.compilation_cache import compilation_cache
 
-from univit_jax import atomic, checkpointing, collectives, config_lib, optim, provenance, sharding
+from univit_jax import atomic, checkpointing, collectives, config_lib, optim, provenance, run_config
+from univit_jax import sharding
 from univit_jax.clustering import extract
 from univit_jax.data import pipeline
+from univit_jax.run_config import data_config, stage_config
 from univit_jax.train import labels as labels_lib
 from univit_jax.train import logs
 from univit_jax.train import state as state_lib
@@ -77,7 +78,7 @@ class TrainResult:
   compile_s: float = 0.0
 
 
-def _compilation_cache(train: ml_collections.ConfigDict, workdir: str) -> None:
+def _compilation_cache(train: stage_config.TrainConfig, workdir: str) -> None:
   """Points the persistent compilation cache at `train.compilation_cache_dir` (or DIR/jax_cache).
 
   JAX decides once per process whether the cache is used, at the first compile; an earlier stage
@@ -88,9 +89,6 @@ def _compilation_cache(train: ml_collections.ConfigDict, workdir: str) -> None:
   if path != "none" and jax.config.jax_compilation_cache_dir != path:
     jax.config.update("jax_compilation_cache_dir", path)
     compilation_cache.reset_cache()
-
-
-BANK_INITS = ("auto", "random")
 
 
 # Teacher names (as `extract` records them) whose feature space is not one of our encoders'.
@@ -109,8 +107,9 @@ def initial_centroids(banks: dict[str, labels_lib.BankLabels], width: int, mode:
   Raises:
     config_lib.ConfigError: for an unknown mode.
   """
-  if mode not in BANK_INITS:
-    raise config_lib.ConfigError(f"train.bank_init={mode!r}: expected one of {BANK_INITS}")
+  if mode not in stage_config.BANK_INITS:
+    raise config_lib.ConfigError(
+      f"train.bank_init={mode!r}: expected one of {stage_config.BANK_INITS}")
   chosen = {} if mode == "random" else {
     name: bank.centroids for name, bank in banks.items()
     if bank.centroids.shape[1] == width and not bank.teacher.startswith(FOREIGN_TEACHERS)}
@@ -120,22 +119,6 @@ def initial_centroids(banks: dict[str, labels_lib.BankLabels], width: int, mode:
                  f"N(0, 0.01) (centroids: width {bank.centroids.shape[1]}, teacher "
                  f"{bank.teacher or 'unknown'}; encoder width {width})")
   return chosen
-
-
-def validate_train(config: ml_collections.ConfigDict) -> None:
-  """Checks `config.train` and `total_steps`.
-
-  Raises:
-    config_lib.ConfigError: naming the field.
-  """
-  t = config.train
-  if config.total_steps < 0:
-    raise config_lib.ConfigError(f"total_steps={config.total_steps} must be >= 0")
-  for field in ("log_every", "checkpoint_every", "keep_checkpoints"):
-    if t[field] < 1:
-      raise config_lib.ConfigError(f"train.{field}={t[field]} must be a positive integer")
-  if t.bank_init not in BANK_INITS:
-    raise config_lib.ConfigError(f"train.bank_init={t.bank_init!r}: expected one of {BANK_INITS}")
 
 
 # The sections of the run fingerprint (`state_lib.fingerprint`) a resume must match, in the
@@ -237,16 +220,16 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def run_train(config: ml_collections.ConfigDict, workdir: str,
+def run_train(run: run_config.RunConfig, workdir: str,
               evaluate: Callable[[int, Any], Mapping[str, float]] | None = None
               ) -> TrainResult:
-  """Trains `config.total_steps` steps in `workdir`, resuming from its newest checkpoint.
+  """Trains `train.total_steps` steps in `workdir`, resuming from its newest checkpoint.
 
   `evaluate(step, encoder_params) -> {name: value}` (e.g. `evaluation.run.training_evaluator`)
-  runs every `config.eval.every` steps and at the end; its values are logged with the step.
+  runs every `eval.every` steps and at the end; its values are logged with the step.
 
   Raises:
-    config_lib.ConfigError: invalid config.
+    config_lib.ConfigError: no workdir, or an export to start from of another model.
     labels_lib.LabelError: missing or inconsistent cluster outputs, or labels made for other
       data sources.
     CheckpointMismatchError: checkpoints the config may not resume (`check_compatible`).
@@ -254,14 +237,11 @@ def run_train(config: ml_collections.ConfigDict, workdir: str,
   """
   if not workdir:
     raise config_lib.ConfigError("--workdir is required for --mode=train")
-  model_cfg = config_lib.validate(config, jax.device_count())
-  loss_cfg = config_lib.loss_config(config)
-  validate_train(config)
-  train, total = config.train, int(config.total_steps)
+  model_cfg, loss_cfg, data_cfg, train = run.model, run.loss, run.data, run.train
+  total = train.total_steps
   os.makedirs(workdir, exist_ok=True)
   _compilation_cache(train, workdir)
 
-  data_cfg = pipeline.DataConfig.from_config(config)
   sources = pipeline.open_sources(data_cfg)
   names = loss_cfg.trained_banks
   banks = labels_lib.load_banks(train.clusters_workdir or workdir, names,
@@ -270,10 +250,10 @@ def run_train(config: ml_collections.ConfigDict, workdir: str,
   versions = {name: bank.version for name, bank in banks.items()}
   initial = initial_centroids(banks, model_cfg.width, train.bank_init)
 
-  mesh = sharding.make_mesh(config)
-  rules = tuple(config.sharding_rules)
-  tx = optim.make_optimizer(config.optim, total)
-  learning_rate = optim.learning_rate(config.optim, total)
+  mesh = sharding.make_mesh(run.mesh)
+  rules = run.mesh.rules
+  tx = optim.make_optimizer(run.optim, total)
+  learning_rate = optim.learning_rate(run.optim, total)
   graphdef, abstract_params = state_lib.abstract_model(model_cfg, sizes)
   shardings = state_lib.state_shardings(abstract_params, tx, mesh, rules)
   abstract = state_lib.abstract_state(model_cfg, sizes, tx, shardings)
@@ -286,16 +266,15 @@ def run_train(config: ml_collections.ConfigDict, workdir: str,
 
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
                                     max_to_keep=train.keep_checkpoints)
-  fingerprint = state_lib.fingerprint(config, sizes, versions, abstract.opt_state,
+  fingerprint = state_lib.fingerprint(run, sizes, versions, abstract.opt_state,
                                       pipeline.batches_fingerprint(data_cfg, sources,
                                                                    batch_sizes))
   try:
     latest = ckpt.latest_step()
     if latest is None:
-      start = (state_lib.load_encoder_params(train.init_encoder, config, abstract)
+      start = (state_lib.load_encoder_params(train.init_encoder, model_cfg, abstract)
                if train.init_encoder else None)
-      state = state_lib.create_state(model_cfg, sizes, initial, tx, shardings, config.seed,
-                                     start)
+      state = state_lib.create_state(model_cfg, sizes, initial, tx, shardings, run.seed, start)
       if jax.process_index() == 0:
         atomic.write_json(os.path.join(workdir, RUN_FILE), fingerprint)
     else:
@@ -306,11 +285,11 @@ def run_train(config: ml_collections.ConfigDict, workdir: str,
           atomic.write_json(os.path.join(workdir, RUN_FILE), fingerprint)
         print(f"Resumed from step {latest} in {workdir}" + (
           f" on a new schedule ({'; '.join(accepted)})" if accepted else ""), flush=True)
-    run = _Run(config=config, workdir=workdir, banks=banks, graphdef=graphdef, tx=tx,
-               learning_rate=learning_rate, loss_cfg=loss_cfg, abstract=abstract,
-               shardings=shardings, mesh=mesh, rules=rules, data_cfg=data_cfg,
-               batch_sizes=batch_sizes, evaluate=evaluate)
-    return _loop(run, state, iterator, ckpt)
+    job = _Run(train=train, eval_every=run.eval.every, workdir=workdir, banks=banks,
+               graphdef=graphdef, tx=tx, learning_rate=learning_rate, loss_cfg=loss_cfg,
+               abstract=abstract, shardings=shardings, mesh=mesh, rules=rules,
+               data_cfg=data_cfg, batch_sizes=batch_sizes, evaluate=evaluate)
+    return _loop(job, state, iterator, ckpt)
   finally:
     ckpt.close()
 
@@ -318,7 +297,8 @@ def run_train(config: ml_collections.ConfigDict, workdir: str,
 @dataclasses.dataclass(frozen=True)
 class _Run:
   """What the loop needs besides the state, the iterator and the checkpointer."""
-  config: ml_collections.ConfigDict
+  train: stage_config.TrainConfig
+  eval_every: int
   workdir: str
   banks: dict[str, labels_lib.BankLabels]
   graphdef: Any
@@ -329,7 +309,7 @@ class _Run:
   shardings: state_lib.TrainState
   mesh: jax.sharding.Mesh
   rules: tuple
-  data_cfg: pipeline.DataConfig
+  data_cfg: data_config.DataConfig
   batch_sizes: dict[int, int]
   evaluate: Callable[[int, Any], Mapping[str, float]] | None = None
 
@@ -349,7 +329,8 @@ def _compile_buckets(run: _Run, num_boxes: int | None) -> tuple[dict, dict]:
       batch[key] = jax.ShapeDtypeStruct(shape, dtype)
     inputs[t] = tuple(batch)
     compiled[t] = step_lib.compile_step(
-      step_lib.make_train_step(run.graphdef, run.tx, run.learning_rate, run.loss_cfg, spec),
+      step_lib.make_train_step(run.graphdef, run.tx, run.learning_rate, run.loss_cfg, spec,
+                               sharding.logits_sharding(run.mesh, run.rules)),
       run.abstract, run.shardings, batch, {k: batch_sharding for k in batch},
       step_lib.term_weights(run.loss_cfg, 0.0, names), sharding.replicated(run.mesh))
   return compiled, inputs
@@ -357,15 +338,15 @@ def _compile_buckets(run: _Run, num_boxes: int | None) -> tuple[dict, dict]:
 
 def _progress_bar(run: _Run, step: int):
   from tqdm import tqdm  # pylint: disable=import-outside-toplevel
-  return tqdm(total=int(run.config.total_steps), initial=step, unit="step", dynamic_ncols=True,
-              disable=not run.config.train.progress_bar or jax.process_index() != 0)
+  return tqdm(total=run.train.total_steps, initial=step, unit="step", dynamic_ncols=True,
+              disable=not run.train.progress_bar or jax.process_index() != 0)
 
 
 def _loop(run: _Run, state: state_lib.TrainState, iterator, ckpt: checkpointing.Checkpointer
           ) -> TrainResult:
-  config, workdir, data_cfg, loss_cfg = run.config, run.workdir, run.data_cfg, run.loss_cfg
+  workdir, data_cfg, loss_cfg = run.workdir, run.data_cfg, run.loss_cfg
   names, versions = tuple(run.banks), {n: b.version for n, b in run.banks.items()}
-  train, total = config.train, int(config.total_steps)
+  train, total = run.train, run.train.total_steps
   step = int(jax.device_get(state.step))
   batch_sharding = sharding.batch_sharding(run.mesh, run.rules)
   per_frame = config_lib.tokens_per_frame(data_cfg.image_size, data_cfg.patch_size)
@@ -422,7 +403,7 @@ def _loop(run: _Run, state: state_lib.TrainState, iterator, ckpt: checkpointing.
               train.collapse_threshold)
           bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
           window_start, window_samples, window_tokens, window_steps = time.perf_counter(), 0, 0, 0
-        if run.evaluate is not None and (step % config.eval.every == 0 or step == total):
+        if run.evaluate is not None and (step % run.eval_every == 0 or step == total):
           logger.write(step, run.evaluate(step, state.params["encoder"]))
         if step % train.checkpoint_every == 0 or step == total:
           ckpt.save(step, state, iterator, force=True)

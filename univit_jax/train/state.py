@@ -12,13 +12,12 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from univit_jax import checkpointing, config_lib, optim, provenance, sharding
+from univit_jax import checkpointing, config_lib, optim, provenance, run_config, sharding
 from univit_jax import encoder as encoder_lib
 from univit_jax.models import heads, vit
 
@@ -120,16 +119,17 @@ def create_state(cfg: config_lib.ModelConfig, bank_sizes: Mapping[str, int],
                  out_shardings=shardings)(banks, encoder)
 
 
-def load_encoder_params(path: str, config: ml_collections.ConfigDict,
+def load_encoder_params(path: str, model: config_lib.ModelConfig,
                         abstract: TrainState) -> nnx.State:
   """The encoder parameters of the export at `path`, restored onto `abstract.params["encoder"]`
-  (shapes and shardings of this run), to start a run from (`train.init_encoder`).
+  (shapes and shardings of this run, whose encoder is `model`), to start a run from
+  (`train.init_encoder`).
 
   Raises:
     ConfigError: the export's model has another shape than this run's (names both).
   """
   exported = model_shape(encoder_lib.read_spec(path).model)
-  ours = model_shape(config_lib.model_config(config))
+  ours = model_shape(model)
   if exported != ours:
     raise config_lib.ConfigError(
       f"train.init_encoder={path!r}: its model {exported} differs from this run's {ours}")
@@ -137,18 +137,18 @@ def load_encoder_params(path: str, config: ml_collections.ConfigDict,
   return params
 
 
-def checkpoint_encoder(config: ml_collections.ConfigDict, workdir: str, step: int | None = None,
+def checkpoint_encoder(run: run_config.RunConfig, workdir: str, step: int | None = None,
                        mesh: Mesh | None = None) -> tuple[str, int, nnx.State]:
   """The encoder parameters of a run's checkpoint, placed for inference
   (`encoder.inference_shapes`).
 
-  The run is the first of `encoder.run_folders(workdir, config.rounds)` with a checkpoint: the
+  The run is the first of `encoder.run_folders(workdir, run.rounds)` with a checkpoint: the
   workdir's own (a `train` run), else the newest pipeline round's. Only the encoder's arrays are
   read (`Checkpointer.restore_part`), not the class banks nor the optimiser moments, so neither
   the cluster outputs nor `train_run.json` are needed.
 
   Args:
-    config: the run's config (its model and sharding).
+    run: the run's config (its model, data and mesh: `encoder.EncoderSpec.from_sections`).
     workdir: the run's folder.
     step: the checkpoint's step; None: the newest.
     mesh: as for `encoder.load_encoder`.
@@ -159,8 +159,9 @@ def checkpoint_encoder(config: ml_collections.ConfigDict, workdir: str, step: in
   Raises:
     FileNotFoundError: no checkpoint in any of the folders, or none for `step` in the run's.
   """
-  _, shapes = encoder_lib.inference_shapes(encoder_lib.EncoderSpec.from_config(config), mesh)
-  for folder in encoder_lib.run_folders(workdir, config.rounds):
+  _, shapes = encoder_lib.inference_shapes(
+    encoder_lib.EncoderSpec.from_sections(run.model, run.data, run.mesh), mesh)
+  for folder in encoder_lib.run_folders(workdir, run.rounds):
     directory = os.path.join(folder, "checkpoints")
     if not os.path.isdir(directory):
       continue
@@ -182,7 +183,7 @@ def model_shape(m: config_lib.ModelConfig) -> dict:
               param_dtype=m.param_dtype, time_embedding=m.time_embedding)
 
 
-def fingerprint(config: ml_collections.ConfigDict, bank_sizes: Mapping[str, int],
+def fingerprint(run: run_config.RunConfig, bank_sizes: Mapping[str, int],
                 label_versions: Mapping[str, str], opt_state: optax.OptState,
                 data: Mapping[str, Any]) -> dict:
   """What a checkpoint must agree with to be resumed (`train_run.json`; docs/training.md,
@@ -196,7 +197,8 @@ def fingerprint(config: ml_collections.ConfigDict, bank_sizes: Mapping[str, int]
   only with `train.allow_schedule_change`.
 
   Args:
-    config: the run config.
+    run: the run's config (its model, total_steps, optim section and `loss.event_schedule`
+      as given: without clips a run uses none of it, but records it all the same).
     bank_sizes: classes per trained bank.
     label_versions: the cluster-label version of each trained bank.
     opt_state: the optimiser state (abstract is enough).
@@ -206,10 +208,9 @@ def fingerprint(config: ml_collections.ConfigDict, bank_sizes: Mapping[str, int]
   chain = isinstance(opt_state, tuple) and not hasattr(opt_state, "_fields")
   parts = opt_state if chain else (opt_state,)
   return provenance.jsonable(dict(
-    model=dict(model_shape(config_lib.model_config(config)),
-               rope=dataclasses.asdict(config_lib.model_config(config).rope)),
+    model=dict(model_shape(run.model), rope=dataclasses.asdict(run.model.rope)),
     bank_sizes=dict(bank_sizes), label_versions=dict(label_versions), data=dict(data),
     optimizer=[type(part).__name__ for part in parts],
-    schedule=dict(total_steps=int(config.total_steps),
-                  optim={f: config.optim[f] for f in optim.SCHEDULE_FIELDS},
-                  loss=dict(event_schedule=config.loss.event_schedule))))
+    schedule=dict(total_steps=run.train.total_steps,
+                  optim={f: getattr(run.optim, f) for f in optim.SCHEDULE_FIELDS},
+                  loss=dict(event_schedule=run.record["loss"]["event_schedule"]))))

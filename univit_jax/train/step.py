@@ -83,8 +83,13 @@ def _shuffle_frames(x: jax.Array, perm: jax.Array) -> jax.Array:
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     learning_rate: optax.Schedule, loss_config: config_lib.LossConfig,
-                    spec: StepSpec) -> Callable:
-  """The pure step function of one bucket (jit it with `compile_step`)."""
+                    spec: StepSpec,
+                    logits_sharding: jax.sharding.NamedSharding | None = None) -> Callable:
+  """The pure step function of one bucket (jit it with `compile_step`).
+
+  `logits_sharding` (`sharding.logits_sharding`) pins every bank term's partial-FC logits
+  `[N, M]`; None leaves their layout to GSPMD, which can replicate them over the class axes.
+  """
   disc = loss_config.discrimination
 
   def loss_fn(params: nnx.State, batch: Batch, rng: jax.Array, weights: Mapping[str, jax.Array]):
@@ -100,16 +105,17 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
       if name in centres:
         terms[name] = losses.discrimination_loss(
           emb, batch["labels_global"], batch["global_bank"] == index, centres[name], next(keys),
-          disc)
+          disc, logits_sharding)
     for g in spec.segments:
       name = specs.event_bank_name(g)
       valid = batch[f"segments_valid_{g}"] & aux["segment_mask"][g]
       terms[name] = losses.discrimination_loss(
-        aux["segments"][g], batch[f"labels_segments_{g}"], valid, centres[name], next(keys), disc)
+        aux["segments"][g], batch[f"labels_segments_{g}"], valid, centres[name], next(keys), disc,
+        logits_sharding)
     if spec.has_boxes and specs.OBJECT_BANK in centres:
       terms["object_region"] = losses.discrimination_loss(
         aux["regions"], batch["labels_regions"], batch["regions_valid"],
-        centres[specs.OBJECT_BANK], next(keys), disc)
+        centres[specs.OBJECT_BANK], next(keys), disc, logits_sharding)
 
     if spec.contrast_granularity:
       g = spec.contrast_granularity
