@@ -183,10 +183,7 @@ def time_univit_step(variant: str, dtype: str, attention: str, image_size: int,
   if boxes:
     ys, xs = np.sort(rng.uniform(size=(2, batch, boxes, 2)), axis=-1).astype(np.float32)
     batch_arrays["boxes"] = np.stack([ys[..., 0], xs[..., 0], ys[..., 1], xs[..., 1]], -1)
-  placeholder = {name: labels_lib.BankLabels(
-    name=name, centroids=np.zeros((1, 1), np.float32), keys=np.zeros(0, np.int64),
-    labels=np.zeros((0, top_k), np.int32), version="") for name in banks}
-  for key, (shape, dt) in labels_lib.label_shapes(placeholder, num_frames, batch,
+  for key, (shape, dt) in labels_lib.label_shapes(banks, top_k, num_frames, batch,
                                                   boxes or None).items():
     if dt == np.bool_:
       batch_arrays[key] = np.ones(shape, bool)

@@ -21,7 +21,7 @@ def test_vit_l_is_the_paper_recipe():
   assert (c.model.patch_size, c.model.width, c.model.depth, c.model.num_heads) == (14, 1024, 24, 16)
   assert tuple(c.data.frames) == (1, 2, 4, 8, 16)
   assert (c.optim.lr, c.optim.weight_decay) == (1e-3, 0.2)
-  assert config_lib.bucket_batch_size(c, 1) == 16384
+  assert run_config.build(c, num_devices=64).data.batch_sizes()[1] == 16384
 
 
 def test_parse_arg():

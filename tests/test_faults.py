@@ -22,10 +22,10 @@ import faults  # noqa: E402  # pylint: disable=wrong-import-position
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> faults.Setup:
   """One round of the benchmark's tiny pipeline, uninterrupted: the reference (it also fills the
-  compilation cache the trials share)."""
+  run's compilation cache, conftest.py)."""
   root = str(tmp_path_factory.mktemp("faults"))
   setup = faults.Setup(root=root, reference=os.path.join(root, "reference"),
-                       cache=os.path.join(root, "jax_cache"), rounds=1)
+                       cache=os.environ["JAX_COMPILATION_CACHE_DIR"], rounds=1)
   faults.make_reference(setup)
   return setup
 

@@ -172,7 +172,8 @@ def _in_allocation(tmp_path, **extra: str) -> dict[str, str]:
               SLURM_JOB_NODELIST="gpu[01-02]", SLURM_SUBMIT_DIR=ROOT, **extra)
 
 
-def test_slurm_starts_one_job_step_with_the_coordinator_on_the_first_host(tmp_path):
+def test_slurm_starts_one_job_step_with_the_coordinator_on_the_first_host(tmp_path, monkeypatch):
+  monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")  # the script's default (conftest.py sets one)
   (command,) = _dry_run(SLURM, *FLAGS, env=_in_allocation(tmp_path))
   python = os.path.join(ROOT, ".venv", "bin", "python")
   assert command[0] == "srun" and command[-len(FLAGS) - 3:] == [python, "-m", "univit_jax.main",

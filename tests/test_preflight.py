@@ -94,3 +94,23 @@ def test_main_checks_the_config_before_the_first_stage(tmp_path):
   assert result.stderr.strip() == (
     "Config error: loss.kind='arcface': expected one of ('mlcd', 'cosface_slot')")
   assert not (tmp_path / "round_1").exists()
+
+
+def test_a_pipeline_refuses_a_large_bank_the_class_shards_would_replicate(tmp_path,
+                                                                         stages_must_not_run):
+  """On a (1, 8, 1) mesh the banks' class axis has 8 shards: a class count they do not divide
+  leaves the bank whole on every device. A small one passes (training warns); one whose
+  centres, gradient and Adam moments exceed `preflight.REPLICATED_BANK_LIMIT` per device is
+  refused before any stage, naming the field, the shards and the nearest split counts."""
+  config = helpers.load_config("demo")
+  config.mesh.shape = (1, 8, 1)
+  config.cluster.num_clusters.event_1 = 36
+  preflight.check(helpers.typed(config), "pipeline")
+  config.cluster.num_clusters.object = 300_001  # 300,001 x 64 x 16 bytes: 293 MiB
+  with pytest.raises(config_lib.ConfigError, match=re.escape(
+      "cluster.num_clusters.object=300001: bank 'object': 300,001 classes are not a multiple "
+      "of the mesh's 8 class shards") + ".*300,000 or 300,008 classes would be split 8 ways"):
+    rounds.run_pipeline(helpers.typed(config), str(tmp_path), log=lambda _: None)
+  assert not list(tmp_path.iterdir())
+  config.cluster.num_clusters.object = 300_000
+  preflight.check(helpers.typed(config), "pipeline")

@@ -13,7 +13,8 @@ SMALL = TINY_DEMO_PIPELINE
 
 
 @pytest.mark.slow
-def test_two_round_pipeline(tmp_path):
+def test_two_round_pipeline(tmp_path, monkeypatch):
+  monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")  # the workdir's own cache (conftest.py)
   result = run_main("--config=configs/demo.py", f"--workdir={tmp_path}", *SMALL, timeout=900)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "UniViT pipeline: 2 round(s)" in result.stdout
@@ -46,7 +47,8 @@ def test_two_round_pipeline(tmp_path):
   assert len(refused.stderr.strip().splitlines()) == 1
 
 
-def test_later_rounds_learn_from_and_start_at_the_previous_export(tmp_path):
+def test_later_rounds_learn_from_and_start_at_the_previous_export(tmp_path, monkeypatch):
+  monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
   config = load_config("demo")
   first, second = (rounds.round_config(typed(config), str(tmp_path), r) for r in (1, 2))
   previous = str(tmp_path / "round_1" / "export")
@@ -60,3 +62,11 @@ def test_later_rounds_learn_from_and_start_at_the_previous_export(tmp_path):
   with config.unlocked():
     config.train.warm_start = False
   assert rounds.round_config(typed(config), str(tmp_path), 2).train.init_encoder == ""
+  # The launch scripts' shared cache ($JAX_COMPILATION_CACHE_DIR) wins over the workdir's; the
+  # config's own setting wins over both.
+  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/shared/jax_cache")
+  assert rounds.round_config(typed(config), str(tmp_path), 1).train.compilation_cache_dir == (
+    "/shared/jax_cache")
+  with config.unlocked():
+    config.train.compilation_cache_dir = "/mine"
+  assert rounds.round_config(typed(config), str(tmp_path), 2).train.compilation_cache_dir == "/mine"

@@ -1,11 +1,12 @@
 """`run_config.build`: the config as typed sections, built once; derived runs; the record."""
 
+import dataclasses
 import json
 
 import pytest
 
 from helpers import load_config, typed
-from univit_jax import config_lib
+from univit_jax import config_lib, run_config
 from univit_jax.clustering import labels
 from univit_jax.clustering.kmeans import lloyd
 from univit_jax.run_config import stage_config
@@ -21,11 +22,25 @@ def test_sections_follow_the_config():
   assert run.train.total_steps == config.total_steps and run.optim.lr == config.optim.lr
   assert dict(run.cluster.num_clusters) == config.cluster.num_clusters.to_dict()
   assert "num_clusters" not in dict(run.cluster.fields)
+  assert run.summary == stage_config.SummaryConfig(
+    compile=config.summary.compile, step=config.summary.step, devices=config.summary.devices)
   assert run.embed.source is None  # only --mode=embed needs one
   with pytest.raises(config_lib.ConfigError, match="embed.source is empty"):
     run.embed.required_source()
   # The record is the config as given, byte for byte what exports wrote before it existed.
   assert run.record_json() == config.to_json_best_effort()
+
+
+def test_a_run_is_rebuilt_from_its_record_for_other_devices():
+  """What `--mode=summary`'s child does with the record it is given: the same sections, checked
+  for its own device count."""
+  config = load_config("vit_l")
+  run = run_config.build(config, 8)
+  again = run_config.from_record(json.loads(run.record_json()), 64)
+  assert again.num_devices == 64 and run.num_devices == 8
+  assert dataclasses.replace(again, num_devices=8) == run
+  with pytest.raises(config_lib.ConfigError, match="multiple of the 65536 batch shards"):
+    run_config.from_record(run.record, 65_536)
 
 
 def test_a_derived_run_changes_section_and_record_and_is_checked():

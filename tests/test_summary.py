@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import load_config, run_main
+from helpers import load_config, run_main, typed
 from univit_jax import config_lib, positions, sharding, summary
 from univit_jax.models import vit
 from univit_jax.train import labels as labels_lib
@@ -41,13 +41,15 @@ def test_summary_of_each_size(name, arg, backbone, tmp_path):
   config = load_config(name, arg)
   config.summary.compile = name != "vit_l"  # vit_l: abstract only, as on a laptop.
   config.summary.step = "forward"
-  result = summary.run(config, str(tmp_path))
+  result = summary.run(typed(config), str(tmp_path))
   assert result["params_backbone"] == backbone
   assert result["mesh"]["fsdp" if name == "vit_l" else "data"] == 8
   if name == "vit_l":
     assert abs(result["params_backbone"] / 1e6 - 304) < 2  # ViT-L/14: ~304M
-    # A data-parallel encoder (configs/vit_l.py): every device holds all f32 parameters.
-    assert result["device_bytes"]["params"] == result["params_total"] * 4
+    # FSDP (configs/vit_l.py): each of the 8 devices holds about an eighth of the f32
+    # parameters (the few whose dimensions 8 does not divide are replicated).
+    params = result["params_total"] * 4
+    assert params / 8 < result["device_bytes"]["params"] < params / 7
     assert result["buckets"][1]["gflops_per_sample"] == pytest.approx(162.5, rel=0.01)
   else:
     assert all(b["compile_seconds"] >= 0 for b in result["buckets"].values())
@@ -62,13 +64,13 @@ def test_analytic_flops_match_xla():
   """
   config = load_config("demo")
   config.mesh.shape = (1, 1, 1)
-  cfg = config_lib.model_config(config)
+  run = typed(config, 1)
+  cfg = run.model
   graphdef, abstract = vit.abstract_encoder(cfg)
-  mesh = jax.make_mesh((1, 1, 1), ("data", "fsdp", "model"), devices=jax.devices()[:1],
-                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
-  shardings = sharding.tree_shardings(abstract, mesh, config.sharding_rules)
+  mesh = sharding.make_mesh(run.mesh, jax.devices()[:1])
+  shardings = sharding.tree_shardings(abstract, mesh, run.mesh.rules)
   for t in (1, 16):
-    got = summary.compile_bucket(graphdef, shardings, abstract, mesh, config, cfg, t)
+    got = summary.compile_bucket(graphdef, shardings, abstract, mesh, run, t)
     per_sample = got["xla_flops_per_device"] / got["global_batch"]
     analytic = summary.forward_flops(cfg, t, 32)
     assert analytic <= per_sample <= 1.25 * analytic
@@ -82,7 +84,7 @@ def test_bad_summary_options_are_refused_naming_the_field(field, value, message)
   config = load_config("demo")
   config.summary[field] = value
   with pytest.raises(config_lib.ConfigError, match=message):
-    summary.run(config, None)
+    typed(config)
 
 
 def test_a_trained_bank_without_a_class_count_is_refused():
@@ -90,11 +92,29 @@ def test_a_trained_bank_without_a_class_count_is_refused():
   config.cluster.num_clusters = dict(object=64)
   with pytest.raises(config_lib.ConfigError,
                      match="cluster.num_clusters gives no class count .*'event_1'"):
-    summary.run(config, None)
+    summary.run(typed(config), None)
+
+
+def test_bank_lines_say_when_the_class_shards_leave_a_bank_replicated(capsys):
+  """A class count the mesh's class shards (fsdp x model = 8 here) do not divide leaves the bank
+  whole on every device: its row and its printed line say so, with the nearest split counts."""
+  config = load_config("demo")
+  config.mesh.shape = (1, 8, 1)
+  config.summary.compile = False
+  config.cluster.num_clusters = dict(object=64, event_1=36, event_2=32, event_4=32, event_8=32)
+  banks = {b["name"]: b for b in summary.run(typed(config), None)["banks"]}
+  assert banks["object"]["spec"] == "P(('fsdp', 'model'), None)"
+  assert banks["object"]["replicated"] is None
+  assert banks["event_1"]["spec"] == "P(None, None)"
+  assert banks["event_1"]["replicated"] == (
+    "bank 'event_1': 36 classes are not a multiple of the mesh's 8 class shards, so every "
+    "device holds the whole bank, its gradient and Adam moments; 32 or 40 classes would be "
+    "split 8 ways")
+  assert f"  replicated: {banks['event_1']['replicated']}" in capsys.readouterr().out
 
 
 def _random_batch(shapes: dict, num_classes: int, image_size: int, patch_size: int) -> dict:
-  """Arrays for the abstract batch of `summary.step_batch`: random frames, grid positions, valid
+  """Arrays for an abstract batch of `step.abstract_batch`: random frames, grid positions, valid
   boxes and labels below `num_classes`, every mask True."""
   rng = np.random.default_rng(0)
   b, t = shapes["frames"].shape[:2]
@@ -130,22 +150,23 @@ def test_logits_sharding_leaves_the_train_step_unchanged():
   config.cluster.num_clusters = dict(object=16, event_1=12)
   config.loss.bank_weights = dict(object=1.0, event_1=1.0)
   config.loss.event_schedule = ((0.0, (1,)),)
-  cfg = config_lib.validate(config, 8)
-  mesh_cfg = config_lib.MeshConfig.from_config(config)
-  mesh = sharding.make_mesh(mesh_cfg)
-  setup = summary.TrainSetup.build(config, cfg, mesh)
-  shapes, boxes = summary.step_batch(config, setup.loss, 1)
-  spec = step_lib.StepSpec.for_bucket(1, tuple(setup.sizes), boxes > 0)
-  batch_sharding = sharding.batch_sharding(mesh, mesh_cfg.rules)
+  run = typed(config, 8)
+  cfg, rules = run.model, run.mesh.rules
+  mesh = sharding.make_mesh(run.mesh)
+  setup = summary.TrainSetup.build(run, mesh)
+  spec = step_lib.StepSpec.for_bucket(1, tuple(setup.sizes), run.data.max_boxes > 0)
+  shapes = step_lib.abstract_batch(run.data, spec, run.data.batch_sizes()[1], setup.top_k,
+                                   run.loss.image_labels)
+  batch_sharding = sharding.batch_sharding(mesh, rules)
   batch = jax.device_put(_random_batch(shapes, 12, 16, cfg.patch_size), batch_sharding)
-  weights = step_lib.term_weights(setup.loss, 0.0, tuple(setup.sizes))
-  pinned = sharding.logits_sharding(mesh, mesh_cfg.rules)
+  weights = step_lib.term_weights(run.loss, 0.0, tuple(setup.sizes))
+  pinned = sharding.logits_sharding(mesh, rules)
   assert pinned.spec == jax.sharding.PartitionSpec(("data", "fsdp"), "model")
   state = state_lib.create_state(cfg, setup.sizes, {}, setup.tx, setup.shardings, seed=0)
   results, programs = [], []
   for logits in (None, pinned):
     train_step = step_lib.make_train_step(
-      setup.graphdef, setup.tx, lambda step: 1e-3, setup.loss, spec, logits)
+      setup.graphdef, setup.tx, lambda step: 1e-3, run.loss, spec, logits)
     compiled = step_lib.compile_step(train_step, setup.abstract, setup.shardings, shapes,
                                      dict.fromkeys(shapes, batch_sharding), weights,
                                      sharding.replicated(mesh))
@@ -169,10 +190,9 @@ def test_vit_l_train_step_with_million_class_banks_fits_a_v5p_on_64_devices(tmp_
   per-device total fits a v5p's HBM in the image bucket (16,384 images, the largest partial-FC
   logits) and the 16-frame bucket (1,024 clips, the largest activations; docs/scaling.md)."""
   config = load_config("vit_l")
-  config.summary.devices = 64
   config.data.frames, config.data.bucket_weights = (1, 16), (1, 1)
   config.cluster.num_clusters = dict.fromkeys(config.cluster.num_clusters, 1_000_000)
-  result = summary.run(config, str(tmp_path))
+  result = summary.run(typed(config, 64), str(tmp_path))
   assert result["devices"] == "64 x cpu"
   assert result["mesh"] == dict(data=1, fsdp=64, model=1)
   assert all(b["spec"] == "P(('fsdp', 'model'), None)" for b in result["banks"])

@@ -68,8 +68,8 @@ def _logged_steps(workdir: str) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> str:
-  return str(tmp_path_factory.mktemp("jax_cache"))
+def cache() -> str:
+  return os.environ["JAX_COMPILATION_CACHE_DIR"]  # the run's shared cache (conftest.py)
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +111,7 @@ def test_label_attacher_looks_up_rows_by_id_and_sub():
   np.testing.assert_array_equal(out["segments_valid_2"], [[1, 1], [0, 0], [0, 0]])
   np.testing.assert_array_equal(out["labels_regions"][1], [[7, 8], [-1, -1]])
   np.testing.assert_array_equal(out["regions_valid"], [[0, 0], [1, 0], [0, 0]])
-  shapes = labels_lib.label_shapes(banks, 2, 3, 2, "whole")
+  shapes = labels_lib.label_shapes(tuple(banks), 2, 2, 3, 2, "whole")
   assert {k: v[0] for k, v in shapes.items()} == {
     k: out[k].shape for k in shapes}
 
@@ -129,7 +129,7 @@ def test_image_labels_are_the_set_of_its_objects_clusters():
   out = labels_lib.LabelAttacher(dict(object=bank))(batch)
   np.testing.assert_array_equal(out["labels_global"], [[3, 7, -1], [3, 4, -1]])
   np.testing.assert_array_equal(out["global_bank"], [0, 0])
-  shapes = labels_lib.label_shapes(dict(object=bank), 1, 2, 3)
+  shapes = labels_lib.label_shapes(("object",), 2, 1, 2, 3)
   assert shapes["labels_global"][0] == out["labels_global"].shape
 
 
@@ -381,6 +381,22 @@ def test_banks_start_from_centroids_only_from_an_encoder_teacher_of_the_same_wid
   assert loop.initial_centroids(banks, 64, "random") == {}
   with pytest.raises(config_lib.ConfigError, match="train.bank_init"):
     loop.initial_centroids(banks, 64, "kmeans")
+
+
+@pytest.mark.slow
+def test_a_bank_the_class_shards_do_not_divide_is_logged_as_replicated(tmp_path, caplog):
+  """On a (1, 8, 1) mesh the object bank's 10 classes are not a multiple of the 8 class shards:
+  training warns, naming the bank, K, the shards and the nearest split class counts."""
+  config = train_fixtures.tiny_config()
+  config.mesh.shape = (1, 8, 1)
+  config.total_steps = 0
+  train_fixtures.write_clusters(str(tmp_path))
+  loop.run_train(helpers.typed(config), str(tmp_path))
+  warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+  assert [w for w in warnings if "class shards" in w] == [
+    "bank 'object': 10 classes are not a multiple of the mesh's 8 class shards, so every "
+    "device holds the whole bank, its gradient and Adam moments; 8 or 16 classes would be "
+    f"split 8 ways (clusters in {tmp_path}; cluster.num_clusters.object)"]
 
 
 @pytest.mark.parametrize("field,value", [("log_every", 0), ("checkpoint_every", -1),

@@ -390,13 +390,6 @@ def bucket_batch_sizes(
   return sizes
 
 
-def bucket_batch_size(config: ml_collections.ConfigDict, num_frames: int) -> int:
-  """Global batch of the `num_frames` bucket of `config` (see `bucket_batch_sizes`)."""
-  d = config.data
-  return bucket_batch_sizes(
-    (num_frames,), d.tokens_per_batch, d.image_size, config.model.patch_size)[num_frames]
-
-
 def sharding_rules(rules: Sequence[Sequence[Any]]
                    ) -> tuple[tuple[str, str | tuple[str, ...] | None], ...]:
   """Sharding rules (logical axis name, mesh axes) as tuples: a JSON or ConfigDict list of
@@ -442,20 +435,36 @@ class MeshConfig:
         f"mesh.shape={shape} (axes {axes}) cannot be laid over {num_devices} devices")
     return tuple(num_devices // fixed if s == -1 else s for s in shape)
 
-  def batch_shards(self, num_devices: int) -> int:
-    """Ways the batch axis is split over the mesh (product of the mesh axes `batch` maps to).
+  def shards(self, logical: str, num_devices: int) -> int:
+    """Ways a logical axis (`batch`, `classes`, ...) is split over the mesh: the product of the
+    mesh axes its rule maps it to (1 without a rule).
 
     Raises:
-      ConfigError: as `resolved_shape`, or for a `batch` rule naming axes the mesh lacks.
+      ConfigError: as `resolved_shape`, or for a rule naming axes the mesh lacks.
     """
-    target = dict(self.rules).get("batch")
+    target = dict(self.rules).get(logical)
     axes = (target,) if isinstance(target, str) else tuple(target or ())
     sizes = dict(zip(self.axes, self.resolved_shape(num_devices)))
     unknown = [a for a in axes if a not in sizes]
     if unknown:
       raise ConfigError(
-        f"sharding_rules maps 'batch' to {unknown}, not among mesh.axes={self.axes}")
+        f"sharding_rules maps {logical!r} to {unknown}, not among mesh.axes={self.axes}")
     return math.prod(sizes[a] for a in axes)
+
+
+def replicated_bank(bank: str, num_classes: int, shards: int) -> str | None:
+  """Why a class bank is replicated, or None when it is split: its centres `[K, D]` split their
+  class axis over the mesh's `shards` class shards (`sharding_rules` "classes"), and a K they do
+  not divide is kept whole on every device instead (`sharding.tree_shardings`), with its Adam
+  moments and gradient, silently. The message names the bank, K, the shard count and the
+  nearest class counts that would be split."""
+  if num_classes % shards == 0:
+    return None
+  below, above = num_classes // shards * shards, (num_classes // shards + 1) * shards
+  nearest = f"{below:,} or {above:,}" if below else f"{above:,}"
+  return (f"bank {bank!r}: {num_classes:,} classes are not a multiple of the mesh's {shards} "
+          f"class shards, so every device holds the whole bank, its gradient and Adam moments; "
+          f"{nearest} classes would be split {shards} ways")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -490,7 +499,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> ModelConfig
   """
   parts = active_parts(config)
   model = model_config(config)
-  shards = MeshConfig.from_config(config).batch_shards(num_devices)
+  shards = MeshConfig.from_config(config).shards("batch", num_devices)
   d = config.data
   per_frame = tokens_per_frame(d.image_size, config.model.patch_size)
   for t in parts.frames:
@@ -597,7 +606,9 @@ def default_config(variant: str) -> ml_collections.ConfigDict:
     # when `warm_start` (the round's banks still start from its own new clusters).
     init_encoder="",
     warm_start=True,
-    compilation_cache_dir="",  # persistent XLA cache; "" = <workdir>/jax_cache, "none" = off
+    # Persistent XLA cache; "" = $JAX_COMPILATION_CACHE_DIR if set, else <workdir>/jax_cache;
+    # "none" = off.
+    compilation_cache_dir="",
     progress_bar=True,  # tqdm bar with ETA on the terminal
     # Resume from a checkpoint although total_steps or the learning-rate / loss schedule changed:
     # the new schedules then apply from the restored step on (docs/training.md, "Resuming with
@@ -818,9 +829,15 @@ def pretraining_config(arg: str | None, variant: str, tokens_per_batch: int
                        ) -> ml_collections.ConfigDict:
   """The accelerator recipe shared by configs/vit_{s,b,l}.py.
 
-  bf16 compute, scanned layers with dot-saving remat, 224 px frames, FSDP over all devices.
-  `arg` takes `variant=<size>/<patch>` and `runlocal`, which keeps the model but shrinks frames
-  and batches so the config compiles and runs on one CPU.
+  bf16 compute, scanned layers with dot-saving remat, 224 px frames, FSDP over all devices: the
+  `fsdp` axis splits the batch, the encoder's weights (`embed`, DEFAULT_SHARDING_RULES) and the
+  banks' classes, and the encoder pins its activations to the batch's split. On 64 simulated
+  devices with 1M-class banks (docs/scaling.md) S/16 and B/16 fit a v5p and an H100 in every
+  bucket with "dots" (B/16 at most 62.03 GiB per device), so they keep it rather than pay
+  whole-block remat's recomputation; L/14 does not (172.85 GiB in its 16-frame bucket) and
+  sets `remat="full"` (configs/vit_l.py). `arg` takes `variant=<size>/<patch>` and
+  `runlocal`, which keeps the model but shrinks frames and batches so the config compiles and
+  runs on one CPU.
   """
   arg = parse_arg(arg, variant=variant, runlocal=False)
   c = default_config(arg.variant)
@@ -830,6 +847,11 @@ def pretraining_config(arg: str | None, variant: str, tokens_per_batch: int
   c.data.image_size = 224
   c.data.tokens_per_batch = tokens_per_batch
   c.mesh.shape = (1, -1, 1)
+  # The papers' 1M object and 100K event classes, rounded to multiples of 1,024 so that the
+  # class shards of any power-of-two mesh up to 1,024 devices split them: a bank they do not
+  # divide is kept whole on every device (`replicated_bank`; a pipeline refuses a large one).
+  c.cluster.num_clusters = dict(object=1_000_448, event_1=100_352, event_2=100_352,
+                                event_4=100_352, event_8=100_352)
   if arg.runlocal:
     c.model.dtype = "float32"
     c.data.image_size = 4 * c.model.patch_size

@@ -204,11 +204,17 @@ class Encoder:
     name: identifies the export: its path and a hash of its config.
   """
 
-  def __init__(self, spec: EncoderSpec, graphdef: nnx.GraphDef, params: nnx.State, name: str):
+  def __init__(self, spec: EncoderSpec, graphdef: nnx.GraphDef, params: nnx.State, name: str,
+               mesh: jax.sharding.Mesh | None = None):
+    """`mesh`: where `params` were placed by the spec's sharding rules; the forward pass then
+    pins its activations to the batch's split (`sharding.activation_sharding`). None: params
+    placed otherwise (one device, or a training run's state), activations left to GSPMD."""
     self.spec, self.model, self.name = spec, spec.model, name
     self.params = params
     mean = np.asarray(spec.preprocessing.mean, np.float32)
     std = np.asarray(spec.preprocessing.std, np.float32)
+    activations = (None if mesh is None else
+                   sharding.activation_sharding(mesh, spec.sharding_rules))
 
     def forward(params, frames, frame_mask, boxes, segments, normalize):
       if normalize:
@@ -216,7 +222,7 @@ class Encoder:
           frames = frames.astype(jnp.float32) / 255.0
         frames = (frames - mean) / std
       return nnx.merge(graphdef, params)(frames, frame_mask=frame_mask, segments=segments,
-                                         boxes=boxes)
+                                         boxes=boxes, activation_sharding=activations)
 
     self._forward = jax.jit(forward, static_argnums=(4, 5))
 
@@ -284,8 +290,9 @@ def load_encoder(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = None)
     ExportError: if its encoder.json is of another format or a newer version.
   """
   spec = read_spec(path)
+  mesh = inference_mesh(spec.mesh_axes) if mesh is None else mesh
   graphdef, shapes = inference_shapes(spec, mesh)
   params, _ = checkpointing.load_export(path, shapes)
   with open(os.path.join(path, "config.json"), "rb") as f:
     digest = hashlib.sha1(f.read()).hexdigest()[:12]
-  return Encoder(spec, graphdef, params, name=f"univit:{os.fspath(path)}:{digest}")
+  return Encoder(spec, graphdef, params, name=f"univit:{os.fspath(path)}:{digest}", mesh=mesh)

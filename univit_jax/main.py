@@ -14,10 +14,12 @@ import errno
 import os
 import sys
 
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from univit_jax import config_lib, run_config
+from univit_jax.run_config import stage_config
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Config file, e.g. configs/demo.py or configs/vit_l.py:runlocal.",
@@ -31,10 +33,8 @@ PREEMPTED_EXIT_CODE = 75
 
 
 def _summary(run: run_config.RunConfig, workdir: str | None) -> None:
-  """`summary.run` still reads the config itself: it is given the flag's ConfigDict."""
-  del run
   from univit_jax import summary
-  summary.run(_CONFIG.value, workdir)
+  summary.run(run, workdir)
 
 
 def _extract(run: run_config.RunConfig, workdir: str | None) -> None:
@@ -145,6 +145,18 @@ def _disk_full(error: BaseException | None) -> bool:
   return False
 
 
+def _device_count(config: ml_collections.ConfigDict, mode: str, available: int) -> int:
+  """The devices the run's sections are built for: the `summary.devices` a summary simulates,
+  else the `available` ones of this process.
+
+  Raises:
+    config_lib.ConfigError: naming the field, for an invalid `summary` section.
+  """
+  if mode == "summary":
+    return stage_config.SummaryConfig.from_config(config).devices or available
+  return available
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """Parses flags; a bad config file, argument or override exits with one clear line."""
   try:
@@ -178,7 +190,7 @@ def main(argv: list[str]) -> None:
   from univit_jax import preflight
   errors = _user_errors()
   try:
-    run = run_config.build(config, jax.device_count())
+    run = run_config.build(config, _device_count(config, mode, jax.device_count()))
     preflight.check(run, mode)
     MODES[mode](run, _WORKDIR.value)
   except tuple(errors) as e:

@@ -16,6 +16,7 @@ from univit_jax import atomic, checkpointing, encoder, preflight, run_config, tr
 from univit_jax.clustering import extract, labels
 from univit_jax.evaluation import run as eval_run
 from univit_jax.train import logs as train_logs
+from univit_jax.train import loop as train_loop
 
 def round_dir(workdir: str, r: int) -> str:
   return os.path.join(workdir, f"round_{r}")
@@ -30,10 +31,10 @@ def is_exported(folder: str) -> bool:
 def round_config(run: run_config.RunConfig, workdir: str, r: int) -> run_config.RunConfig:
   """`run` for round r: round r - 1's export is the teacher for r > 1, and where its encoder
   starts when `train.warm_start`; every round compiles into one persistent cache,
-  `<workdir>/jax_cache` (unless `train.compilation_cache_dir` names one), so later rounds reuse
-  the first round's programs."""
-  changes = dict(compilation_cache_dir=(run.train.compilation_cache_dir or
-                                        os.path.join(workdir, "jax_cache")))
+  `<workdir>/jax_cache` (unless `train.compilation_cache_dir` or `$JAX_COMPILATION_CACHE_DIR`
+  names one: `train.loop.compilation_cache_dir`), so later rounds reuse the first round's
+  programs."""
+  changes = dict(compilation_cache_dir=train_loop.compilation_cache_dir(run.train, workdir))
   if r > 1:
     previous = encoder.export_dir(round_dir(workdir, r - 1))
     run = run.with_fields("extract", teacher=previous)

@@ -99,6 +99,30 @@ def batch_sharding(mesh: Mesh, rules: Rules, ndim: int = 1) -> NamedSharding:
   return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules))
 
 
+# Logical axes of the encoder's activations between blocks, `[B, N, D]`.
+ACTIVATION_AXES = ("batch", "tokens", "embed")
+
+
+def activation_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
+  """Sharding of the encoder's activations between blocks `[B, N, D]` (`vit.UniViT`'s
+  `activation_sharding`): the logical axes ACTIVATION_AXES, i.e. under the default rules the
+  batch over ("data", "fsdp") and tokens and width whole. A mesh axis is used once, so when
+  `embed` maps to the batch's `fsdp` axis (FSDP: weights split over the devices that split the
+  batch) the activations keep their width and split their batch, and each block gathers its
+  weights rather than the batch."""
+  return NamedSharding(mesh, logical_to_spec(ACTIVATION_AXES, rules))
+
+
+def constrain(x: jax.Array, target: NamedSharding | None) -> jax.Array:
+  """`x` pinned to `target` inside jit (`jax.lax.with_sharding_constraint`); a dimension whose
+  mesh axes do not divide it is left replicated (a batch smaller than the mesh). None: `x`
+  unchanged, its layout left to GSPMD."""
+  if target is None:
+    return x
+  spec = _fit(target.spec, tuple(x.shape), target.mesh, "activations")
+  return jax.lax.with_sharding_constraint(x, NamedSharding(target.mesh, spec))
+
+
 def logits_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
   """Sharding of the partial-FC logits `[N, M]` (`losses.discrimination_loss`): the logical axes
   ("batch", "classes"), i.e. rows over the batch's mesh axes and the sampled classes over the

@@ -11,14 +11,19 @@ and cost analysis:
                           `cluster.num_clusters` classes and `data.max_boxes` boxes per example
                           (0: no region terms); beside it, each target accelerator of `TARGETS`:
                           whether the per-device total fits its HBM, and the step time at 50%
-                          model-FLOP utilisation
+                          model-FLOP utilisation. Compiled or not, a line per bank gives its
+                          centres' sharding and bytes per device, and says when the mesh's
+                          class shards do not divide its class count, which leaves the bank
+                          whole on every device
   summary.step="forward"  the encoder's forward pass only
 `summary.devices=N` compiles for N simulated devices (fake CPU devices, in a child process when
 this one has another count) laid out as `config.mesh`, e.g. 64 for a v5p-128 slice
-(docs/scaling.md). Everything is also written to `<workdir>/summary.json`.
+(docs/scaling.md): `main` builds the run's sections for N devices, and `run` compiles for the
+devices they were built for. Everything is also written to `<workdir>/summary.json`.
 """
 
 import dataclasses
+import json
 import math
 import os
 import pickle
@@ -30,22 +35,17 @@ import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from flax import nnx
 
-from univit_jax import atomic, config_lib, losses, optim, sharding, specs
-from univit_jax.data import pipeline
+from univit_jax import atomic, config_lib, losses, optim, run_config, sharding, specs
+from univit_jax.clustering import labels as cluster_labels
 from univit_jax.models import vit
-from univit_jax.run_config import data_config
 from univit_jax.train import labels as labels_lib
 from univit_jax.train import state as state_lib
 from univit_jax.train import step as step_lib
 
-STEPS = ("train", "forward")
-# The batch fields the train step reads besides the labels (as the training loop passes them).
-_STEP_INPUTS = ("frames", "positions", "frame_mask", "boxes")
 # Model-FLOP utilisation at which `step_seconds` is estimated.
 MFU = 0.5
 
@@ -66,33 +66,6 @@ TARGETS = {
   "TPU v6e": Target(32 * 2**30, 918e12),
   "H100": Target(80 * 2**30, 989e12),
 }
-
-
-@dataclasses.dataclass(frozen=True)
-class Options:
-  """Typed view of `config.summary`.
-
-  Attributes:
-    compile: lower and compile every bucket.
-    step: what is compiled, one of STEPS.
-    devices: simulated device count (0: this process's devices).
-  """
-  compile: bool
-  step: str
-  devices: int
-
-  @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict) -> "Options":
-    """Raises:
-      config_lib.ConfigError: naming the field.
-    """
-    s = config.summary
-    if s.step not in STEPS:
-      raise config_lib.ConfigError(f"summary.step={s.step!r}: expected one of {STEPS}")
-    if s.devices < 0:
-      raise config_lib.ConfigError(
-        f"summary.devices={s.devices} must be >= 0 (0: this process's devices)")
-    return cls(compile=bool(s.compile), step=str(s.step), devices=int(s.devices))
 
 
 def forward_flops(cfg: config_lib.ModelConfig, num_frames: int, image_size: int) -> float:
@@ -138,22 +111,24 @@ def _device_bytes(tree, shardings) -> int:
 
 
 def compile_bucket(graphdef: nnx.GraphDef, param_shardings, abstract_params: nnx.State,
-                   mesh: jax.sharding.Mesh, config: ml_collections.ConfigDict,
-                   cfg: config_lib.ModelConfig, num_frames: int) -> dict:
-  """Lowers and compiles the sharded forward pass of one bucket; returns XLA's analyses."""
-  batch = config_lib.bucket_batch_size(config, num_frames)
-  size = config.data.image_size
-  frames = jax.ShapeDtypeStruct((batch, num_frames, size, size, cfg.channels), jnp.float32)
+                   mesh: jax.sharding.Mesh, run: run_config.RunConfig, num_frames: int) -> dict:
+  """Lowers and compiles the sharded forward pass of one bucket, its activations pinned as in
+  training (`sharding.activation_sharding`); returns XLA's analyses."""
+  batch = run.data.batch_sizes()[num_frames]
+  size = run.data.image_size
+  frames = jax.ShapeDtypeStruct((batch, num_frames, size, size, run.model.channels), jnp.float32)
   frame_mask = jax.ShapeDtypeStruct((batch, num_frames), jnp.bool_)
-  rules = config_lib.MeshConfig.from_config(config).rules
+  rules = run.mesh.rules
+  activations = sharding.activation_sharding(mesh, rules)
 
   def forward(params, frames, frame_mask):
-    embedding, _ = nnx.merge(graphdef, params)(frames, frame_mask=frame_mask)
+    embedding, _ = nnx.merge(graphdef, params)(frames, frame_mask=frame_mask,
+                                               activation_sharding=activations)
     return embedding
 
-  fn = jax.jit(forward, in_shardings=(
-    param_shardings, sharding.batch_sharding(mesh, rules, 5), sharding.batch_sharding(mesh, rules, 2)),
-    out_shardings=sharding.batch_sharding(mesh, rules, 2))
+  fn = jax.jit(forward, out_shardings=sharding.batch_sharding(mesh, rules, 2), in_shardings=(
+    param_shardings, sharding.batch_sharding(mesh, rules, 5),
+    sharding.batch_sharding(mesh, rules, 2)))
   start = time.perf_counter()
   compiled = fn.lower(abstract_params, frames, frame_mask).compile()
   return dict(global_batch=batch, **_analysis(compiled, time.perf_counter() - start))
@@ -179,38 +154,18 @@ def _analysis(compiled: jax.stages.Compiled, seconds: float) -> dict:
   return out
 
 
-def bank_sizes(config: ml_collections.ConfigDict, loss_cfg: config_lib.LossConfig
-               ) -> dict[str, int]:
+def bank_sizes(run: run_config.RunConfig) -> dict[str, int]:
   """Classes of every trained bank, from `cluster.num_clusters` (what clustering will make).
 
   Raises:
     config_lib.ConfigError: a trained bank without a class count.
   """
-  counts = config.cluster.num_clusters
-  missing = [name for name in loss_cfg.trained_banks if name not in counts]
+  counts = dict(run.cluster.num_clusters)
+  missing = [name for name in run.loss.trained_banks if name not in counts]
   if missing:
     raise config_lib.ConfigError(
       f"cluster.num_clusters gives no class count for the trained banks {missing}")
-  return {name: int(counts[name]) for name in loss_cfg.trained_banks}
-
-
-def step_batch(config: ml_collections.ConfigDict, loss_cfg: config_lib.LossConfig,
-               num_frames: int) -> tuple[dict[str, jax.ShapeDtypeStruct], int]:
-  """The abstract global batch the train step of a bucket takes, as the training loop builds it
-  (`pipeline.example_shapes` and `labels.label_shapes`), and its boxes per example."""
-  data_cfg = data_config.DataConfig.from_config(config)
-  boxes = data_cfg.max_boxes
-  size = config_lib.bucket_batch_size(config, num_frames)
-  shapes = pipeline.example_shapes(data_cfg, num_frames, size, boxes > 0)
-  batch = {k: v for k, v in shapes.items() if k in _STEP_INPUTS}
-  top_k = int(config.cluster.top_k)
-  placeholders = {name: labels_lib.BankLabels(
-    name=name, centroids=np.zeros((1, 1), np.float32), keys=np.zeros(0, np.int64),
-    labels=np.zeros((0, top_k), np.int32), version="") for name in loss_cfg.trained_banks}
-  for key, (shape, dtype) in labels_lib.label_shapes(placeholders, num_frames, size, boxes or None,
-                                                     loss_cfg.image_labels).items():
-    batch[key] = jax.ShapeDtypeStruct(shape, dtype)
-  return batch, boxes
+  return {name: counts[name] for name in run.loss.trained_banks}
 
 
 def train_flops(cfg: config_lib.ModelConfig, spec: step_lib.StepSpec,
@@ -236,72 +191,77 @@ class TrainSetup:
   """What the train step of every bucket shares, built as the training loop builds it.
 
   Attributes:
-    loss: the loss config.
     sizes: classes per trained bank (`bank_sizes`).
-    optim: the optimiser config.
+    top_k: labels per row of the trained banks (`cluster.top_k`, as clustering writes them).
+    class_shards: ways the banks' class axis is split over the mesh.
     tx: the optimiser.
     graphdef: the model's graph (encoder and banks).
     shardings: the train state's shardings (`state.state_shardings`).
     abstract: the train state as sharded `ShapeDtypeStruct`s.
   """
-  loss: config_lib.LossConfig
   sizes: dict[str, int]
-  optim: config_lib.OptimConfig
+  top_k: int
+  class_shards: int
   tx: optax.GradientTransformation
   graphdef: nnx.GraphDef
   shardings: state_lib.TrainState
   abstract: state_lib.TrainState
 
   @classmethod
-  def build(cls, config: ml_collections.ConfigDict, cfg: config_lib.ModelConfig,
-            mesh: jax.sharding.Mesh) -> "TrainSetup":
+  def build(cls, run: run_config.RunConfig, mesh: jax.sharding.Mesh) -> "TrainSetup":
     """Raises:
-      config_lib.ConfigError: naming the field (loss section, bank class counts).
+      config_lib.ConfigError: a trained bank without a class count.
+      lloyd.KMeansError: naming the bank and field, for an invalid `cluster` section.
     """
-    loss = config_lib.loss_config(config)
-    sizes = bank_sizes(config, loss)
-    optim_cfg = config_lib.OptimConfig.from_config(config)
-    tx = optim.make_optimizer(optim_cfg, config.total_steps)
-    graphdef, abstract_params = state_lib.abstract_model(cfg, sizes)
-    shardings = state_lib.state_shardings(
-      abstract_params, tx, mesh, config_lib.MeshConfig.from_config(config).rules)
-    return cls(loss=loss, sizes=sizes, optim=optim_cfg, tx=tx, graphdef=graphdef,
-               shardings=shardings, abstract=state_lib.abstract_state(cfg, sizes, tx, shardings))
+    sizes = bank_sizes(run)
+    cluster = cluster_labels.cluster_specs(run.cluster)
+    tx = optim.make_optimizer(run.optim, run.train.total_steps)
+    graphdef, abstract_params = state_lib.abstract_model(run.model, sizes)
+    shardings = state_lib.state_shardings(abstract_params, tx, mesh, run.mesh.rules)
+    return cls(sizes=sizes, top_k=max(cluster[name].top_k for name in sizes),
+               class_shards=run.mesh.shards("classes", mesh.size), tx=tx, graphdef=graphdef,
+               shardings=shardings,
+               abstract=state_lib.abstract_state(run.model, sizes, tx, shardings))
 
   def bank_rows(self) -> list[dict]:
     """Per bank: classes, partition spec of its centres and their bytes per device (each Adam
-    moment takes as much again). A class count the class shards do not divide leaves the bank
-    replicated."""
+    moment takes as much again), and `replicated`, why it is kept whole on every device (a
+    class count the class shards do not divide; `config_lib.replicated_bank`) or None."""
     rows = []
     for name, k in self.sizes.items():
       centres = self.abstract.params["heads"]["banks"][name]["centres"]
       sh = centres.sharding
-      rows.append(dict(name=name, classes=k, spec=str(sh.spec), device_bytes=math.prod(
-        sh.shard_shape(centres.shape)) * np.dtype(centres.dtype).itemsize))
+      rows.append(dict(
+        name=name, classes=k, spec=str(sh.spec), device_bytes=math.prod(
+          sh.shard_shape(centres.shape)) * np.dtype(centres.dtype).itemsize,
+        replicated=config_lib.replicated_bank(name, k, self.class_shards)))
     return rows
 
 
-def compile_train_step(config: ml_collections.ConfigDict, cfg: config_lib.ModelConfig,
-                       setup: TrainSetup, mesh: jax.sharding.Mesh, num_frames: int) -> dict:
+def compile_train_step(run: run_config.RunConfig, setup: TrainSetup, mesh: jax.sharding.Mesh,
+                       num_frames: int) -> dict:
   """Lowers and compiles the train step of one bucket on the abstract state and batch, with the
-  training loop's shardings, donation and logits sharding; returns XLA's analyses, the model
-  FLOPs of the step and, per target of `TARGETS`, whether it fits and its time at `MFU`."""
-  rules = config_lib.MeshConfig.from_config(config).rules
-  batch, boxes = step_batch(config, setup.loss, num_frames)
+  training loop's shardings, donation, logits and activation shardings; returns XLA's
+  analyses, the model FLOPs of the step and, per target of `TARGETS`, whether it fits and its
+  time at `MFU`. The batch carries `data.max_boxes` boxes per example (0: none)."""
+  rules = run.mesh.rules
   names = tuple(setup.sizes)
+  boxes = run.data.max_boxes
   spec = step_lib.StepSpec.for_bucket(num_frames, names, boxes > 0)
+  batch = step_lib.abstract_batch(run.data, spec, run.data.batch_sizes()[num_frames],
+                                  setup.top_k, run.loss.image_labels)
   train_step = step_lib.make_train_step(
-    setup.graphdef, setup.tx, optim.learning_rate(setup.optim, config.total_steps), setup.loss,
-    spec, sharding.logits_sharding(mesh, rules))
+    setup.graphdef, setup.tx, optim.learning_rate(run.optim, run.train.total_steps), run.loss,
+    spec, sharding.logits_sharding(mesh, rules), sharding.activation_sharding(mesh, rules))
   start = time.perf_counter()
   compiled = step_lib.compile_step(
     train_step, setup.abstract, setup.shardings, batch,
     dict.fromkeys(batch, sharding.batch_sharding(mesh, rules)),
-    step_lib.term_weights(setup.loss, 0.0, names), sharding.replicated(mesh))
+    step_lib.term_weights(run.loss, 0.0, names), sharding.replicated(mesh))
   out = dict(global_batch=batch["frames"].shape[0], boxes=boxes,
              **_analysis(compiled, time.perf_counter() - start))
-  out["model_flops"] = train_flops(cfg, spec, batch, setup.sizes, config.data.image_size,
-                                   setup.loss.discrimination.sample_ratio)
+  out["model_flops"] = train_flops(run.model, spec, batch, setup.sizes, run.data.image_size,
+                                   run.loss.discrimination.sample_ratio)
   per_device = out["model_flops"] / mesh.size
   out["targets"] = {name: dict(fits=out["total_bytes"] <= t.hbm_bytes,
                                step_seconds=per_device / (MFU * t.peak_flops))
@@ -316,65 +276,66 @@ def _gib(n: float) -> str:
   return f"{n / 2**10:.1f} KiB"
 
 
-def run(config: ml_collections.ConfigDict, workdir: str | None) -> dict:
-  """Prints the summary of `config` and writes it to `<workdir>/summary.json`.
+def run(run: run_config.RunConfig, workdir: str | None) -> dict:
+  """Prints the summary of `run` on the `run.num_devices` devices its sections were built for
+  and writes it to `<workdir>/summary.json`. With `summary.step="train"` it also lists the
+  class banks (`TrainSetup.bank_rows`), compiled or not.
 
   Raises:
-    config_lib.ConfigError: naming the field, for an invalid model, data, mesh or summary
-      section, or (train step) loss section or bank without a class count.
+    config_lib.ConfigError: naming the field, for a trained bank without a class count (the
+      train step).
+    lloyd.KMeansError: naming the bank and field, for an invalid `cluster` section (the train
+      step: its labels per row).
   """
-  options = Options.from_config(config)
-  cfg = config_lib.validate(config, options.devices or jax.device_count())
-  train = options.compile and options.step == "train"
+  options, cfg = run.summary, run.model
+  train = options.step == "train"
   if train:
-    bank_sizes(config, config_lib.loss_config(config))
-  if options.devices and options.devices != jax.device_count():
-    return _simulated(config, workdir, options.devices)
+    bank_sizes(run)
+  if run.num_devices != jax.device_count():
+    return _simulated(run, workdir)
   devices = jax.devices()
-  mesh_cfg = config_lib.MeshConfig.from_config(config)
-  mesh = sharding.make_mesh(mesh_cfg, devices)
+  mesh = sharding.make_mesh(run.mesh, devices)
   graphdef, abstract_params = vit.abstract_encoder(cfg)
-  param_shardings = sharding.tree_shardings(abstract_params, mesh, mesh_cfg.rules)
+  param_shardings = sharding.tree_shardings(abstract_params, mesh, run.mesh.rules)
   rows = parameter_rows(abstract_params, param_shardings)
   total = sum(r["params"] for r in rows)
   by_module = params_by_module(rows)
 
-  tx = optim.make_optimizer(config_lib.OptimConfig.from_config(config), config.total_steps)
+  tx = optim.make_optimizer(run.optim, run.train.total_steps)
   opt_state = jax.eval_shape(tx.init, abstract_params)
   # Optimiser moments are trees of the parameters' Variables, so they inherit their axes.
-  opt_shardings = sharding.tree_shardings(opt_state, mesh, mesh_cfg.rules)
+  opt_shardings = sharding.tree_shardings(opt_state, mesh, run.mesh.rules)
   param_bytes = sum(r["device_bytes"] for r in rows)
   opt_bytes = _device_bytes(opt_state, opt_shardings)
 
   summary = dict(
-    model=dict(variant=config.model.variant, **{k: v for k, v in vars(cfg).items()
-                                                if k != "rope"}, rope=vars(cfg.rope)),
+    model=dict(variant=run.record["model"]["variant"],
+               **{k: v for k, v in vars(cfg).items() if k != "rope"}, rope=vars(cfg.rope)),
     params_total=total, params_backbone=total - by_module.get("head", 0),
     params_by_module=by_module,
     mesh=dict(zip(mesh.axis_names, (int(s) for s in mesh.devices.shape))),
     devices=f"{len(devices)} x {devices[0].platform}",
     device_bytes=dict(params=param_bytes, optimizer=opt_bytes),
     buckets={}, parameters=rows)
-  frames = config_lib.active_parts(config).frames
-  for t in frames:
+  batch_sizes = run.data.batch_sizes()
+  for t in run.parts.frames:
     summary["buckets"][t] = dict(
-      global_batch=config_lib.bucket_batch_size(config, t),
-      tokens_per_sample=t * config_lib.tokens_per_frame(
-        config.data.image_size, config.model.patch_size),
-      gflops_per_sample=forward_flops(cfg, t, config.data.image_size) / 1e9)
+      global_batch=batch_sizes[t],
+      tokens_per_sample=t * config_lib.tokens_per_frame(run.data.image_size, cfg.patch_size),
+      gflops_per_sample=forward_flops(cfg, t, run.data.image_size) / 1e9)
 
   _print_static(summary)
-  setup = TrainSetup.build(config, cfg, mesh) if train else None
+  setup = TrainSetup.build(run, mesh) if train else None
   if setup:
     summary["banks"] = setup.bank_rows()
     _print_banks(summary["banks"])
   if options.compile:
     if cfg.scan:
       print("(layers are scanned: XLA's flop count covers the loop body once, not depth times)")
-    for t in frames:
+    for t in run.parts.frames:
       summary["buckets"][t].update(
-        compile_train_step(config, cfg, setup, mesh, t) if train else
-        compile_bucket(graphdef, param_shardings, abstract_params, mesh, config, cfg, t))
+        compile_train_step(run, setup, mesh, t) if train else
+        compile_bucket(graphdef, param_shardings, abstract_params, mesh, run, t))
       _print_bucket(t, options.step, summary["buckets"][t])
     if train:
       _print_targets(summary["buckets"])
@@ -383,9 +344,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | None) -> dict:
   return summary
 
 
-def _simulated(config: ml_collections.ConfigDict, workdir: str | None, devices: int) -> dict:
-  """`run` over `devices` fake CPU devices, in a child process: XLA fixes the host platform's
-  device count when JAX starts, and this process's JAX has started.
+def _simulated(run: run_config.RunConfig, workdir: str | None) -> dict:
+  """`run` over `run.num_devices` fake CPU devices, in a child process: XLA fixes the host
+  platform's device count when JAX starts, and this process's JAX has started. The child is
+  given the run's `record` and rebuilds its sections for its devices.
 
   The child's programs are analysed, never run, so LLVM's optimisation of their CPU code is
   skipped (a third of the compile time); the HLO passes and the buffer assignment that XLA's
@@ -395,13 +357,13 @@ def _simulated(config: ml_collections.ConfigDict, workdir: str | None, devices: 
                  os.environ.get("XLA_FLAGS", ""))
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=(
-    f"{flags} --xla_force_host_platform_device_count={devices} "
+    f"{flags} --xla_force_host_platform_device_count={run.num_devices} "
     "--xla_backend_optimization_level=0").strip(),
     PYTHONPATH=os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH")))))
   with tempfile.TemporaryDirectory() as tmp:
-    request = os.path.join(tmp, "request.pkl")
-    with open(request, "wb") as f:
-      pickle.dump((config, workdir), f)
+    request = os.path.join(tmp, "request.json")
+    with open(request, "w") as f:
+      json.dump(dict(record=run.record, workdir=workdir), f)
     subprocess.run([sys.executable, "-m", "univit_jax.summary", request], env=env, check=True)
     with open(request + ".out", "rb") as f:
       return pickle.load(f)
@@ -439,6 +401,8 @@ def _print_banks(banks: list[dict]) -> None:
   for b in banks:
     print(f"bank {b['name']:<8} {b['classes']:>10,} classes  {b['spec']:<32} "
           f"{_gib(b['device_bytes'])} per device (and as much per Adam moment)")
+    if b["replicated"]:
+      print(f"  replicated: {b['replicated']}")
 
 
 def _print_targets(buckets: dict) -> None:
@@ -454,7 +418,9 @@ def _print_targets(buckets: dict) -> None:
 
 
 if __name__ == "__main__":
-  with open(sys.argv[1], "rb") as request:
-    _config, _workdir = pickle.load(request)
+  with open(sys.argv[1]) as request:
+    _request = json.load(request)
+  _summary = run(run_config.from_record(_request["record"], jax.device_count()),
+                 _request["workdir"])
   with open(sys.argv[1] + ".out", "wb") as reply:
-    pickle.dump(run(_config, _workdir), reply)
+    pickle.dump(_summary, reply)

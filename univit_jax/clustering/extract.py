@@ -286,6 +286,7 @@ def siglip_teacher(path: str, variant: str, data_cfg: data_config.DataConfig,
     digest.update(np.asarray(x).tobytes())
   graphdef, abstract = vit.abstract_encoder(cfg)
   params = jax.device_put(params, sharding.tree_shardings(abstract, mesh, rules))
+  activations = sharding.activation_sharding(mesh, rules)
   mean = np.asarray(data_cfg.transform.mean, np.float32)
   std = np.asarray(data_cfg.transform.std, np.float32)
   size = (cfg.pos_grid[0] * cfg.patch_size, cfg.pos_grid[1] * cfg.patch_size)
@@ -295,7 +296,7 @@ def siglip_teacher(path: str, variant: str, data_cfg: data_config.DataConfig,
     x = (frames.astype(jnp.float32) * std + mean) * 2.0 - 1.0  # [B, H, W, C] in [-1, 1]
     if x.shape[1:3] != size:
       x = jax.image.resize(x, (x.shape[0], *size, x.shape[-1]), "bilinear")
-    return nnx.merge(graphdef, params)(x, boxes=boxes)
+    return nnx.merge(graphdef, params)(x, boxes=boxes, activation_sharding=activations)
 
   def embed(frames: jax.Array) -> jax.Array:
     b, t = frames.shape[:2]

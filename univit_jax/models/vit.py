@@ -15,8 +15,10 @@ The same code runs the pretrained weights of a plain ViT (a big_vision SigLIP im
 drop the pre-norm and the rotary embedding (`rope.mode="none"`) and take the tanh GELU.
 
 Parameters carry logical axis names (`embed`, `mlp`, `heads`, `kv`, `patch`, `layers`) that the
-config's sharding rules map to mesh axes (`univit_jax/sharding.py`). `dtype` is the compute dtype,
-`param_dtype` the storage dtype; layer-norm statistics and attention softmax run in float32.
+config's sharding rules map to mesh axes (`univit_jax/sharding.py`); on a mesh, the activations
+between blocks are pinned to the rules' ("batch", "tokens", "embed") when the caller passes
+their sharding. `dtype` is the compute dtype, `param_dtype` the storage dtype; layer-norm
+statistics and attention softmax run in float32.
 """
 
 import einops
@@ -25,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from univit_jax import config_lib
+from univit_jax import config_lib, sharding
 from univit_jax import positions as positions_lib
 from univit_jax.models import masks as masks_lib
 from univit_jax.models import rope
@@ -192,9 +194,11 @@ class UniViT(nnx.Module):
     self.norm_post = _norm(cfg, rngs)
     self.head = MapHead(cfg, rngs=rngs)
 
-  def _encode(self, x: jax.Array, angles: jax.Array | None, mask: jax.Array) -> jax.Array:
+  def _encode(self, x: jax.Array, angles: jax.Array | None, mask: jax.Array,
+              activation_sharding: jax.sharding.NamedSharding | None) -> jax.Array:
     def apply(block: Block, x: jax.Array) -> jax.Array:
-      return block(x, angles, mask)
+      x = sharding.constrain(x, activation_sharding)
+      return sharding.constrain(block(x, angles, mask), activation_sharding)
 
     if not self.cfg.scan:
       apply = _remat(apply, self.cfg.remat)
@@ -212,7 +216,8 @@ class UniViT(nnx.Module):
   def __call__(
       self, frames: jax.Array, *, positions: jax.Array | None = None,
       frame_mask: jax.Array | None = None, segments: tuple[int, ...] = (),
-      boxes: jax.Array | None = None) -> tuple[jax.Array, dict]:
+      boxes: jax.Array | None = None,
+      activation_sharding: jax.sharding.NamedSharding | None = None) -> tuple[jax.Array, dict]:
     """Encodes images or clips.
 
     Args:
@@ -225,6 +230,12 @@ class UniViT(nnx.Module):
       segments: granularities g for which to pool one embedding per ordered temporal segment.
       boxes: `[B, R, 4]` (ymin, xmin, ymax, xmax) in [0, 1] to pool one embedding per box over
         the patches (of every frame) whose centre lies inside it.
+      activation_sharding: under jit on a mesh, where every block's input and output `[B, N, D]`
+        are pinned (`sharding.activation_sharding`: batch split, tokens and width whole). Without
+        it GSPMD follows the weights: with `embed` sharded over the batch's `fsdp` axis it
+        gathers the batch on every device and splits the width instead (ViT-L/14, 256 images
+        per device on 64: 192 GiB of forward temporaries per device, 3.5 GiB pinned;
+        docs/scaling.md). None (one device): no constraint.
 
     Returns:
       `embedding [B, D]` (float32) and `aux` with `tokens [B, N, D]` (after the final norm),
@@ -267,7 +278,7 @@ class UniViT(nnx.Module):
       positions, self.cfg.head_dim, self.cfg.rope.mode, self.cfg.rope.base,
       self.cfg.rope.split, token_mask, self.cfg.rope.temporal_span,
       self.cfg.rope.virtual_frames)
-    x = self._encode(x, angles, token_mask[:, None, :])
+    x = self._encode(x, angles, token_mask[:, None, :], activation_sharding)
     tokens = self.norm_post(x)
 
     queries = [token_mask[:, None, :]]

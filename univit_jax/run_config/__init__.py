@@ -31,6 +31,8 @@ class RunConfig:
   """Every section of a run's config as the stages read it (see `build`).
 
   Attributes:
+    num_devices: the devices the sections were built and checked for (the mesh is laid over
+      them): this process's, or the `summary.devices` a summary simulates.
     seed: seeds the parameters and the pixels teacher.
     rounds: extract -> cluster -> train rounds of --mode=pipeline (and so where a workdir's newest
       export or checkpoint is looked for).
@@ -41,10 +43,11 @@ class RunConfig:
     optim: the optimiser.
     train: the training loop (and `total_steps`).
     loss: the loss terms, for the banks the data feeds.
-    extract, cluster, eval, embed, export: the stages' sections.
+    extract, cluster, eval, embed, export, summary: the stages' sections.
     record: the config as given, a JSON-able dict (read only): what an export keeps as its
       config.json.
   """
+  num_devices: int
   seed: int
   rounds: int
   model: config_lib.ModelConfig
@@ -59,6 +62,7 @@ class RunConfig:
   eval: stage_config.EvalConfig
   embed: stage_config.EmbedConfig
   export: stage_config.ExportConfig
+  summary: stage_config.SummaryConfig
   record: Mapping[str, Any]
 
   def record_json(self) -> str:
@@ -87,7 +91,7 @@ def build(config: ml_collections.ConfigDict, num_devices: int) -> RunConfig:
   if config.rounds < 1:
     raise config_lib.ConfigError(f"rounds={config.rounds} must be >= 1")
   return RunConfig(
-    seed=int(config.seed), rounds=int(config.rounds), model=model,
+    num_devices=num_devices, seed=int(config.seed), rounds=int(config.rounds), model=model,
     parts=config_lib.active_parts(config), data=data_config.DataConfig.from_config(config),
     mesh=config_lib.MeshConfig.from_config(config),
     optim=config_lib.OptimConfig.from_config(config),
@@ -97,7 +101,18 @@ def build(config: ml_collections.ConfigDict, num_devices: int) -> RunConfig:
     eval=stage_config.EvalConfig.from_config(config),
     embed=stage_config.EmbedConfig.from_config(config),
     export=stage_config.ExportConfig.from_config(config),
+    summary=stage_config.SummaryConfig.from_config(config),
     record=json.loads(config.to_json_best_effort()))
+
+
+def from_record(record: Mapping[str, Any], num_devices: int) -> RunConfig:
+  """`build` of the config a run's `record` holds, for `num_devices` devices: how a process
+  given only the record (`--mode=summary`'s child on simulated devices) gets the run's sections.
+
+  Raises:
+    config_lib.ConfigError: naming the first invalid field.
+  """
+  return build(ml_collections.ConfigDict(copy.deepcopy(dict(record))), num_devices)
 
 
 def export_sections(record: Mapping[str, Any]

@@ -1,5 +1,5 @@
 """Typed views of the sections the stages read: `train`, `extract`, `cluster`, `eval`, `embed`,
-`export`.
+`export`, `summary`.
 
 Each is a frozen dataclass that checks its own values when built (`config_lib.ConfigError`
 naming the field), so a derived section (`dataclasses.replace`) is checked the same way. What a
@@ -26,6 +26,9 @@ BASELINES = ("random", *PIXEL_BASELINES, "teacher")
 
 # The name of `embed.source` as a data source: its example ids are its record indices.
 EMBED_SOURCE = "embed"
+
+# What `summary.step` compiles: the full train step, or the encoder's forward pass only.
+SUMMARY_STEPS = ("train", "forward")
 
 
 def _plain(value: Any) -> Any:
@@ -302,3 +305,31 @@ class ExportConfig:
   def from_config(cls, config: ml_collections.ConfigDict) -> "ExportConfig":
     """Reads `config.export`."""
     return cls(step=int(config.export.step), safetensors=bool(config.export.safetensors))
+
+
+@dataclasses.dataclass(frozen=True)
+class SummaryConfig:
+  """Typed view of `config.summary` (`--mode=summary`, univit_jax/summary.py).
+
+  Attributes:
+    compile: lower and compile every bucket.
+    step: what is compiled, one of SUMMARY_STEPS.
+    devices: simulated device count (0: this process's devices); `main` builds the run's
+      sections for that many devices in summary mode.
+  """
+  compile: bool = True
+  step: str = "train"
+  devices: int = 0
+
+  def __post_init__(self):
+    if self.step not in SUMMARY_STEPS:
+      raise config_lib.ConfigError(f"summary.step={self.step!r}: expected one of {SUMMARY_STEPS}")
+    if self.devices < 0:
+      raise config_lib.ConfigError(
+        f"summary.devices={self.devices} must be >= 0 (0: this process's devices)")
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> "SummaryConfig":
+    """Reads `config.summary`."""
+    s = config.summary
+    return cls(compile=bool(s.compile), step=str(s.step), devices=int(s.devices))

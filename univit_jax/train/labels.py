@@ -26,7 +26,7 @@ k is the largest top-k over the banks; banks with fewer labels are padded with -
 """
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -152,17 +152,17 @@ def load_banks(clusters_workdir: str, names: Sequence[str], sources: Mapping[str
   return {name: load_bank(clusters_workdir, name, sources) for name in names}
 
 
-def segment_granularities(banks: Mapping[str, Any], num_frames: int) -> tuple[int, ...]:
-  """Event granularities g with 2 <= g <= T that have a bank: the segment terms of a bucket."""
+def segment_granularities(banks: Iterable[str], num_frames: int) -> tuple[int, ...]:
+  """Event granularities g with 2 <= g <= T that have a bank (of these names, or keys): the
+  segment terms of a bucket."""
   return tuple(sorted(g for g in map(specs.event_granularity, banks)
                       if g is not None and 2 <= g <= num_frames))
 
 
-def global_width(banks: Mapping[str, BankLabels], num_boxes: int | None,
-                 image_labels: str) -> int:
-  """kg, the width of `labels_global`: room for one label per region when images take theirs."""
-  k = max(b.top_k for b in banks.values())
-  return max(k, num_boxes or 0) if image_labels == "objects" else k
+def global_width(top_k: int, num_boxes: int | None, image_labels: str) -> int:
+  """kg, the width of `labels_global` for `top_k` labels per row: room for one label per region
+  when images take theirs."""
+  return max(top_k, num_boxes or 0) if image_labels == "objects" else top_k
 
 
 def object_set(regions: np.ndarray, valid: np.ndarray, width: int) -> np.ndarray:
@@ -196,7 +196,7 @@ class LabelAttacher:
     image, is_image = self._rows(GLOBAL_BANKS[0], ids, (-1,))
     is_clip = is_clip[:, 0]
     num_boxes = batch["boxes"].shape[1] if "boxes" in batch else None
-    width = global_width(self._banks, num_boxes, self.image_labels)
+    width = global_width(self.top_k, num_boxes, self.image_labels)
     image = _pad(image[:, 0], width)
     if num_boxes is not None:
       rows, found = self._rows(specs.OBJECT_BANK, ids, range(num_boxes))
@@ -221,19 +221,19 @@ def _pad(labels: np.ndarray, width: int) -> np.ndarray:
   return np.pad(labels, ((0, 0), (0, width - labels.shape[1])), constant_values=-1)
 
 
-def label_shapes(banks: Mapping[str, BankLabels], num_frames: int, batch_size: int,
+def label_shapes(banks: Sequence[str], top_k: int, num_frames: int, batch_size: int,
                  num_boxes: int | None, image_labels: str = "objects"
                  ) -> dict[str, tuple[tuple[int, ...], Any]]:
-  """(shape, dtype) of the fields `LabelAttacher(banks, image_labels)` adds to a batch of one
-  bucket."""
-  k = max(b.top_k for b in banks.values())
-  shapes = dict(labels_global=((batch_size, global_width(banks, num_boxes, image_labels)),
+  """(shape, dtype) of the fields `LabelAttacher` adds to a batch of one bucket, for banks of
+  these names whose largest top-k is `top_k` (`LabelAttacher.top_k`): known before any label is
+  read, so a step compiles from the config alone."""
+  shapes = dict(labels_global=((batch_size, global_width(top_k, num_boxes, image_labels)),
                                np.int32),
                 global_bank=((batch_size,), np.int32))
   for g in segment_granularities(banks, num_frames):
-    shapes[f"labels_segments_{g}"] = ((batch_size, g, k), np.int32)
+    shapes[f"labels_segments_{g}"] = ((batch_size, g, top_k), np.int32)
     shapes[f"segments_valid_{g}"] = ((batch_size, g), np.bool_)
   if num_boxes:
-    shapes["labels_regions"] = ((batch_size, num_boxes, k), np.int32)
+    shapes["labels_regions"] = ((batch_size, num_boxes, top_k), np.int32)
     shapes["regions_valid"] = ((batch_size, num_boxes), np.bool_)
   return shapes

@@ -18,7 +18,9 @@ data or optimiser, and one made for another schedule unless `train.allow_schedul
 (`check_compatible`; docs/training.md); it refuses cluster labels made for other data sources
 (`labels_lib.load_bank`); SIGTERM saves the current step and returns; SIGKILL loses the steps
 since the last save; a non-finite loss or gradient raises `NonFiniteError` naming the step and
-term, without saving (the step itself leaves the state untouched).
+term, without saving (the step itself leaves the state untouched). A bank whose class count the
+mesh's class shards do not divide is kept whole on every device; a warning names it and the
+nearest class counts that would be split (`config_lib.replicated_bank`).
 """
 
 import dataclasses
@@ -47,7 +49,6 @@ from univit_jax.train import state as state_lib
 from univit_jax.train import step as step_lib
 
 RUN_FILE = "train_run.json"
-_STEP_INPUTS = ("frames", "positions", "frame_mask", "boxes")
 
 
 class NonFiniteError(RuntimeError):
@@ -78,14 +79,22 @@ class TrainResult:
   compile_s: float = 0.0
 
 
+def compilation_cache_dir(train: stage_config.TrainConfig, workdir: str) -> str:
+  """Where training keeps its persistent XLA cache: `train.compilation_cache_dir`, else
+  `$JAX_COMPILATION_CACHE_DIR` (JAX's own setting, which the launch scripts set so that every
+  run on a machine shares one cache), else `<workdir>/jax_cache`; "none" turns it off."""
+  return (train.compilation_cache_dir or os.environ.get("JAX_COMPILATION_CACHE_DIR")
+          or os.path.join(workdir, "jax_cache"))
+
+
 def _compilation_cache(train: stage_config.TrainConfig, workdir: str) -> None:
-  """Points the persistent compilation cache at `train.compilation_cache_dir` (or DIR/jax_cache).
+  """Points the persistent compilation cache at `compilation_cache_dir`.
 
   JAX decides once per process whether the cache is used, at the first compile; an earlier stage
   in the same process (extraction in --mode=pipeline) may have compiled already, so the decision
   is reset when the folder changes.
   """
-  path = train.compilation_cache_dir or os.path.join(workdir, "jax_cache")
+  path = compilation_cache_dir(train, workdir)
   if path != "none" and jax.config.jax_compilation_cache_dir != path:
     jax.config.update("jax_compilation_cache_dir", path)
     compilation_cache.reset_cache()
@@ -252,6 +261,12 @@ def run_train(run: run_config.RunConfig, workdir: str,
 
   mesh = sharding.make_mesh(run.mesh)
   rules = run.mesh.rules
+  class_shards = run.mesh.shards("classes", mesh.size)
+  for name, k in sizes.items():
+    replicated = config_lib.replicated_bank(name, k, class_shards)
+    if replicated:
+      logging.warning("%s (clusters in %s; cluster.num_clusters.%s)", replicated,
+                      train.clusters_workdir or workdir, name)
   tx = optim.make_optimizer(run.optim, total)
   learning_rate = optim.learning_rate(run.optim, total)
   graphdef, abstract_params = state_lib.abstract_model(model_cfg, sizes)
@@ -314,23 +329,21 @@ class _Run:
   evaluate: Callable[[int, Any], Mapping[str, float]] | None = None
 
 
-def _compile_buckets(run: _Run, num_boxes: int | None) -> tuple[dict, dict]:
+def _compile_buckets(run: _Run, has_boxes: bool) -> tuple[dict, dict]:
   """One compiled step per frame bucket, and the batch keys each step takes."""
   names = tuple(run.banks)
+  top_k = max(bank.top_k for bank in run.banks.values())
   batch_sharding = sharding.batch_sharding(run.mesh, run.rules)
   compiled, inputs = {}, {}
   for t in run.data_cfg.frames:
-    spec = step_lib.StepSpec.for_bucket(t, names, num_boxes is not None)
-    size = run.batch_sizes[t]
-    shapes = pipeline.example_shapes(run.data_cfg, t, size, num_boxes is not None)
-    batch = {k: v for k, v in shapes.items() if k in _STEP_INPUTS}
-    for key, (shape, dtype) in labels_lib.label_shapes(run.banks, t, size, num_boxes,
-                                                         run.loss_cfg.image_labels).items():
-      batch[key] = jax.ShapeDtypeStruct(shape, dtype)
+    spec = step_lib.StepSpec.for_bucket(t, names, has_boxes)
+    batch = step_lib.abstract_batch(run.data_cfg, spec, run.batch_sizes[t], top_k,
+                                    run.loss_cfg.image_labels)
     inputs[t] = tuple(batch)
     compiled[t] = step_lib.compile_step(
       step_lib.make_train_step(run.graphdef, run.tx, run.learning_rate, run.loss_cfg, spec,
-                               sharding.logits_sharding(run.mesh, run.rules)),
+                               sharding.logits_sharding(run.mesh, run.rules),
+                               sharding.activation_sharding(run.mesh, run.rules)),
       run.abstract, run.shardings, batch, {k: batch_sharding for k in batch},
       step_lib.term_weights(run.loss_cfg, 0.0, names), sharding.replicated(run.mesh))
   return compiled, inputs
@@ -359,7 +372,7 @@ def _loop(run: _Run, state: state_lib.TrainState, iterator, ckpt: checkpointing.
   # The first batch tells whether batches carry boxes; then every bucket compiles up front.
   first = next(iterator)
   start = time.perf_counter()
-  compiled, inputs = _compile_buckets(run, first["boxes"].shape[1] if "boxes" in first else None)
+  compiled, inputs = _compile_buckets(run, "boxes" in first)
   compile_s = time.perf_counter() - start
   logging.info("Compiled %d buckets in %.1fs", len(compiled), compile_s)
 

@@ -24,6 +24,8 @@ import optax
 from flax import nnx
 
 from univit_jax import config_lib, losses, specs
+from univit_jax.data import pipeline
+from univit_jax.run_config import data_config
 from univit_jax.train import labels as labels_lib
 from univit_jax.train.state import TrainState
 
@@ -49,10 +51,38 @@ class StepSpec:
 
   @classmethod
   def for_bucket(cls, num_frames: int, banks: tuple[str, ...], has_boxes: bool) -> "StepSpec":
-    segments = labels_lib.segment_granularities(dict.fromkeys(banks), num_frames)
+    segments = labels_lib.segment_granularities(banks, num_frames)
     divisible = [g for g in segments if num_frames % g == 0]
     return cls(num_frames=num_frames, banks=banks, segments=segments,
                contrast_granularity=max(divisible, default=0), has_boxes=has_boxes)
+
+
+# The fields of a batch the step reads besides the labels (`abstract_batch`).
+STEP_INPUTS = ("frames", "positions", "frame_mask", "boxes")
+
+
+def abstract_batch(data_cfg: data_config.DataConfig, spec: StepSpec, batch_size: int,
+                   top_k: int, image_labels: str) -> dict[str, jax.ShapeDtypeStruct]:
+  """The global batch the step of a bucket takes, as `jax.ShapeDtypeStruct`s: the inputs of
+  `pipeline.example_shapes` the step reads (boxes: `data.max_boxes` per example when
+  `spec.has_boxes`) and the label fields `labels.LabelAttacher` adds, `top_k` labels a row.
+  What the training loop compiles each bucket for, and `--mode=summary` with it.
+
+  Args:
+    data_cfg: the data settings (frame size, boxes per example).
+    spec: the bucket's step.
+    batch_size: its global batch.
+    top_k: the largest top-k of the trained banks' labels (`LabelAttacher.top_k`).
+    image_labels: `loss.image_labels` (the width of `labels_global`).
+  """
+  t = spec.num_frames
+  shapes = pipeline.example_shapes(data_cfg, t, batch_size, spec.has_boxes)
+  batch = {k: v for k, v in shapes.items() if k in STEP_INPUTS}
+  num_boxes = data_cfg.max_boxes if spec.has_boxes else None
+  for key, (shape, dtype) in labels_lib.label_shapes(spec.banks, top_k, t, batch_size, num_boxes,
+                                                     image_labels).items():
+    batch[key] = jax.ShapeDtypeStruct(shape, dtype)
+  return batch
 
 
 def term_weights(loss_config: config_lib.LossConfig, progress: float,
@@ -84,11 +114,15 @@ def _shuffle_frames(x: jax.Array, perm: jax.Array) -> jax.Array:
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     learning_rate: optax.Schedule, loss_config: config_lib.LossConfig,
                     spec: StepSpec,
-                    logits_sharding: jax.sharding.NamedSharding | None = None) -> Callable:
+                    logits_sharding: jax.sharding.NamedSharding | None = None,
+                    activation_sharding: jax.sharding.NamedSharding | None = None) -> Callable:
   """The pure step function of one bucket (jit it with `compile_step`).
 
   `logits_sharding` (`sharding.logits_sharding`) pins every bank term's partial-FC logits
   `[N, M]`; None leaves their layout to GSPMD, which can replicate them over the class axes.
+  `activation_sharding` (`sharding.activation_sharding`) pins the encoder's activations between
+  blocks to the batch's split (`vit.UniViT`); None leaves them to GSPMD, which under FSDP rules
+  gathers the batch instead of the weights.
   """
   disc = loss_config.discrimination
 
@@ -97,7 +131,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     encoder = model.encoder
     emb, aux = encoder(batch["frames"], positions=batch["positions"],
                        frame_mask=batch["frame_mask"], segments=spec.segments,
-                       boxes=batch["boxes"] if spec.has_boxes else None)
+                       boxes=batch["boxes"] if spec.has_boxes else None,
+                       activation_sharding=activation_sharding)
     centres = {name: model.heads[name].centres[...] for name in spec.banks}
     keys = iter(jax.random.split(rng, 16))
     terms = {}
@@ -123,7 +158,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                            batch[f"labels_segments_{g}"][..., 0], -1)
       perm, order_matters = losses.shuffle_segments(clusters, next(keys))
       shuffled, _ = encoder(_shuffle_frames(batch["frames"], perm), positions=batch["positions"],
-                            frame_mask=_shuffle_frames(batch["frame_mask"], perm))
+                            frame_mask=_shuffle_frames(batch["frame_mask"], perm),
+                            activation_sharding=activation_sharding)
       terms["contrastive"] = losses.structured_contrastive_loss(
         jnp.concatenate([emb, shuffled]), losses.clip_targets(clusters, perm, order_matters),
         None, loss_config.temperature)
