@@ -3,6 +3,7 @@ after SIGKILL, two processes, and named errors for bad input."""
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -15,9 +16,10 @@ import pytest
 from sklearn.metrics import normalized_mutual_info_score
 
 import cluster_worker
-from univit_jax import config_lib
+import helpers
+from univit_jax import config_lib, preflight
 from univit_jax.clustering import labels, store
-from univit_jax.clustering.kmeans import assigners, bounds, lloyd, sources
+from univit_jax.clustering.kmeans import assigners, bounds, candidates, lloyd, sources
 from univit_jax.run_config import stage_config
 
 WORKER = os.path.join(os.path.dirname(__file__), "cluster_worker.py")
@@ -155,7 +157,7 @@ def test_bounded_lloyd_equals_plain_lloyd_and_skips_settled_rows(mixture, screen
   if duplicate_init:  # centroid 5 repeats centroid 4, so it starts empty and is re-seeded
     rows[5] = rows[4]
   spec = lloyd.ClusterSpec(num_clusters=12, iterations=8, top_k=1, block_rows=1000,
-                           screen_dtype=screen_dtype)
+                           screen_dtype=screen_dtype, candidates=0)
   result = lloyd.spherical_kmeans(sources.ArraySource(x), spec, init_centroids=x[rows],
                                   log=_quiet)
   centroids = _plain_lloyd(x, x[rows], spec.iterations)
@@ -247,6 +249,107 @@ def test_kmeans_pp_init_picks_distinct_rows(mixture):
   nearest = np.argmax(x @ centroids.T, axis=0)
   # k-means++ spreads the seeds: most planted clusters receive one.
   assert len(np.unique(truth[nearest])) >= 10
+
+
+def _overlapping(num_rows=2000, dim=16, seed=0):
+  """Heavily overlapping clusters with power-law sizes (benchmarks/kmeans.py "overlap", small):
+  rows at mean cosine ~0.55 to their true centre."""
+  rng = np.random.default_rng(seed)
+  scale = np.arange(1, dim + 1) ** -0.5
+  centres = sources.normalize(rng.standard_normal((64, dim)) * scale)
+  sizes = 1.0 / np.arange(1, len(centres) + 1)
+  truth = rng.choice(len(centres), num_rows, p=sizes / sizes.sum())
+  noise = rng.standard_normal((num_rows, dim)) * (1.5 * scale / np.linalg.norm(scale))
+  return sources.normalize(centres[truth] + noise)
+
+
+def test_full_searches_run_on_the_first_two_passes_and_powers_of_4():
+  assert [i for i in range(100) if candidates.full_search(i)] == [0, 1, 4, 16, 64]
+
+
+def test_rescore_is_top_k_of_each_rows_own_list_with_repeats_once_and_ties_to_lowest_id():
+  # Small integer entries: exact float32 dot products, so ties are exact ties.
+  rng = np.random.default_rng(0)
+  centroids = rng.integers(-2, 3, (40, 6)).astype(np.float32)
+  centroids[[9, 31]] = centroids[17]
+  x = rng.integers(-2, 3, (200, 6)).astype(np.float32)
+  lists = rng.integers(0, 40, (200, 7))
+  lists[:20, 3:] = [17, 31, 9, 17]  # repeats and equal centroids
+  ids, sims = candidates.rescore(x, centroids, lists, 3)
+  for row, (got, got_sims) in enumerate(zip(ids, sims)):
+    own = np.unique(lists[row])
+    expected = own[np.lexsort((own, -(centroids[own] @ x[row])))][:3]
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(got_sims, centroids[expected] @ x[row])
+
+
+def test_candidate_lists_equal_full_search_on_separated_clusters(mixture):
+  x, _ = mixture
+  init = x[np.arange(0, len(x), len(x) // 12)[:12]]
+  results = [lloyd.spherical_kmeans(
+    sources.ArraySource(x), lloyd.ClusterSpec(num_clusters=12, iterations=9, top_k=2,
+                                             block_rows=1000, screen_dtype="float32",
+                                             candidates=m), init_centroids=init, log=_quiet)
+    for m in (0, 3)]
+  # Passes 2 and 3 may miss a far move early on (lists of 3 of 12), but the run converges alike.
+  np.testing.assert_allclose(results[1].centroids, results[0].centroids, atol=1e-6)
+  np.testing.assert_array_equal(results[1].labels, results[0].labels)
+  np.testing.assert_allclose(results[1].objective[-3:], results[0].objective[-3:], atol=1e-7)
+
+
+def test_candidate_lists_keep_the_objective_on_overlapping_clusters():
+  # Bounds skip few rows here, so the passes between full searches score lists only.
+  x = _overlapping()
+  init = x[np.random.default_rng(1).choice(len(x), 128, replace=False)]
+  logs = []
+  results = {m: lloyd.spherical_kmeans(
+    sources.ArraySource(x), lloyd.ClusterSpec(num_clusters=128, iterations=10, top_k=1,
+                                             candidates=m), init_centroids=init,
+    log=logs.append) for m in (0, 8)}
+  full, lists = results[0], results[8]
+  assert sum("candidate lists" in line for line in logs) == 7  # all passes but 0, 1 and 4
+  assert np.mean(full.searched[1:]) > 0.6 * len(x)
+  assert np.all(np.diff(lists.objective) >= -1e-6), lists.objective
+  exact = [np.max(x @ r.centroids.T, axis=1).mean() for r in (full, lists)]
+  assert abs(exact[1] - exact[0]) < 1e-3 * exact[0], exact
+  # The final labels are a full search of the final centroids.
+  np.testing.assert_array_equal(lists.labels[:, 0], np.argmax(x @ lists.centroids.T, axis=1))
+
+
+def test_candidate_lists_resume_mid_run_with_identical_results(tmp_path):
+  x = _overlapping()
+  spec = lloyd.ClusterSpec(num_clusters=64, iterations=8, top_k=2, block_rows=700, seed=2)
+
+  def stop_at(line):  # raised before that pass is checkpointed: resume from pass 6 of 8
+    if "iteration 7/" in line:
+      raise KeyboardInterrupt
+
+  reference = lloyd.spherical_kmeans(sources.ArraySource(x), spec, log=_quiet)
+  with pytest.raises(KeyboardInterrupt):
+    lloyd.spherical_kmeans(sources.ArraySource(x), spec, checkpoint_dir=str(tmp_path),
+                           log=stop_at)
+  lines = []
+  resumed = lloyd.spherical_kmeans(sources.ArraySource(x), spec, checkpoint_dir=str(tmp_path),
+                                   log=lines.append)
+  assert "resumed k-means at iteration 6" in lines[0]
+  assert "candidate lists" in lines[1]  # pass 6 (0-based) scores the restored lists
+  np.testing.assert_array_equal(resumed.centroids, reference.centroids)
+  np.testing.assert_array_equal(resumed.labels, reference.labels)
+  assert resumed.objective == reference.objective and resumed.searched == reference.searched
+
+
+@pytest.mark.parametrize("value", [-1, True])
+def test_bad_candidates_is_a_config_error_naming_the_field(value):
+  config = helpers.load_config("demo")
+  config.cluster.candidates = value
+  with pytest.raises(config_lib.ConfigError, match=re.escape(f"candidates={value!r}")):
+    preflight.check(helpers.typed(config), "cluster")
+  for other in ("8", 2.5):  # the locked config refuses these types itself
+    with pytest.raises(lloyd.KMeansError, match=re.escape(f"candidates={other!r}")):
+      lloyd.ClusterSpec(num_clusters=4, top_k=1, candidates=other).validate("b")
+  assert lloyd.ClusterSpec(num_clusters=4, top_k=1, candidates=0).num_candidates() == 0
+  assert lloyd.ClusterSpec(num_clusters=4, top_k=1).num_candidates() == 4  # at most K
+  assert lloyd.ClusterSpec(num_clusters=40, top_k=1, backend="exact").num_candidates() == 0
 
 
 def _write_bank(workdir):

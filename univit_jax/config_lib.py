@@ -654,7 +654,11 @@ def default_config(variant: str) -> ml_collections.ConfigDict:
     screen_dtype="auto",
     # Cluster features minus their mean (re-normalised): for teachers whose features share one
     # large component (kmeans.lloyd.ClusterSpec.center). Off in the papers' recipe.
-    center=False))
+    center=False,
+    # Candidate lists (kmeans.candidates): each row keeps its nearest centroids from the last
+    # full search and is scored only against them on the passes in between, for banks whose
+    # clusters overlap so much that the bounds skip few rows; 0 = search all on every pass.
+    candidates=8))
 
   # Evaluation (--mode=eval, and during training every `eval.every` steps), see
   # univit_jax/evaluation/run.py and docs/evaluation.md.

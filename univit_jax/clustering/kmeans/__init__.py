@@ -7,6 +7,8 @@
   assigners.py   nearest-centroid search: `MatmulAssigner` (bf16- or float32-screened JAX
                  matmul, exact float32 scoring) and `ScannAssigner` (ScaNN brute force or tree).
   bounds.py      Hamerly's bounds on the sphere and the assignment pass that skips settled rows.
+  candidates.py  each row's list of nearest centroids, rescored between full searches, and the
+                 passes that search in full.
   checkpoint.py  the per-iteration state a killed run resumes from.
 
 Callers import the module they need (`from univit_jax.clustering.kmeans import lloyd`);

@@ -6,9 +6,9 @@ is `approximate` (then the Lloyd loop keeps a row's previous centroid as a candi
 objective cannot drop). Which one a pass uses is the Lloyd loop's choice (`lloyd`, "Assignment
 backends"); here is how each searches:
 
-  * `MatmulAssigner`: brute force in two stages, a tiled JAX matmul screening groups of
+  * `MatmulAssigner`: brute force in two stages, a tiled JAX matmul screening tiles of
     centroids (in float32, or bfloat16 where the hardware multiplies it natively:
-    `resolve_screen_dtype`) and NumPy scoring the chosen groups exactly in float32.
+    `resolve_screen_dtype`) and NumPy scoring the chosen tiles exactly in float32.
   * `ScannAssigner`: ScaNN brute force, or a tree over the centroids with exact scoring of the
     searched leaves; trained once and upserted as centroids move, and serialized with the
     k-means checkpoint so that a resumed run searches the very same index.
@@ -22,9 +22,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from univit_jax import atomic
-
-_GROUP = 128  # columns per group of the two-stage max / top-k
-
 
 @functools.cache
 def _cpu_has_bf16_units() -> bool:
@@ -46,16 +43,16 @@ def resolve_screen_dtype(name: str) -> jnp.dtype:
   return jnp.dtype(name)
 
 
-@functools.partial(jax.jit, static_argnames="group")
-def _group_maxima(x: jax.Array, tiles: jax.Array, pad: jax.Array, group: int) -> jax.Array:
-  """Largest cosine of each row `x [B, D]` within each `group` consecutive centroids: `[B, G]`.
+@jax.jit
+def _tile_maxima(x: jax.Array, tiles: jax.Array, pad: jax.Array) -> jax.Array:
+  """Largest cosine of each row `x [B, D]` within each tile of centroids: `[B, n]`.
 
   The centroids come as tiles `[n, D, tile]` in the screening dtype (`pad [n, tile]` is -inf on
   padding columns) and are scanned, so each [B, tile] block of similarities stays in cache
-  instead of a [B, K] matrix going through memory, and only its group maxima leave it: a max
-  costs little next to the matmul, where XLA's CPU argmax or top_k over a long row costs more.
+  instead of a [B, K] matrix going through memory, and only its maximum leaves it: XLA's CPU
+  backend fuses the matmul with a plain max, where an argmax, several maxima per tile or
+  anything computed between the two ran 2.5-9x slower on the dev VM.
   """
-  b, (count, _, tile) = x.shape[0], tiles.shape
   exact = tiles.dtype == jnp.float32
   xs = x.astype(tiles.dtype)
 
@@ -63,87 +60,114 @@ def _group_maxima(x: jax.Array, tiles: jax.Array, pad: jax.Array, group: int) ->
     weights, bias = inputs
     sims = jnp.dot(xs, weights, precision=jax.lax.Precision.HIGHEST if exact else None,
                    preferred_element_type=jnp.float32) + bias
-    return None, sims.reshape(b, tile // group, group).max(axis=-1)
+    return None, sims.max(axis=-1)
 
   _, maxima = jax.lax.scan(scan_tile, None, (tiles, pad), unroll=4)
-  return maxima.transpose(1, 0, 2).reshape(b, count * tile // group)
+  return maxima.T
 
 
 class MatmulAssigner:
   """Nearest centroids by brute force over all of them, in two stages.
 
-  1. JAX (any device): a tiled matmul gives each row's best cosine per group of consecutive
-     centroids (a whole tile of 512 for k <= 2 at large K, else 128).
+  1. JAX (any device): a tiled matmul gives each row's best cosine per tile of 128 consecutive
+     centroids.
   2. Host: the rows are scored exactly (float32 NumPy) against the centroids of their best
-     k groups, where their top k lie (each of the top k sits in a group whose maximum is at
+     k tiles, where their top k lie (each of the top k sits in a tile whose maximum is at
      least its own cosine); ties go to the lowest id.
 
-  The screening dtype only chooses the groups. float32 screening is exact. bfloat16 screening
+  The screening dtype only chooses the tiles. float32 screening is exact. bfloat16 screening
   (f32 accumulation; 1.5 TFLOP/s against 0.2 for float32 on the dev VM's AMX) chooses by
-  cosines good to ~2e-4, so a centroid is missed only where another group's best is within
+  cosines good to ~2e-4, so a centroid is missed only where another tile's best is within
   that of it: the gap to the second-best centroid was >= 0.019 for 99% of the benchmark's rows.
   """
 
   # Rows per step, and centroids per tile of the scan. Large row blocks amortise streaming the
-  # tiles: bf16 [8192, 512] with one maximum per tile ran at ~1.5 TFLOP/s on the 2-core dev VM,
-  # [2048, 512] at ~1.0, and [8192, 512] with 4 group maxima per tile at ~1.05.
+  # tiles: bf16 [8192, 512] with one maximum per tile ran at ~1.5 TFLOP/s on the 2-core dev VM
+  # and [2048, 512] at ~1.0. Tiles of 128 screen 5-15% slower than tiles of 512 but leave the
+  # host stage k * 128 centroids to score per row instead of k * 512.
   _ROWS = 8192
-  _TILE = 512
-  _WHOLE_TILES_MIN_K = 16_384
+  _TILE = 128
 
   def __init__(self, centroids: np.ndarray, dtype: jnp.dtype | str = "float32"):
     k, d = centroids.shape
     self.dtype = jnp.dtype(dtype)
     self.approximate = self.dtype != jnp.float32
-    tile = min(self._TILE, -(-k // _GROUP) * _GROUP)
-    count = -(-k // tile)
-    self._padded = np.zeros((count * tile, d), np.float32)
-    self._padded[:k] = centroids
-    self._num_centroids = k
-    self._tiles = jnp.asarray(self._padded.reshape(count, tile, d).transpose(0, 2, 1), self.dtype)
-    self._pad = jnp.asarray(np.where(np.arange(count * tile) < k, 0.0, -np.inf)
-                            .astype(np.float32).reshape(count, tile))
+    count = -(-k // self._TILE)
+    padded = np.zeros((count * self._TILE, d), np.float32)
+    padded[:k] = centroids
+    self._centroids = padded[:k]
+    self._tiles = jnp.asarray(padded.reshape(count, self._TILE, d).transpose(0, 2, 1),
+                              self.dtype)
+    self._pad = jnp.asarray(np.where(np.arange(count * self._TILE) < k, 0.0, -np.inf)
+                            .astype(np.float32).reshape(count, self._TILE))
 
   def search(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    n = x.shape[0]
-    # Power-of-two blocks of 1,024 rows or more: few compiled shapes (each compiles once per
-    # process and K), and small inputs are not padded to a full block.
-    block = min(self._ROWS, max(1024, 1 << max(0, n - 1).bit_length()))
-    padded = np.zeros((-(-n // block) * block, x.shape[1]), np.float32)
-    padded[:n] = x
-    tile = self._tiles.shape[-1]
-    # Whole tiles as groups are fastest to screen but cost the host stage m * 512 centroids
-    # per row: worth it only where the screen dominates (large K) and k is small.
-    group = tile if k <= 2 and self._num_centroids >= self._WHOLE_TILES_MIN_K else _GROUP
-    maxima = np.concatenate([
-      np.asarray(_group_maxima(padded[lo:lo + block], self._tiles, self._pad, group))
-      for lo in range(0, padded.shape[0], block)])[:n]
-    # One group more than needed under float32 screening, so that rounding differences between
-    # the two stages cannot drop a centroid at an exact tie.
-    groups = _top_columns(maxima, k + 1 if not self.approximate else k)
-    return self._score_groups(x, groups, group, k)
+    # Every block is dispatched before the first is read back, so the device screens block
+    # i + 1 while the host scores block i.
+    maxima = [(rows, _tile_maxima(padded, self._tiles, self._pad))
+              for rows, padded in _padded_blocks(x, self._ROWS)]
+    ids, sims = [], []
+    for rows, block_maxima in maxima:
+      # One tile more than needed under float32 screening, so that rounding differences
+      # between the two stages cannot drop a centroid at an exact tie.
+      tiles = _top_columns(np.array(block_maxima)[:len(rows)],
+                           k + 1 if not self.approximate else k)
+      block_ids, block_sims = self._score_tiles(rows, tiles, k)
+      ids.append(block_ids)
+      sims.append(block_sims)
+    if not ids:
+      return np.zeros((0, k), np.int32), np.zeros((0, k), np.float32)
+    return np.concatenate(ids), np.concatenate(sims)
 
-  def _score_groups(self, x: np.ndarray, groups: np.ndarray, size: int,
-                    k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k of each row of `x [n, D]` among the centroids of its groups `[n, m]` (of
-    `size` consecutive centroids each): one matmul per group over the rows that chose it."""
-    n, m = groups.shape
-    kk = min(k, size)
-    flat = groups.ravel()  # entry i: row i // m
-    cand_ids = np.empty((n * m, kk), np.int64)
-    cand_sims = np.empty((n * m, kk), np.float32)
+  def _score_tiles(self, x: np.ndarray, tiles: np.ndarray,
+                   k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact float32 top-k (ids int32 [n, k], cosines [n, k], best first, ties to the lowest id)
+    of each row of `x [n, D]` among the centroids of its tiles `[n, m]` (distinct, holding at
+    least k centroids).
+
+    One matmul per tile, over the rows that chose it. A row's k-th best cosine is at least the
+    k-th largest of its tiles' maxima (they are k distinct centroids), so only the entries at or
+    above that threshold are sorted: about k per row.
+    """
+    n, m = tiles.shape
+    flat = tiles.ravel()  # entry i: row i // m
     order = np.argsort(flat, kind="stable")
+    maxima = np.empty(n * m, np.float32)
+    scored = []
     for part in np.split(order, np.flatnonzero(np.diff(flat[order])) + 1):
-      lo = int(flat[part[0]]) * size
-      sims = x[part // m] @ self._padded[lo:lo + size].T
-      sims[:, max(0, self._num_centroids - lo):] = -np.inf
-      best = _top_columns(sims, kk)
-      cand_ids[part] = lo + best
-      cand_sims[part] = np.take_along_axis(sims, best, 1)
-    cand_ids, cand_sims = cand_ids.reshape(n, m * kk), cand_sims.reshape(n, m * kk)
-    order = np.lexsort((cand_ids, -cand_sims), axis=1)[:, :k]
-    return (np.take_along_axis(cand_ids, order, 1).astype(np.int32),
-            np.take_along_axis(cand_sims, order, 1))
+      if part.size:
+        lo = int(flat[part[0]]) * self._TILE
+        sims = x[part // m] @ self._centroids[lo:lo + self._TILE].T
+        maxima[part] = sims.max(axis=1)
+        scored.append((part, lo, sims))
+    maxima = maxima.reshape(n, m)
+    threshold = (np.partition(maxima, m - k, axis=1)[:, m - k] if m >= k
+                 else np.full(n, -np.inf, np.float32))
+    rows, ids, values = [], [], []
+    for part, lo, sims in scored:
+      entry, col = np.nonzero(sims >= threshold[part // m, None])
+      rows.append(part[entry] // m)
+      ids.append(lo + col)
+      values.append(sims[entry, col])
+    rows, ids, values = (np.concatenate(v) for v in (rows, ids, values))
+    order = np.lexsort((ids, -values, rows))
+    chosen = order[np.searchsorted(rows[order], np.arange(n))[:, None] + np.arange(k)]
+    return ids[chosen].astype(np.int32), values[chosen]
+
+
+def _padded_blocks(x: np.ndarray, rows: int) -> list[tuple[np.ndarray, np.ndarray]]:
+  """(rows, zero-padded copy) blocks of `x [n, D]` for a jitted kernel: blocks of `rows` rows,
+  or one power-of-two block of 1,024 rows or more when n < rows. Few compiled shapes (each
+  compiles once per process and centroid count), and small inputs are not padded to a full
+  block."""
+  block = min(rows, max(1024, 1 << max(0, x.shape[0] - 1).bit_length()))
+  blocks = []
+  for lo in range(0, x.shape[0], block):
+    part = x[lo:lo + block]
+    padded = np.zeros((block, x.shape[1]), np.float32)
+    padded[:len(part)] = part
+    blocks.append((part, padded))
+  return blocks
 
 
 def _top_columns(values: np.ndarray, k: int) -> np.ndarray:

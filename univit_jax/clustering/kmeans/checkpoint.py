@@ -1,8 +1,9 @@
 """The resumable state of a k-means run: committed after each iteration, loaded on a rerun.
 
-With a `checkpoint_dir`, the state after each iteration (centroids, each row's assignment and
-bound, the serialized ScaNN index, histories) is committed atomically, so a killed run continues
-from its last iteration and ends with the same centroids and labels as an uninterrupted run.
+With a `checkpoint_dir`, the state after each iteration (centroids, each row's assignment,
+bound and candidate list, the serialized ScaNN index, histories) is committed atomically, so a
+killed run continues from its last iteration and ends with the same centroids and labels as an
+uninterrupted run.
 Files: rows_it<i>_p<p>of<P>.npz per process (its `RowState`), scann_it<i>/ (the index, process
 0), and state.npz, written by process 0 after every process wrote its rows: the commit point.
 A state of another version (other inputs or parameters) or process count is not resumed.

@@ -15,10 +15,16 @@ had, and the update step can only raise the sum of cosines of a fixed assignment
 Bounds (`bounds`): a row is searched only when Hamerly's bounds, with angles on the sphere as
 the metric, cannot prove its centroid still nearest; once k-means settles, few rows are.
 
+Candidate lists (`candidates`, `ClusterSpec.candidates`, on by default for "auto" at K <=
+`brute_force_max_k`): where clusters overlap so heavily that the bounds skip few rows, the full
+searches return each searched row's `candidates` nearest centroids, and the passes between them
+(all but passes 0, 1, 4, 16, 64, ...) score each row only against its own list.
+
 Assignment backends (`ClusterSpec.backend`):
   * "exact": brute force over all centroids in two stages (`assigners.MatmulAssigner`): a tiled
-    JAX matmul finds each row's best groups of centroids, NumPy scores those exactly in float32.
-  * "auto": the same with the group screening in `screen_dtype` ("auto": bfloat16 where the
+    JAX matmul finds each row's best tiles of centroids, NumPy scores those exactly in float32.
+    Every pass searches: no candidate lists.
+  * "auto": the same with the tile screening in `screen_dtype` ("auto": bfloat16 where the
     hardware multiplies it natively, 5-7x float32's rate on the dev VM's AMX); the chosen
     candidates are still scored in float32. For K > `brute_force_max_k` (default 65,536) the
     iterations after the first search a ScaNN tree, as "scann" does.
@@ -46,8 +52,9 @@ atomically; a rerun continues from it and ends with the same centroids and label
 uninterrupted run.
 
 The package: `sources` (the rows and their blocks), `assigners` (the search backends), `bounds`
-(the assignment pass), `checkpoint` (the resumable state); this module is the loop itself, its
-spec (`ClusterSpec`), initialisation, update step and result.
+(the assignment pass), `candidates` (the lists and when full searches run), `checkpoint` (the
+resumable state); this module is the loop itself, its spec (`ClusterSpec`), initialisation,
+update step and result.
 """
 
 import dataclasses
@@ -60,9 +67,11 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+import threadpoolctl
 
 from univit_jax import collectives
 from univit_jax.clustering.kmeans import assigners, bounds, checkpoint, sources
+from univit_jax.clustering.kmeans import candidates as candidate_lists
 
 INITS = ("kmeans++", "random")
 BACKENDS = ("auto", "scann", "exact")
@@ -71,6 +80,8 @@ SCREEN_DTYPES = ("auto", "bfloat16", "float32")
 BRUTE_FORCE_MAX_K = 65_536
 # Most empty clusters re-seeded per iteration.
 RESEED_POOL = 8192
+# Default `ClusterSpec.candidates`: each row's nearest centroids kept between full searches.
+CANDIDATES = 8
 # Most re-seeded centroids scored against every row on the next pass (instead of widening every
 # row's bound by their jump).
 MAX_CHECKED = 1024
@@ -113,6 +124,11 @@ class ClusterSpec:
       k-means objective of ~0.99); centred, they are clustered by what tells them apart. The
       centroids, cosines and objective then live in the centred space, and the result carries
       the mean (`KMeansResult.mean`) to map new rows there.
+    candidates: m, the length of each row's candidate list under "auto" at K <=
+      `brute_force_max_k` (`candidates`): full searches return each row's m nearest centroids,
+      and the passes between them score rows against their own lists only. For data whose
+      clusters overlap so much that the bounds skip few rows. 0 searches all centroids on
+      every pass.
   """
   num_clusters: int
   iterations: int = 20
@@ -128,6 +144,7 @@ class ClusterSpec:
   exact_labels: bool = True
   screen_dtype: str = "auto"
   center: bool = False
+  candidates: int = CANDIDATES
 
   def validate(self, name: str) -> None:
     """Raises KMeansError naming bank `name` and the field for impossible values."""
@@ -137,13 +154,15 @@ class ClusterSpec:
       ("backend", self.backend in BACKENDS), ("block_rows", self.block_rows >= 1),
       ("num_leaves", self.num_leaves is None or self.num_leaves >= 2),
       ("leaves_to_search", self.leaves_to_search is None or self.leaves_to_search >= 1),
-      ("screen_dtype", self.screen_dtype in SCREEN_DTYPES))
+      ("screen_dtype", self.screen_dtype in SCREEN_DTYPES),
+      ("candidates", isinstance(self.candidates, int) and not isinstance(self.candidates, bool)
+       and self.candidates >= 0))
     for field, ok in checks:
       if not ok:
         raise KMeansError(
           f"bank {name!r}: cluster spec {field}={getattr(self, field)!r} is invalid "
           f"(num_clusters={self.num_clusters}, init in {INITS}, backend in {BACKENDS}, "
-          f"screen_dtype in {SCREEN_DTYPES})")
+          f"screen_dtype in {SCREEN_DTYPES}, candidates >= 0)")
 
   def matmul_dtype(self) -> jnp.dtype:
     """Screening dtype of the matmul path: float32 for the "exact" backend."""
@@ -152,6 +171,12 @@ class ClusterSpec:
 
   def uses_tree(self) -> bool:
     return self.backend != "exact" and self.num_clusters > self.brute_force_max_k
+
+  def num_candidates(self) -> int:
+    """Length of each row's candidate list (`candidates`): 0 where the lists are off."""
+    if self.backend != "auto" or self.uses_tree():
+      return 0
+    return min(self.candidates, self.num_clusters)
 
   def tree_shape(self) -> tuple[int, int]:
     leaves = self.num_leaves or max(2, round(2 * math.sqrt(self.num_clusters)))
@@ -233,6 +258,10 @@ def _check_size(source: sources.RowSource, spec: ClusterSpec, name: str) -> None
       f"{source.num_rows} rows")
 
 
+# The host stages' many small matmuls run in one BLAS thread: on a loaded machine OpenBLAS's
+# workers wait for a core on every call (a [256, 256] x [256, 32] product took 8 ms with two
+# threads and 47 us with one on the shared dev VM), and the device screen runs meanwhile.
+@threadpoolctl.threadpool_limits.wrap(limits=1, user_api="blas")
 def spherical_kmeans(source: sources.RowSource, spec: ClusterSpec, *, name: str = "features",
                      checkpoint_dir: str | None = None, version: str = "",
                      init_centroids: np.ndarray | None = None,
@@ -277,13 +306,16 @@ def spherical_kmeans(source: sources.RowSource, spec: ClusterSpec, *, name: str 
   else:
     centroids = (initial_centroids(source, spec) if init_centroids is None
                  else sources.normalize(init_centroids))
-    rows = bounds.RowState.fresh(stop - start)
+    rows = bounds.RowState.fresh(stop - start, spec.num_candidates())
     checked = np.zeros(0, np.int64)
     iteration, objective, empty, searched, seconds = 0, [], [], [], []
 
   for iteration in range(iteration, spec.iterations):
     t0 = time.perf_counter()
-    if iteration > 0 and spec.uses_tree():
+    from_candidates = spec.num_candidates() > 0 and not candidate_lists.full_search(iteration)
+    if from_candidates:
+      assigner = None
+    elif iteration > 0 and spec.uses_tree():
       if scann_index is None:  # trained once, on the centroids after the first iteration
         scann_index = assigners.ScannAssigner(centroids, spec.tree_shape())
       assigner = scann_index
@@ -291,8 +323,11 @@ def spherical_kmeans(source: sources.RowSource, spec: ClusterSpec, *, name: str 
       assigner = assigners.ScannAssigner(centroids, None)
     else:
       assigner = assigners.MatmulAssigner(centroids, spec.matmul_dtype())
+    # The first pass's lists (of the initial centroids) would all be replaced by the second's.
+    list_length = spec.num_candidates() if iteration > 0 else 0
     sums, counts, total, num_searched, worst_sims, worst_rows = bounds.assign_pass(
-      source, (start, stop), spec.block_rows, assigner, centroids, rows, checked, RESEED_POOL)
+      source, (start, stop), spec.block_rows, assigner, centroids, rows, checked, RESEED_POOL,
+      list_length, from_candidates)
     sums, counts = collectives.sum_across_processes(sums), collectives.sum_across_processes(counts)
     objective.append(float(collectives.sum_across_processes(total)[0]) / source.num_rows)
     searched.append(int(collectives.sum_across_processes(num_searched)[0]))
@@ -305,7 +340,7 @@ def spherical_kmeans(source: sources.RowSource, spec: ClusterSpec, *, name: str 
     seconds.append(time.perf_counter() - t0)
     log(f"{name}: iteration {iteration + 1}/{spec.iterations} objective {objective[-1]:.6f} "
         f"empty {empty[-1]} searched {searched[-1] / source.num_rows:.1%} "
-        f"({seconds[-1]:.2f}s, {type(assigner).__name__})")
+        f"({seconds[-1]:.2f}s, {type(assigner).__name__ if assigner else 'candidate lists'})")
     if scann_index is not None:
       scann_index.update(centroids)
     if checkpoint_dir:
