@@ -144,11 +144,13 @@ def default_out(kind: str) -> str:
   return os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", name)
 
 
-def warm_up(x: np.ndarray, init: np.ndarray, methods: list[str]) -> None:
-  """Compiles the kernels of our methods outside the timings (once per process and K)."""
-  for top_k in (1, 2, 10):
-    for dtype in ("float32", assigners.resolve_screen_dtype("auto")):
-      assigners.MatmulAssigner(init, dtype).search(x[:16_384], top_k)
+def warm_up(x: np.ndarray, init: np.ndarray) -> None:
+  """Compiles the screening kernels outside the timings: one per dtype, K and block shape
+  (searches of fewer than 8,192 rows run in power-of-two blocks of 1,024 rows or more)."""
+  for dtype in ("float32", assigners.resolve_screen_dtype("auto")):
+    assigner = assigners.MatmulAssigner(init, dtype)
+    for rows in (1024, 2048, 4096, 8192):
+      assigner.search(x[:rows], 2)
 
 
 def main() -> None:
@@ -181,7 +183,7 @@ def main() -> None:
       init = x[np.sort(np.random.default_rng(args.seed + k).choice(args.n, k, replace=False))]
       row = dict(data=kind, n=args.n, dim=x.shape[1], k=k, iterations=args.iterations,
                  load_average=os.getloadavg()[0], **facts)
-      warm_up(x, init, methods)
+      warm_up(x, init)
       for method in methods:
         print(f"{kind} K={k} {method}", flush=True)
         if method == "faiss":

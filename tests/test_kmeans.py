@@ -283,6 +283,30 @@ def test_rescore_is_top_k_of_each_rows_own_list_with_repeats_once_and_ties_to_lo
     np.testing.assert_array_equal(got_sims, centroids[expected] @ x[row])
 
 
+def test_bounds_stay_below_the_true_angles_through_list_passes():
+  # A full search with lists, then passes that move the centroids and score only the lists (one
+  # with a re-seeded centroid): every bound must stay below the row's angle to every centroid
+  # but its own, as with full searches.
+  rng = np.random.default_rng(0)
+  x = _overlapping(num_rows=600)
+  centroids = sources.normalize(rng.standard_normal((40, x.shape[1])))
+  rows = bounds.RowState.fresh(len(x), 5)
+  source, checked = sources.ArraySource(x), np.zeros(0, np.int64)
+  for step, full in enumerate((True, False, False, True, False)):
+    assigner = assigners.MatmulAssigner(centroids) if full else None
+    bounds.assign_pass(source, (0, len(x)), 256, assigner, centroids, rows, checked, 8,
+                       list_length=5, from_candidates=not full)
+    angles = np.arccos(np.clip(x @ centroids.T, -1, 1))
+    angles[np.arange(len(x)), rows.assign] = np.inf
+    assert np.all(rows.lower <= angles.min(axis=1) + 1e-5), step
+    moved = sources.normalize(centroids + 0.05 * rng.standard_normal(centroids.shape))
+    checked = np.array([7]) if step == 1 else np.zeros(0, np.int64)
+    moved[checked] = x[rng.integers(len(x))]  # re-seeded: jumps
+    rows.widen(bounds.angles_moved(centroids, moved), checked)
+    centroids = moved
+  assert np.mean(rows.lower > 0) > 0.1  # the list passes still let some rows skip
+
+
 def test_candidate_lists_equal_full_search_on_separated_clusters(mixture):
   x, _ = mixture
   init = x[np.arange(0, len(x), len(x) // 12)[:12]]

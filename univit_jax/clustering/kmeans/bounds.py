@@ -8,9 +8,11 @@ k-means settles, few rows are searched: on the benchmark's data, 100%, 88%, 11%,
 rows over the first four iterations at K 65,536. Angles are the metric because the triangle
 inequality holds for them on the sphere, not for cosines.
 
-With candidate lists (`candidates`), the passes between full searches score a searched row
-only against its own list; the bound then drops to the angle to the list's runner-up where that
-is lower, so it stays a bound on every centroid but the row's own.
+With candidate lists (`candidates`), a full search also records the angle to the row's nearest
+centroid outside its list (`RowState.outer`, widened like the bound), and the passes in between
+score a searched row only against its own list: its new bound is the smaller of the angle to the
+list's runner-up and `outer`, a bound on every centroid but the row's own again, so settled
+rows are skipped on those passes too.
 """
 
 import dataclasses
@@ -50,15 +52,19 @@ class RowState:
       centroids it scored.
     candidates: int32 [n, m] the row's m nearest centroids at its last full search, best first
       (-1 before it; m = 0 without candidate lists).
+    outer: float32 [n] at most the angle from the row to any centroid outside its list: the
+      angle to its (m + 1)-th nearest at its last full search, lowered like `lower` (pi where
+      the list holds every centroid, 0 before the first list).
   """
   assign: np.ndarray
   lower: np.ndarray
   candidates: np.ndarray
+  outer: np.ndarray
 
   @classmethod
   def fresh(cls, n: int, num_candidates: int = 0) -> "RowState":
     return cls(np.full(n, -1, np.int32), np.zeros(n, np.float32),
-               np.full((n, num_candidates), -1, np.int32))
+               np.full((n, num_candidates), -1, np.int32), np.zeros(n, np.float32))
 
   def widen(self, moved: np.ndarray, checked: np.ndarray) -> None:
     """Lowers the bounds after the centroids moved by `moved` [K] radians: no other centroid
@@ -72,6 +78,7 @@ class RowState:
     second, first = np.argsort(moved)[-2:]
     step = np.where(self.assign == first, moved[second], moved[first])
     self.lower = np.maximum(self.lower - step, 0.0).astype(np.float32)
+    self.outer = np.maximum(self.outer - moved[first], 0.0).astype(np.float32)
 
 
 def assign_pass(source: sources.RowSource, row_range: tuple[int, int], block_rows: int, assigner,
@@ -106,19 +113,24 @@ def assign_pass(source: sources.RowSource, row_range: tuple[int, int], block_row
       sims = np.full(len(x), -np.inf, np.float32)
       sims[assigned] = np.einsum("nd,nd->n", x[assigned], centroids[ids[assigned]])
     if checked.size:  # re-seeded centroids, none of them a row's own (they had no rows)
-      lower = np.minimum(lower, _angle((x @ centroids[checked].T).max(axis=1) + _COS_SLACK))
+      checked_sims = x @ centroids[checked].T
+      lower = np.minimum(lower, _angle(checked_sims.max(axis=1) + _COS_SLACK))
     search = ~assigned | (_angle(sims - _COS_SLACK) > lower)
     if search.any():
-      if from_candidates:  # the re-seeded centroids are in no list yet: candidates of all
-        lists = rows.candidates[local][search]
-        found, found_sims = candidate_lists.rescore(x[search], centroids, np.concatenate(
-          [lists, np.broadcast_to(checked, (len(lists), len(checked)))], axis=1), min(2, k))
+      searched_rows = np.flatnonzero(search) + local.start
+      if from_candidates:
+        # The re-seeded centroids are in no list yet: each row's best two of them join its list.
+        extra = (checked, checked_sims[search]) if checked.size else None
+        found, found_sims = candidate_lists.rescore(
+          x[search], centroids, rows.candidates[searched_rows], min(2, k), extra)
         approximate = True
       else:
-        found, found_sims = assigner.search(x[search], max(min(2, k), list_length))
+        found, found_sims = assigner.search(x[search], max(min(2, k), min(k, list_length + 1)))
         approximate = assigner.approximate
         if list_length:
-          rows.candidates[np.flatnonzero(search) + local.start] = found[:, :list_length]
+          rows.candidates[searched_rows] = found[:, :list_length]
+          rows.outer[searched_rows] = (_angle(found_sims[:, list_length] + _COS_SLACK)
+                                       if list_length < k else np.pi)
         found, found_sims = found[:, :2], found_sims[:, :2]
       if k == 1:
         found, found_sims = np.pad(found, ((0, 0), (0, 1))), np.pad(
@@ -133,9 +145,10 @@ def assign_pass(source: sources.RowSource, row_range: tuple[int, int], block_row
       ids[search] = np.where(keep, prev, found[:, 0])
       sims[search] = np.where(keep, prev_sims, found_sims[:, 0])
       lower = lower.copy()
-      # A list's runner-up bounds only the listed centroids: the others keep the old bound.
-      lower[search] = (np.minimum(lower[search], _angle(runner_up + _COS_SLACK))
-                       if from_candidates else _angle(runner_up + _COS_SLACK))
+      # A list's runner-up bounds only the listed centroids: `outer` bounds the others.
+      lower[search] = _angle(runner_up + _COS_SLACK)
+      if from_candidates:
+        lower[search] = np.minimum(lower[search], rows.outer[searched_rows])
       num_searched += int(search.sum())
     rows.assign[local], rows.lower[local] = ids, lower
     sums_of, block_sums = _cluster_sums(x, ids)
