@@ -159,10 +159,11 @@ def round_dir(workdir: str, r: int) -> str:
 
 
 def _env() -> dict[str, str]:
-  """One CPU device, as the reference ran (tests set 8 fake devices for themselves)."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
-  return env
+  """One CPU device, as the reference ran (tests set 8 fake devices for themselves); the
+  caller's other XLA flags are kept (tests compile without LLVM's optimisations)."""
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
+  return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(flags))
 
 
 def command(setup: Setup, mode: str, workdir: str, r: int = 1) -> list[str]:

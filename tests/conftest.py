@@ -1,5 +1,6 @@
-"""Test set-up: 8 fake CPU devices, so sharded code runs on a real mesh in every test; and one
-persistent XLA compilation cache for the whole run.
+"""Test set-up: 8 fake CPU devices, so sharded code runs on a real mesh in every test, compiled
+without LLVM's optimisations (`helpers.FAST_COMPILE`); and one persistent XLA compilation cache
+for the whole run.
 
 Most tests train, extract or export with the same tiny configs, in-process or through
 `python -m univit_jax.main`; JAX's cache (keyed by the program, the flags and the versions) lets
@@ -14,8 +15,9 @@ import os
 import shutil
 import tempfile
 
-os.environ["XLA_FLAGS"] = (
-  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+import helpers
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + helpers.xla_flags(8)).strip()
 
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   _CACHE = tempfile.mkdtemp(prefix="univit_test_jax_cache_")

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import ROOT, load_config, typed
+from helpers import ROOT, load_config, typed, xla_flags
 from univit_jax.clustering import extract, store
 from univit_jax.data import pipeline
 from univit_jax.evaluation import features, tasks
@@ -150,8 +150,7 @@ def test_extraction_resumes_after_sigkill(tmp_path):
           "--config.data.sources.objects.num_examples=96",
           "--config.data.sources.events.num_examples=16",
           "--config.extract.pixels_fit_examples=32", "--config.extract.pixels_dim=16"]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
-             JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(1), JAX_PLATFORMS="cpu")
 
   def run(workdir):
     return subprocess.Popen([sys.executable, "-m", "univit_jax.main", *args,

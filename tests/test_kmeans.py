@@ -445,7 +445,7 @@ def test_two_processes_match_one(tmp_path, backend, center):
   subprocess.run([sys.executable, WORKER, "cluster", str(single), *options],
                  check=True, capture_output=True)
   port = _free_port()
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = dict(os.environ, XLA_FLAGS=helpers.xla_flags(1))
   procs = [subprocess.Popen([sys.executable, WORKER, "cluster", str(double), *options,
                              "--process", str(i), "--processes", "2", "--port", str(port)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -13,7 +13,7 @@ import time
 import types
 
 import pytest
-from helpers import ROOT
+from helpers import ROOT, xla_flags
 
 SCRIPTS = sorted(glob.glob(os.path.join(ROOT, "launch", "*.sh")))
 TPU = os.path.join(ROOT, "launch", "tpu.sh")
@@ -205,8 +205,7 @@ def test_sigterm_stops_train_mode_with_the_preempted_exit_code(tmp_path):
             "train_fixtures.write_clusters(sys.argv[1])\n"
             "with train_fixtures.slow_steps(1.0):\n"
             "  main._train(helpers.typed(config), sys.argv[1])\n")
-  env = _env(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1 "
-             "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+  env = _env(JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(1))
   proc = subprocess.Popen(
     [sys.executable, "-c", script, str(tmp_path), os.path.join(ROOT, "tests"), ROOT],
     cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

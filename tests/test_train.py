@@ -26,9 +26,7 @@ from univit_jax.train import logs, loop
 from univit_jax.train import state as state_lib
 
 WORKER = os.path.join(helpers.ROOT, "tests", "train_worker.py")
-ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=(
-  "--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0 "
-  "--xla_llvm_disable_expensive_passes=true"))
+ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=helpers.xla_flags(1))
 TIMEOUT = 300
 
 

@@ -25,6 +25,7 @@ import optax
 from univit_jax.evaluation import common
 from univit_jax.evaluation import metrics
 
+_CONSTANT = 1e-5  # relative spread below which a feature counts as constant
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -50,7 +51,9 @@ def _solve(x: jax.Array, y: jax.Array, weights: jax.Array, l2: jax.Array, max_it
   total = jnp.sum(weights)
   mean = jnp.sum(weights[:, None] * x, 0) / total
   std = jnp.sqrt(jnp.sum(weights[:, None] * jnp.square(x - mean), 0) / total)
-  scale = jnp.where(std > 0, std, 1.0)
+  # A feature that varies only at float32 rounding level (e.g. a time average of the same frames
+  # summed in another order) is constant: standardising it would turn rounding into signal.
+  scale = jnp.where(std > _CONSTANT * jnp.abs(mean), std, 1.0)
   z = (x - mean) / scale
 
   def objective(params):
