@@ -2,6 +2,7 @@
 
   python benchmarks/demo_table.py                      # every variant, 3 seeds
   python benchmarks/demo_table.py --seeds=0 --variants=univit --probes=linear,order
+  python benchmarks/demo_table.py --variants=items_only --set=total_steps=150 --workdir=DIR
 
 Rows: raw pixels (time-averaged, and frames in order), the pixels bootstrap teacher (the features
 round 1's clusters are made of: `features.pixels_teacher`), random init, the supervised upper bound
@@ -23,6 +24,7 @@ Writes benchmarks/results/demo_table.json (and the report, results.md and report
 `--workdir/report/`); paste the printed table into README.md and docs/evaluation.md.
 """
 
+import ast
 import contextlib
 import io
 import json
@@ -104,10 +106,24 @@ _SUPERVISED_STEPS = flags.DEFINE_integer("supervised_steps", 1000,
 _NUM_TRAIN = flags.DEFINE_integer("num_train", 1500, "probe-train records per task")
 _NUM_TEST = flags.DEFINE_integer("num_test", 500, "test records per task")
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/univit_demo_table", "pipelines and report")
+_SET = flags.DEFINE_multi_string(
+  "set", [], "FIELD=VALUE (a Python literal) applied to every variant after its own overrides, "
+  "e.g. --set=total_steps=150; a finished pipeline in --workdir is reused, so give each set "
+  "of overrides its own --workdir")
 _FROM_JSON = flags.DEFINE_string("from_json", None,
                                  "only print the tables of an earlier run's JSON")
 _OUT = flags.DEFINE_string("out", os.path.join(ROOT, "benchmarks", "results", "demo_table.json"),
                            "JSON results path")
+
+
+def _parse_set(item: str) -> tuple[str, object]:
+  field, sep, value = item.partition("=")
+  try:
+    if not sep:
+      raise ValueError("no '='")
+    return field, ast.literal_eval(value)
+  except (ValueError, SyntaxError) as e:
+    raise app.UsageError(f"--set={item}: expected FIELD=<Python literal> ({e})") from None
 
 
 def variant_config(variant: str, seed: int, workdir: str) -> run_config.RunConfig:
@@ -120,7 +136,7 @@ def variant_config(variant: str, seed: int, workdir: str) -> run_config.RunConfi
   config.eval.num_train, config.eval.num_test = _NUM_TRAIN.value, _NUM_TEST.value
   config.eval.probes = tuple(_PROBES.value)
   config.eval.qa_epochs = _QA_EPOCHS.value
-  for field, value in overrides:
+  for field, value in tuple(overrides) + tuple(_parse_set(item) for item in _SET.value):
     *path, leaf = field.split(".")
     node = config
     for part in path:
@@ -244,6 +260,7 @@ def main(argv):
               supervised_seeds=_seed_list(_SUPERVISED_SEEDS.value, seeds),
               supervised_steps=_SUPERVISED_STEPS.value,
               probes=_PROBES.value, ablation_probes=_ABLATION_PROBES.value, num_train=_NUM_TRAIN.value, num_test=_NUM_TEST.value,
+              overrides=_SET.value,
               command="python benchmarks/demo_table.py " + " ".join(sys.argv[1:]),
               total_seconds=time.perf_counter() - start, pipeline_seconds=timings,
               machine=dict(platform=platform.platform(), cpus=os.cpu_count())))
