@@ -12,8 +12,8 @@ So with `ClusterSpec.candidates` = m > 0 the full searches of the Lloyd loop ret
 searched row's m nearest centroids, which the row keeps (`bounds.RowState.candidates`), and the
 passes in between score the rows only against their own lists: m float32 dot products per row
 instead of a search over all K. Full searches run on the passes `full_search` names, more
-often early, when rows still move far, and on the last pass, so that the final centroids come
-from a searched assignment. A row whose true nearest centroid left its list is found again by
+often early, when rows still move far; the final labels pass (`lloyd`) searches all centroids
+whatever the lists say. A row whose true nearest centroid left its list is found again by
 the next full search; between them the pass keeps the row's previous centroid unless its list
 holds a better one, so the objective still never drops (`bounds.assign_pass`).
 
