@@ -23,7 +23,10 @@ def make(cfg=CFG, seed=0):
   return graphdef, params
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "segments", "activation_sharding"))
 def apply(graphdef, params, frames, **kw):
+  """The encoder's forward pass, jitted: one compile per input shape instead of eager dispatch
+  of every operation."""
   return nnx.merge(graphdef, params)(frames, **kw)
 
 
