@@ -11,7 +11,8 @@ Layout of a bank (`workdir/features/<bank>/`):
 
 A bank can hold more rows than fit in RAM: the writer appends one chunk at a time and the reader
 memory-maps chunks (on an object store, which cannot be mapped, it reads one chunk at a time
-into memory and keeps only the last: `paths.load_npy`). Every file is written atomically (`atomic`), and a chunk only becomes part of
+into memory and keeps only the last: `paths.load_npy`). Every file is written atomically
+(`atomic`: locally by rename, on an object store by one put), and a chunk only becomes part of
 the bank when its entry is committed to meta.json, which happens after both of its files are on
 disk. A killed writer therefore leaves at worst orphan chunk files that the resumed writer
 overwrites; it never leaves a chunk that a reader could see half-written. One writer per bank.

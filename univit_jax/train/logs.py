@@ -2,10 +2,11 @@
 
 Only process 0 writes. `metrics.jsonl` has one JSON object per line, appended per logged step
 (an append is not atomic: a SIGKILL mid-write leaves a torn last line; on an object store each
-append rewrites the file by one put: `atomic.append_text`). TensorBoard event files in a remote
-workdir are written through `paths` too (`_RemoteEventFile`), one put per flush. On resume the file is
-rewritten atomically with only the records up to the restored step, dropping the records of the
+append rewrites the file by one put: `atomic.append_text`). On resume the file is rewritten
+atomically with only the records up to the restored step, dropping the records of the
 interrupted run past it and any torn last line, so the file describes exactly one history.
+TensorBoard event files in a remote workdir go through `paths` too (`_RemoteEventFile`), one put
+per flush.
 """
 
 import io
