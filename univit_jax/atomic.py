@@ -98,8 +98,8 @@ def staging_dir(dst: str) -> str:
   path; `dst` itself on an object store (no rename to move a folder into place)."""
   if not paths.is_local(dst):
     return dst
-  parent = os.path.dirname(os.path.abspath(dst))
-  return os.path.join(parent, f".{os.path.basename(dst)}.partial")
+  dst = os.path.abspath(dst)
+  return os.path.join(os.path.dirname(dst), f".{os.path.basename(dst)}.partial")
 
 
 def clear_staging(dst: str, marker: str) -> None:

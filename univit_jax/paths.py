@@ -29,6 +29,7 @@ from etils.epath import gpath
 
 # The schemes epath maps to a backend itself (etils/epath/gpath.py, `_URI_PREFIXES`).
 _EPATH_SCHEMES = frozenset(("gs", "s3", "az", "hf"))
+# The schemes `path` has registered with epath, whose registry is global to the process.
 _registered: set[str] = set()
 
 
