@@ -54,10 +54,13 @@ def xla_flags(devices: int) -> str:
   return f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}"
 
 
-def run_main(*args: str, devices: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
-  """Runs `python -m univit_jax.main ARGS` in a subprocess with `devices` fake CPU devices."""
-  env = dict(os.environ, XLA_FLAGS=xla_flags(devices), JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "-m", "univit_jax.main", *args], cwd=ROOT, env=env,
+def run_main(*args: str, devices: int = 1, timeout: int = 300, module: str = "univit_jax.main",
+             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+  """Runs `python -m univit_jax.main ARGS` (or another `module` taking its flags, e.g.
+  `fake_store_main`) in a subprocess with `devices` fake CPU devices and `env` added to the
+  environment."""
+  env = dict(os.environ, XLA_FLAGS=xla_flags(devices), JAX_PLATFORMS="cpu", **(env or {}))
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=timeout)
 
 

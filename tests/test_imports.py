@@ -18,7 +18,9 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 PACKAGE = "univit_jax"
 
 LAYERS = (
-  # Leaf modules: they import nothing from univit_jax.
+  # Where files live (`epath`): every module that touches a file names it through here.
+  ("paths", ("univit_jax.paths",)),
+  # Leaf modules: they import nothing from univit_jax but `paths`.
   ("leaf", ("univit_jax.atomic", "univit_jax.provenance", "univit_jax.specs",
             "univit_jax.positions", "univit_jax.collectives")),
   ("config", ("univit_jax.config_lib",)),

@@ -21,8 +21,13 @@ JSON, for inference and as the next round's teacher:
   <path>/...           files the caller adds (`univit_jax.encoder`: encoder.json,
                        encoder.safetensors)
   <path>/COMPLETE      written last: only a folder holding it is an export (`is_export`)
-An export is built in a sibling folder and renamed into place, so a kill while (re-)exporting
-leaves the previous export or none, never old files beside missing or partial new ones.
+Locally an export is built in a sibling folder and renamed into place, so a kill while
+(re-)exporting leaves the previous export or none, never old files beside missing or partial new
+ones. On an object store (no rename) the old export's marker is deleted first and the new one
+written in place, marker last (`atomic.commit_dir`): it is an export again only when complete.
+
+Orbax writes arrays through TensorStore, which reaches local folders and `gs://` only
+(`check_location`); the rest of a checkpoint goes through `epath`.
 """
 
 import json
@@ -33,12 +38,28 @@ from typing import Any
 import grain
 import jax
 import orbax.checkpoint as ocp
-from etils import epath
 
-from univit_jax import atomic, collectives
+from univit_jax import atomic, collectives, paths
 
 _STATE, _DATA = "state", "data"
+# The schemes TensorStore, under Orbax, writes arrays to (None: a local path).
+_TENSORSTORE_SCHEMES = (None, "gs")
 _EXPORT_COMPLETE = "COMPLETE"
+
+
+def check_location(path: str | os.PathLike, what: str) -> None:
+  """Refuses a folder Orbax cannot write checkpoints or exports to.
+
+  Orbax 0.12 stores arrays through TensorStore with its `file` driver or, for `gs://`, its `gcs`
+  driver; any other scheme (s3://, a scheme fsspec serves) would become a relative local path.
+
+  Raises:
+    paths.StorageError: naming `what` and `path`.
+  """
+  if paths.scheme(path) not in _TENSORSTORE_SCHEMES:
+    raise paths.StorageError(
+      f"{what}={os.fspath(path)}: Orbax checkpoints and exports are written through TensorStore, "
+      f"which reaches local folders and gs:// only, not {paths.scheme(path)}://")
 
 
 class Checkpointer:
@@ -53,7 +74,7 @@ class Checkpointer:
 
   def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 3,
                save_interval_steps: int = 1, async_save: bool = True):
-    self.directory = epath.Path(directory)
+    self.directory = paths.path(directory)
     self._manager = ocp.CheckpointManager(
       self.directory,
       options=ocp.CheckpointManagerOptions(
@@ -145,8 +166,9 @@ def save_export(path: str | os.PathLike, params: Any, config_json: str,
   """Writes a params-only export: `<path>/params/` (Orbax), `<path>/config.json` and `files`,
   then the completion marker `<path>/COMPLETE`.
 
-  They are written to the sibling folder `.<name>.partial`, which then replaces `path` by a
-  rename (`atomic.replace_dir`): `path` holds the previous export until the new one is complete.
+  They are written to `atomic.staging_dir(path)`, committed by `atomic.commit_dir`: locally a
+  sibling folder renamed over `path`, which holds the previous export until the new one is
+  complete; on an object store `path` itself, not an export until its marker is written.
   Blocks until written. Every process calls this (Orbax writes each process's shards).
 
   Args:
@@ -160,28 +182,26 @@ def save_export(path: str | os.PathLike, params: Any, config_json: str,
     ValueError: if `config_json` is not valid JSON.
   """
   json.loads(config_json)
-  path = epath.Path(path)
-  partial = path.parent / f".{path.name}.partial"
+  path = os.fspath(path)
+  staging = paths.path(atomic.staging_dir(path))
   primary = jax.process_index() == 0
-  if primary and partial.exists():
-    partial.rmtree()  # left by a kill mid-export
+  if primary:
+    atomic.clear_staging(path, _EXPORT_COMPLETE)
   collectives.barrier("univit_export_start")
   with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(partial / "params", params)
+    checkpointer.save(staging / "params", params)
     checkpointer.wait_until_finished()
   if primary:
-    atomic.write_bytes(str(partial / "config.json"), config_json.encode())
+    atomic.write_bytes(str(staging / "config.json"), config_json.encode())
     for name, content in (files or {}).items():
-      atomic.write_bytes(str(partial / name), content)
-    atomic.fsync_tree(str(partial))
-    atomic.write_bytes(str(partial / _EXPORT_COMPLETE), b"")
-    atomic.replace_dir(str(partial), str(path))
+      atomic.write_bytes(str(staging / name), content)
+    atomic.commit_dir(path, _EXPORT_COMPLETE)
   collectives.barrier("univit_export_done")
 
 
 def is_export(path: str | os.PathLike) -> bool:
   """Whether `path` holds a complete export (its completion marker is written last)."""
-  return (epath.Path(path) / _EXPORT_COMPLETE).exists()
+  return (paths.path(path) / _EXPORT_COMPLETE).exists()
 
 
 def load_export(path: str | os.PathLike,
@@ -201,7 +221,7 @@ def load_export(path: str | os.PathLike,
   """
   config = read_export_config(path)
   with ocp.StandardCheckpointer() as checkpointer:
-    params = checkpointer.restore(epath.Path(path) / "params", abstract_params)
+    params = checkpointer.restore(paths.path(path) / "params", abstract_params)
   return params, config
 
 
@@ -216,4 +236,4 @@ def read_export_config(path: str | os.PathLike) -> dict[str, Any]:
     raise FileNotFoundError(
       f"{path} is not an export (no {_EXPORT_COMPLETE} marker: missing, or interrupted while "
       "written; exporting again, e.g. rerunning --mode=train, replaces it)")
-  return json.loads((epath.Path(path) / "config.json").read_text())
+  return json.loads((paths.path(path) / "config.json").read_text())

@@ -24,8 +24,9 @@ i % process_count == process_index, and process 0 gathers the rows and writes `e
   embed.json          what was embedded: the export, the source, frames, counts
 
 An unreadable record gets no row (embed.json counts the skipped records; more than
-`data.max_bad_fraction` of them stop the run, as in training). The folder is built beside the
-output and renamed into place (`atomic.replace_dir`): a kill leaves the previous output or none.
+`data.max_bad_fraction` of them stop the run, as in training). Locally the folder is built beside
+the output and renamed into place, so a kill leaves the previous output or none; on an object
+store it is written in place, embed.json last and deleted first (`atomic.commit_dir`).
 Rows are held in memory until written (N x D floats, plus segments and regions).
 """
 
@@ -33,19 +34,19 @@ import collections
 import dataclasses
 import math
 import os
-import shutil
 
 import jax
 import numpy as np
 import tqdm
 
-from univit_jax import atomic, collectives, config_lib, encoder, run_config, sharding
+from univit_jax import atomic, collectives, config_lib, encoder, paths, run_config, sharding
 from univit_jax.data import pipeline
 from univit_jax.data import sources as sources_lib
 from univit_jax.run_config import data_config
 
 OUTPUT_FORMAT = "univit_jax.embeddings"
 OUTPUT_VERSION = 1
+OUTPUT_MARKER = "embed.json"  # written last: on an object store, the output is complete with it
 
 
 def _in_workdir(workdir: str | None, field: str) -> str:
@@ -115,7 +116,7 @@ def run_embed(run: run_config.RunConfig, workdir: str | None) -> str:
   if jax.process_index() == 0:
     _write(output, rows, source, dict(
       format=OUTPUT_FORMAT, version=OUTPUT_VERSION, encoder=enc.name,
-      export=os.path.abspath(path), source=source_spec.to_dict(), frames=num_frames,
+      export=paths.absolute(path), source=source_spec.to_dict(), frames=num_frames,
       image_size=pre.image_size, segments=list(cfg.segments), regions=cfg.regions,
       records=len(source)))
   collectives.barrier("embed done")
@@ -134,14 +135,11 @@ def _write(output: str, rows: dict[str, list[np.ndarray]], source: sources_lib.S
     keys = [source[int(i)]["path"] for i in ids]
   else:
     keys = [str(int(i)) for i in ids]
-  partial = os.path.join(os.path.dirname(os.path.abspath(output)),
-                         f".{os.path.basename(output)}.partial")
-  shutil.rmtree(partial, ignore_errors=True)  # left by a kill mid-write
+  staging = atomic.staging_dir(output)
+  atomic.clear_staging(output, OUTPUT_MARKER)  # left by a kill mid-write, or the old output
   for name, array in arrays.items():
-    atomic.save_npy(os.path.join(partial, f"{name}.npy"), array)
-  atomic.write_json(os.path.join(partial, "keys.json"), keys)
-  atomic.write_json(os.path.join(partial, "embed.json"), dict(
-    meta, rows=len(ids), skipped=meta["records"] - len(ids),
-    files=sorted(f"{name}.npy" for name in arrays) + ["keys.json"]))
-  atomic.fsync_tree(partial)
-  atomic.replace_dir(partial, output)
+    atomic.save_npy(os.path.join(staging, f"{name}.npy"), array)
+  atomic.write_json(os.path.join(staging, "keys.json"), keys)
+  info = dict(meta, rows=len(ids), skipped=meta["records"] - len(ids),
+              files=sorted(f"{name}.npy" for name in arrays) + ["keys.json"])
+  atomic.commit_dir(output, OUTPUT_MARKER, atomic.json_bytes(info))

@@ -36,7 +36,7 @@ import numpy as np
 import safetensors.numpy
 from flax import nnx
 
-from univit_jax import checkpointing, collectives, config_lib, run_config, sharding
+from univit_jax import checkpointing, collectives, config_lib, paths, run_config, sharding
 from univit_jax.models import vit
 from univit_jax.run_config import data_config
 
@@ -274,9 +274,8 @@ def read_spec(path: str | os.PathLike) -> EncoderSpec:
     ExportError: if its encoder.json is of another format or a newer version.
   """
   spec_file = os.path.join(path, SPEC_FILE)
-  if checkpointing.is_export(path) and os.path.exists(spec_file):
-    with open(spec_file) as f:
-      return EncoderSpec.from_json(json.load(f), spec_file)
+  if checkpointing.is_export(path) and paths.path(spec_file).exists():
+    return EncoderSpec.from_json(json.loads(paths.path(spec_file).read_text()), spec_file)
   return EncoderSpec.from_sections(
     *run_config.export_sections(checkpointing.read_export_config(path)))
 
@@ -293,6 +292,5 @@ def load_encoder(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = None)
   mesh = inference_mesh(spec.mesh_axes) if mesh is None else mesh
   graphdef, shapes = inference_shapes(spec, mesh)
   params, _ = checkpointing.load_export(path, shapes)
-  with open(os.path.join(path, "config.json"), "rb") as f:
-    digest = hashlib.sha1(f.read()).hexdigest()[:12]
+  digest = hashlib.sha1(paths.path(os.path.join(path, "config.json")).read_bytes()).hexdigest()[:12]
   return Encoder(spec, graphdef, params, name=f"univit:{os.fspath(path)}:{digest}", mesh=mesh)

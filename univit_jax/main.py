@@ -18,7 +18,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from univit_jax import config_lib, run_config
+from univit_jax import config_lib, paths, run_config
 from univit_jax.run_config import stage_config
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -111,6 +111,9 @@ def _embed(run: run_config.RunConfig, workdir: str | None) -> None:
   print(f"Embeddings: {embed.run_embed(run, workdir)}")
 
 
+# The modes that write Orbax checkpoints or exports into the workdir.
+_CHECKPOINTING_MODES = ("train", "pipeline", "export")
+
 MODES = {"summary": _summary, "extract": _extract, "cluster": _cluster, "train": _train,
          "pipeline": _pipeline, "eval": _eval, "export": _export, "embed": _embed}
 
@@ -125,7 +128,8 @@ def _user_errors() -> dict[type[Exception], str]:
   return {config_lib.ConfigError: "Config", sources.SourceError: "Data",
           pipeline.BadInputError: "Data", store.FeatureStoreError: "Feature store",
           lloyd.KMeansError: "Clustering", train.LabelError: "Cluster label",
-          train.CheckpointMismatchError: "Checkpoint", FileNotFoundError: "Input"}
+          train.CheckpointMismatchError: "Checkpoint", FileNotFoundError: "Input",
+          paths.StorageError: "Storage"}
 
 
 def _one_line(message: str) -> str:
@@ -155,6 +159,21 @@ def _device_count(config: ml_collections.ConfigDict, mode: str, available: int) 
   if mode == "summary":
     return stage_config.SummaryConfig.from_config(config).devices or available
   return available
+
+
+def _check_workdir(workdir: str | None, mode: str) -> None:
+  """Refuses a workdir the mode cannot write before any stage starts: a scheme without a
+  filesystem here (naming the package to install), or one Orbax cannot hold checkpoints on.
+
+  Raises:
+    paths.StorageError: naming the workdir.
+  """
+  if not workdir:
+    return
+  paths.check(workdir, "--workdir")
+  if mode in _CHECKPOINTING_MODES:
+    from univit_jax import checkpointing
+    checkpointing.check_location(workdir, "--workdir")
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -190,6 +209,7 @@ def main(argv: list[str]) -> None:
   from univit_jax import preflight
   errors = _user_errors()
   try:
+    _check_workdir(_WORKDIR.value, mode)
     run = run_config.build(config, _device_count(config, mode, jax.device_count()))
     preflight.check(run, mode)
     MODES[mode](run, _WORKDIR.value)

@@ -12,7 +12,7 @@ from those a round's features record is refused, finished rounds included
 import os
 from collections.abc import Callable
 
-from univit_jax import atomic, checkpointing, encoder, preflight, run_config, train
+from univit_jax import atomic, checkpointing, encoder, paths, preflight, run_config, train
 from univit_jax.clustering import extract, labels
 from univit_jax.evaluation import run as eval_run
 from univit_jax.train import logs as train_logs
@@ -81,7 +81,7 @@ def run_pipeline(run: run_config.RunConfig, workdir: str,
 
 def _round_summary(folder: str) -> dict:
   clusters = {}
-  for bank in sorted(os.listdir(os.path.join(folder, "clusters"))):
+  for bank in sorted(p.name for p in paths.path(os.path.join(folder, "clusters")).iterdir()):
     stats = labels.read_stats(folder, bank)
     if stats:
       clusters[bank] = dict(k=stats["config"]["num_clusters"], objective=stats["objective"][-1],

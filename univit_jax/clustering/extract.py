@@ -43,7 +43,7 @@ import tqdm
 from flax import nnx
 
 from univit_jax import collectives, config_lib, encoder, losses, provenance, run_config, sharding
-from univit_jax import specs
+from univit_jax import paths, specs
 from univit_jax.clustering import store
 from univit_jax.data import pipeline
 from univit_jax.models import masks, siglip, vit
@@ -307,12 +307,13 @@ def siglip_teacher(path: str, variant: str, data_cfg: data_config.DataConfig,
     _, aux = forward(params, frames, boxes)
     return losses.l2_normalize(aux["regions"])
 
-  return Teacher(name=f"{SIGLIP}{os.path.abspath(path)}:{variant}:{digest.hexdigest()[:12]}",
+  return Teacher(name=f"{SIGLIP}{paths.absolute(path)}:{variant}:{digest.hexdigest()[:12]}",
                  dim=cfg.width, embed=embed, regions=regions)
 
 
 class FeatureFile(NamedTuple):
-  """One source's precomputed embeddings: its file, the memory-mapped array, its example ids."""
+  """One source's precomputed embeddings: its file, the (locally memory-mapped) array, its
+  example ids."""
   path: str
   array: np.ndarray
   ids: range
@@ -324,8 +325,9 @@ class PrecomputedFeatures:
 
   `<folder>/<source name>.npy`, for every configured data source, in the source's own record
   order: float `[N, D]` for an image source (one embedding per image) or `[N, F, D]` for a clip
-  source (F = `extract.clip_frames` per-frame embeddings spread uniformly over the clip). Files
-  are memory-mapped; a batch of example ids reads only its rows, and no frame is decoded.
+  source (F = `extract.clip_frames` per-frame embeddings spread uniformly over the clip). Local
+  files are memory-mapped (remote ones read whole into memory: `paths.load_npy`); a batch of
+  example ids reads only its rows, and no frame is decoded.
 
   Attributes:
     name: recorded in the store: the folder and a digest of the files' shapes and end rows.
@@ -375,10 +377,10 @@ def precomputed_features(folder: str, cfg: stage_config.ExtractConfig,
   files = {}
   for spec in data_cfg.sources:
     path = os.path.join(folder, f"{spec.name}.npy")
-    if not os.path.exists(path):
+    if not paths.path(path).exists():
       raise TeacherError(f"extract.teacher={FEATURES}{folder}: no features for the data source "
                          f"{spec.name!r}: {path} does not exist")
-    array = np.load(path, mmap_mode="r")
+    array = paths.load_npy(path, mmap=True)
     n = len(ranges[spec.name])
     kind, want = (("clip", f"[N={n}, F={cfg.clip_frames}, D]") if spec.is_video
                   else ("image", f"[N={n}, D]"))
@@ -402,7 +404,7 @@ def precomputed_features(folder: str, cfg: stage_config.ExtractConfig,
     if len(f.array):
       digest.update(np.asarray(f.array[0]).tobytes() + np.asarray(f.array[-1]).tobytes())
   return PrecomputedFeatures(
-    name=f"{FEATURES}{os.path.abspath(folder)}:{digest.hexdigest()[:12]}",
+    name=f"{FEATURES}{paths.absolute(folder)}:{digest.hexdigest()[:12]}",
     dim=int(next(iter(widths.values()))), files=files)
 
 

@@ -26,14 +26,13 @@ import hashlib
 import io
 import json
 import os
-import shutil
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import numpy as np
 
-from univit_jax import atomic, collectives, run_config
+from univit_jax import atomic, collectives, paths, run_config
 from univit_jax.clustering import store
 from univit_jax.clustering.kmeans import lloyd
 from univit_jax.clustering.kmeans.lloyd import ClusterSpec
@@ -72,7 +71,7 @@ def extracted_specs(run: run_config.RunConfig, workdir: str) -> dict[str, Cluste
   specs = cluster_specs(run.cluster)
   banks = [b for b in run.parts.banks if b in specs]
   missing = [b for b in banks
-             if not os.path.exists(os.path.join(store.bank_dir(workdir, b), "meta.json"))]
+             if not paths.path(os.path.join(store.bank_dir(workdir, b), "meta.json")).exists()]
   if missing:
     raise store.FeatureStoreError(
       f"no features of bank(s) {missing} under {os.path.join(workdir, 'features')}; "
@@ -99,11 +98,8 @@ def version_id(reader: store.BankReader, spec: ClusterSpec) -> str:
 
 def read_stats(workdir: str, bank: str) -> dict | None:
   """The bank's stats.json, or None if the bank has not been clustered (to completion)."""
-  path = os.path.join(clusters_dir(workdir, bank), "stats.json")
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
+  path = paths.path(os.path.join(clusters_dir(workdir, bank), "stats.json"))
+  return json.loads(path.read_text()) if path.exists() else None
 
 
 def _sizes_png(sizes: np.ndarray, bank: str) -> bytes:
@@ -154,8 +150,8 @@ def cluster_bank(workdir: str, bank: str, spec: ClusterSpec,
   checkpoint = os.path.join(out, "checkpoint")
   if jax.process_index() == 0:
     if stats is not None:
-      os.remove(os.path.join(out, "stats.json"))
-    os.makedirs(checkpoint, exist_ok=True)
+      paths.path(os.path.join(out, "stats.json")).unlink()
+    paths.path(checkpoint).mkdir(parents=True, exist_ok=True)
   collectives.barrier(f"cluster_start_{bank}")
 
   result = lloyd.spherical_kmeans(reader, spec, name=bank, checkpoint_dir=checkpoint,
@@ -165,7 +161,7 @@ def cluster_bank(workdir: str, bank: str, spec: ClusterSpec,
   collectives.barrier(f"cluster_labels_{bank}")
   if jax.process_index() == 0:
     labels = np.concatenate([
-      np.load(os.path.join(checkpoint, f"labels_p{p:03d}.npy"))
+      paths.load_npy(os.path.join(checkpoint, f"labels_p{p:03d}.npy"))
       for p in range(jax.process_count())])
     sizes = np.bincount(labels[:, 0], minlength=spec.num_clusters)
     stats = dict(
@@ -179,13 +175,13 @@ def cluster_bank(workdir: str, bank: str, spec: ClusterSpec,
     atomic.save_npy(os.path.join(out, "centroids.npy"), result.centroids)
     if result.mean is not None:
       atomic.save_npy(os.path.join(out, "mean.npy"), result.mean)
-    elif os.path.exists(os.path.join(out, "mean.npy")):
-      os.remove(os.path.join(out, "mean.npy"))
+    else:
+      paths.path(os.path.join(out, "mean.npy")).unlink(missing_ok=True)
     atomic.save_npy(os.path.join(out, "ids.npy"), reader.ids())
     atomic.save_npy(os.path.join(out, "labels.npy"), labels)
     atomic.write_bytes(os.path.join(out, "sizes.png"), _sizes_png(sizes, bank))
     atomic.write_json(os.path.join(out, "stats.json"), stats)
-    shutil.rmtree(checkpoint)
+    paths.path(checkpoint).rmtree()
   collectives.barrier(f"cluster_done_{bank}")
   stats = read_stats(workdir, bank)
   log(f"{bank}: done, objective {stats['objective'][-1]:.4f}, {stats['seconds']:.1f}s")
@@ -221,5 +217,5 @@ def load_clusters(workdir: str, bank: str) -> dict[str, Any]:
   if stats is None:
     raise FileNotFoundError(
       f"bank {bank!r}: {os.path.join(out, 'stats.json')} is missing; run --mode=cluster")
-  return dict(stats=stats, **{name: np.load(os.path.join(out, f"{name}.npy"))
+  return dict(stats=stats, **{name: paths.load_npy(os.path.join(out, f"{name}.npy"))
                               for name in ("centroids", "labels", "ids")})

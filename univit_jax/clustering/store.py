@@ -10,7 +10,9 @@ Layout of a bank (`workdir/features/<bank>/`):
   ...
 
 A bank can hold more rows than fit in RAM: the writer appends one chunk at a time and the reader
-memory-maps chunks. Every file is written atomically (`atomic`), and a chunk only becomes part of
+memory-maps chunks (on an object store, which cannot be mapped, it reads one chunk at a time
+into memory and keeps only the last: `paths.load_npy`). Every file is written atomically
+(`atomic`: locally by rename, on an object store by one put), and a chunk only becomes part of
 the bank when its entry is committed to meta.json, which happens after both of its files are on
 disk. A killed writer therefore leaves at worst orphan chunk files that the resumed writer
 overwrites; it never leaves a chunk that a reader could see half-written. One writer per bank.
@@ -25,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from univit_jax import atomic, provenance
+from univit_jax import atomic, paths, provenance
 
 FORMAT_VERSION = 1
 # Rows with an L2 norm at or below this cannot be put on the sphere.
@@ -75,13 +77,12 @@ def _as_ids(ids: np.ndarray, rows: int, where: str) -> np.ndarray:
 
 def _read_meta(workdir: str, bank: str) -> dict:
   path = os.path.join(bank_dir(workdir, bank), "meta.json")
-  if not os.path.exists(path):
+  if not paths.path(path).exists():
     raise FeatureStoreError(f"bank {bank!r}: no feature bank at {path} (run --mode=extract first)")
-  with open(path) as f:
-    try:
-      return json.load(f)
-    except json.JSONDecodeError as e:
-      raise FeatureStoreError(f"bank {bank!r}: {path} is not valid JSON: {e}") from e
+  try:
+    return json.loads(paths.path(path).read_text())
+  except json.JSONDecodeError as e:
+    raise FeatureStoreError(f"bank {bank!r}: {path} is not valid JSON: {e}") from e
 
 
 def check_inputs(workdir: str, bank: str, inputs: Mapping[str, Any]) -> None:
@@ -90,7 +91,7 @@ def check_inputs(workdir: str, bank: str, inputs: Mapping[str, Any]) -> None:
   Raises:
     FeatureStoreError: naming the folder and each input that differs (`provenance.differences`).
   """
-  if not os.path.exists(os.path.join(bank_dir(workdir, bank), "meta.json")):
+  if not paths.path(os.path.join(bank_dir(workdir, bank), "meta.json")).exists():
     return
   changed = provenance.differences(_read_meta(workdir, bank).get("inputs"), inputs)
   if changed:
@@ -115,7 +116,7 @@ class BankWriter:
     self.bank, self.dim, self.teacher = bank, int(dim), str(teacher)
     self.directory = bank_dir(workdir, bank)
     self._meta_path = os.path.join(self.directory, "meta.json")
-    if os.path.exists(self._meta_path):
+    if paths.path(self._meta_path).exists():
       meta = _read_meta(workdir, bank)
       if meta["dim"] != self.dim or meta["teacher"] != self.teacher:
         raise FeatureStoreError(
@@ -179,7 +180,8 @@ class BankWriter:
 
 
 class BankReader:
-  """Reads a bank chunk by chunk (memory-mapped), in the order rows are labelled.
+  """Reads a bank chunk by chunk (memory-mapped; from an object store, one chunk in memory at a
+  time), in the order rows are labelled.
 
   Rows are numbered globally in chunk order; `labels.npy` of the cluster stage follows this order.
   """
@@ -200,13 +202,15 @@ class BankReader:
     self.chunk_rows = np.array([c["rows"] for c in meta["chunks"]], dtype=np.int64)
     self.offsets = np.concatenate([[0], np.cumsum(self.chunk_rows)])
     self.num_rows = int(self.offsets[-1])
+    self._mapped = paths.is_local(self.directory)
     self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
   def _path(self, index: int, suffix: str) -> str:
     return os.path.join(self.directory, self.chunk_names[index] + suffix)
 
   def chunk(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-    """Chunk `index` as (features float32 [n, D] memory-mapped, ids int64 [n, 2]).
+    """Chunk `index` as (features float32 [n, D] memory-mapped, ids int64 [n, 2]); from an
+    object store read into memory, dropping the chunk read before.
 
     Raises:
       FeatureStoreError: naming the file, if it is missing or its shape disagrees with meta.json.
@@ -215,8 +219,8 @@ class BankReader:
       path, ids_path = self._path(index, ".npy"), self._path(index, ".ids.npy")
       where = f"bank {self.bank!r}, {path}"
       try:
-        features = np.load(path, mmap_mode="r")
-        ids = np.load(ids_path, mmap_mode="r")
+        features = paths.load_npy(path, mmap=True)
+        ids = paths.load_npy(ids_path, mmap=True)
       except (OSError, ValueError) as e:
         raise FeatureStoreError(f"{where}: cannot read chunk: {e}") from e
       rows = int(self.chunk_rows[index])
@@ -228,6 +232,8 @@ class BankReader:
         raise FeatureStoreError(
           f"{where}: holds {features.dtype} {features.shape} and ids {ids.shape}, but "
           f"{self.meta_path} records {rows} float32 rows")
+      if not self._mapped:
+        self._cache.clear()
       self._cache[index] = (features, ids)
     return self._cache[index]
 
@@ -241,7 +247,8 @@ class BankReader:
       np.zeros((0, 2), np.int64))
 
   def rows(self, start: int, stop: int) -> Iterator[np.ndarray]:
-    """Features of global rows [start, stop) as memory-mapped pieces, at most one per chunk."""
+    """Features of global rows [start, stop) as pieces (memory-mapped locally), at most one per
+    chunk."""
     for index in range(len(self.chunk_names)):
       lo, hi = max(start, self.offsets[index]), min(stop, self.offsets[index + 1])
       if lo < hi:

@@ -12,6 +12,7 @@ import os
 
 import numpy as np
 
+from univit_jax import paths
 from univit_jax.clustering import labels as cluster_labels
 from univit_jax.data import demo, pipeline
 from univit_jax.evaluation import common, metrics
@@ -61,7 +62,7 @@ def cluster_quality(data_cfg: data_config.DataConfig, workdir: str,
   offsets = np.cumsum([0] + [len(opened[n]) for n in names])
   results = {}
   for bank in banks:
-    if not os.path.exists(os.path.join(cluster_labels.clusters_dir(workdir, bank), "ids.npy")):
+    if not paths.path(os.path.join(cluster_labels.clusters_dir(workdir, bank), "ids.npy")).exists():
       continue
     out = cluster_labels.load_clusters(workdir, bank)
     train_labels.check_sources(bank, cluster_labels.clusters_dir(workdir, bank), out["stats"],

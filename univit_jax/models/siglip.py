@@ -32,7 +32,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from univit_jax import config_lib, specs
+from univit_jax import config_lib, paths, specs
 from univit_jax.models import vit
 
 
@@ -87,9 +87,9 @@ def read_image_tower(path: str | os.PathLike) -> dict[str, np.ndarray]:
   Raises:
     CheckpointError: when the file is missing or holds no `img/` tower.
   """
-  if not os.path.exists(path):
+  if not paths.path(path).exists():
     raise CheckpointError(f"SigLIP checkpoint {os.fspath(path)} does not exist")
-  with np.load(path, allow_pickle=False) as npz:
+  with paths.path(path).open("rb") as f, np.load(f, allow_pickle=False) as npz:
     keys = list(npz.keys())
     prefix = next((p for p in ("params/img/", "img/") if any(k.startswith(p) for k in keys)), None)
     if prefix is None:

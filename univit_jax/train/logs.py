@@ -1,11 +1,15 @@
 """Training records: `metrics.jsonl`, TensorBoard events (tensorboardX) and `training.png`.
 
 Only process 0 writes. `metrics.jsonl` has one JSON object per line, appended per logged step
-(an append is not atomic: a SIGKILL mid-write leaves a torn last line). On resume the file is
-rewritten atomically with only the records up to the restored step, dropping the records of the
+(an append is not atomic: a SIGKILL mid-write leaves a torn last line; on an object store each
+append rewrites the file by one put: `atomic.append_text`). On resume the file is rewritten
+atomically with only the records up to the restored step, dropping the records of the
 interrupted run past it and any torn last line, so the file describes exactly one history.
+TensorBoard event files in a remote workdir go through `paths` too (`_RemoteEventFile`), one put
+per flush.
 """
 
+import io
 import json
 import os
 from collections.abc import Mapping
@@ -13,7 +17,7 @@ from collections.abc import Mapping
 import jax
 from absl import logging
 
-from univit_jax import atomic
+from univit_jax import atomic, paths
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "training.png"
@@ -34,9 +38,9 @@ def read_metrics(workdir: str) -> list[dict]:
       record inside the history is not something a kill leaves behind.
   """
   path = os.path.join(workdir, METRICS_FILE)
-  if not os.path.exists(path):
+  if not paths.path(path).exists():
     return []
-  with open(path) as f:
+  with paths.path(path).open() as f:
     lines = f.readlines()
   records = []
   for number, line in enumerate(lines, start=1):
@@ -76,14 +80,15 @@ class MetricsLogger:
     with atomic.open_atomic(self._path) as f:
       f.writelines(json.dumps(r) + "\n" for r in kept)
     from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+    if not paths.is_local(workdir):
+      _register_remote_event_files(paths.scheme(workdir))
     self._writer = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1)
 
   def write(self, step: int, metrics: Mapping[str, float]) -> None:
     if not self._enabled:
       return
     record = dict(step=int(step), **{k: float(v) for k, v in metrics.items()})
-    with open(self._path, "a") as f:
-      f.write(json.dumps(record) + "\n")
+    atomic.append_text(self._path, json.dumps(record) + "\n")
     for name, value in metrics.items():
       self._writer.add_scalar(name, float(value), int(step))
     self._writer.flush()
@@ -91,6 +96,42 @@ class MetricsLogger:
   def close(self) -> None:
     if self._writer is not None:
       self._writer.close()
+
+
+class _RemoteEventFile:
+  """A TensorBoard event file on an object store: the records gathered in memory, the whole file
+  put on every flush (as tensorboardX's own `gs://` writer does, without google-cloud-storage).
+  No `fileno`: tensorboardX fsyncs files that have one."""
+
+  def __init__(self, path: str):
+    self._path = path
+    self._buffer = io.BytesIO()
+
+  def write(self, data: bytes) -> None:
+    self._buffer.write(data)
+
+  def flush(self) -> None:
+    paths.path(self._path).write_bytes(self._buffer.getvalue())
+
+  def close(self) -> None:
+    self.flush()
+
+
+class _RemoteEventFiles:
+  """tensorboardX's writer factory (`record_writer.register_writer_factory`) for a scheme."""
+
+  def open(self, path: str) -> _RemoteEventFile:
+    return _RemoteEventFile(path)
+
+  def directory_check(self, path: str) -> None:
+    del path  # object stores need no folders
+
+
+def _register_remote_event_files(scheme: str) -> None:
+  """Routes tensorboardX's event files of `scheme://` paths through `paths` (unregistered, it
+  writes them under a local folder named `scheme:`)."""
+  from tensorboardX import record_writer  # pylint: disable=import-outside-toplevel
+  record_writer.register_writer_factory(scheme, _RemoteEventFiles())
 
 
 def plot_losses(workdir: str) -> str | None:

@@ -39,7 +39,7 @@ from absl import logging
 from jax.experimental.compilation_cache import compilation_cache
 
 from univit_jax import atomic, checkpointing, collectives, config_lib, optim, provenance, run_config
-from univit_jax import sharding
+from univit_jax import paths, sharding
 from univit_jax.clustering import extract
 from univit_jax.data import pipeline
 from univit_jax.run_config import data_config, stage_config
@@ -160,12 +160,11 @@ def check_compatible(workdir: str, fingerprint: dict, allow_schedule_change: boo
       schedule's without `allow_schedule_change`) and how to proceed.
   """
   path = os.path.join(workdir, RUN_FILE)
-  if not os.path.exists(path):
+  if not paths.path(path).exists():
     raise CheckpointMismatchError(
       f"{workdir}/checkpoints has checkpoints but {path} is missing, so their cluster labels and "
       "model shape are unknown; train in a new workdir")
-  with open(path) as f:
-    saved = json.load(f)
+  saved = json.loads(paths.path(path).read_text())
   for section, what in _REFUSED:
     changed = provenance.differences(saved.get(section), fingerprint[section], section)
     if changed:
@@ -248,7 +247,7 @@ def run_train(run: run_config.RunConfig, workdir: str,
     raise config_lib.ConfigError("--workdir is required for --mode=train")
   model_cfg, loss_cfg, data_cfg, train = run.model, run.loss, run.data, run.train
   total = train.total_steps
-  os.makedirs(workdir, exist_ok=True)
+  paths.path(workdir).mkdir(parents=True, exist_ok=True)
   _compilation_cache(train, workdir)
 
   sources = pipeline.open_sources(data_cfg)

@@ -17,7 +17,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from univit_jax import checkpointing, config_lib, optim, provenance, run_config, sharding
+from univit_jax import checkpointing, config_lib, optim, paths, provenance, run_config, sharding
 from univit_jax import encoder as encoder_lib
 from univit_jax.models import heads, vit
 
@@ -163,7 +163,7 @@ def checkpoint_encoder(run: run_config.RunConfig, workdir: str, step: int | None
     encoder_lib.EncoderSpec.from_sections(run.model, run.data, run.mesh), mesh)
   for folder in encoder_lib.run_folders(workdir, run.rounds):
     directory = os.path.join(folder, "checkpoints")
-    if not os.path.isdir(directory):
+    if not paths.path(directory).is_dir():
       continue
     with checkpointing.Checkpointer(directory) as ckpt:
       latest = ckpt.latest_step()

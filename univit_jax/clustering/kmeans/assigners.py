@@ -15,13 +15,12 @@ backends"); here is how each searches:
 """
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from univit_jax import atomic
+from univit_jax import atomic, paths
 
 @functools.cache
 def _cpu_has_bf16_units() -> bool:
@@ -240,9 +239,10 @@ class ScannAssigner:
     self.searcher = searcher  # scann_ops_pybind.ScannSearcher (built without docids)
 
   def save(self, directory: str) -> None:
-    """Serializes the index (with its current centroids) into a new `directory`, fsynced."""
-    os.makedirs(directory)
-    self.searcher.serialize(directory, relative_path=True)
+    """Serializes the index (with its current centroids) into a new `directory`, fsynced (ScaNN
+    writes local files only: `paths.local_staging`)."""
+    with paths.local_staging(directory) as local:
+      self.searcher.serialize(local, relative_path=True)
     atomic.fsync_tree(directory)
 
   @classmethod
@@ -250,7 +250,8 @@ class ScannAssigner:
            tree_shape: tuple[int, int]) -> "ScannAssigner":
     """The index saved by `save`; `centroids` must be the ones it held then."""
     import scann  # pylint: disable=import-outside-toplevel
-    return cls(centroids, tree_shape, scann.scann_ops_pybind.load_searcher(directory))
+    with paths.local_copy(directory) as local:
+      return cls(centroids, tree_shape, scann.scann_ops_pybind.load_searcher(local))
 
   def update(self, centroids: np.ndarray) -> None:
     changed = np.flatnonzero((centroids != self.centroids).any(axis=1))

@@ -10,14 +10,12 @@ A state of another version (other inputs or parameters) or process count is not 
 """
 
 import dataclasses
-import glob
 import os
-import shutil
 
 import jax
 import numpy as np
 
-from univit_jax import atomic, collectives
+from univit_jax import atomic, collectives, paths
 from univit_jax.clustering.kmeans import assigners, bounds
 
 
@@ -32,8 +30,10 @@ def save(directory: str, state: dict, rows: bounds.RowState,
   iteration = int(state["iteration"])
   atomic.save_npz(_rows_path(directory, iteration), **dataclasses.asdict(rows))
   index_dir = f"scann_it{iteration:04d}" if index is not None else ""
+  folder = paths.path(directory)
   if jax.process_index() == 0 and index is not None:
-    shutil.rmtree(os.path.join(directory, index_dir), ignore_errors=True)
+    if (folder / index_dir).exists():
+      (folder / index_dir).rmtree()
     index.save(os.path.join(directory, index_dir))
   collectives.barrier(f"kmeans_assign_{iteration}")
   if jax.process_index() == 0:
@@ -41,27 +41,25 @@ def save(directory: str, state: dict, rows: bounds.RowState,
   collectives.barrier(f"kmeans_state_{iteration}")
   keep = os.path.basename(_rows_path(directory, iteration))
   suffix = keep.split("_", 2)[2]
-  for path in glob.glob(os.path.join(directory, f"rows_it*_{suffix}")):
-    if os.path.basename(path) != keep:
-      os.remove(path)
+  for path in folder.glob(f"rows_it*_{suffix}"):
+    if path.name != keep:
+      path.unlink()
   if jax.process_index() == 0:
-    for path in glob.glob(os.path.join(directory, "scann_it*")):
-      if os.path.basename(path) != index_dir:
-        shutil.rmtree(path)
+    for path in folder.glob("scann_it*"):
+      if path.name != index_dir:
+        path.rmtree()
 
 
 def load(directory: str, version: str) -> tuple[dict, bounds.RowState] | None:
   """The state saved by `save` and this process's rows, or None where there is none of
   `version` for this process count."""
   path = os.path.join(directory, "state.npz")
-  if not os.path.exists(path):
+  if not paths.path(path).exists():
     return None
-  with np.load(path) as f:
-    state = {key: f[key] for key in f.files}
+  state = paths.load_npz(path)
   if str(state["version"]) != version:
     return None
   rows_path = _rows_path(directory, int(state["iteration"]))
-  if not os.path.exists(rows_path):
+  if not paths.path(rows_path).exists():
     return None
-  with np.load(rows_path) as f:
-    return state, bounds.RowState(**{key: f[key] for key in f.files})
+  return state, bounds.RowState(**paths.load_npz(rows_path))
