@@ -207,6 +207,8 @@ def test_a_workdir_orbax_cannot_write_is_refused_at_start_up(object_store):
 
 @pytest.mark.slow
 def test_two_round_pipeline_in_a_gs_workdir(object_store, tmp_path):
+  """The README's pipeline, two rounds, in an object store: this is the suite's one two-round
+  pipeline run (local files take the same code path, `paths`, tested above)."""
   workdir = "gs://pipeline/run"
   env = fakes.subprocess_env(object_store.root, object_store.url)
   result = run_main("--config=configs/demo.py", f"--workdir={workdir}", *TINY_DEMO_PIPELINE,
@@ -228,6 +230,21 @@ def test_two_round_pipeline_in_a_gs_workdir(object_store, tmp_path):
     assert paths.path(f"{folder}/checkpoints/2/commit_success.txt").exists()  # Orbax on gs://
   assert not _scheme_folders(ROOT, str(tmp_path), os.getcwd())
   assert not [n for n in os.listdir(tempfile.gettempdir()) if n.rstrip(":") in fakes.FAKE_SCHEMES]
+  # Both rounds compiled into the run's shared cache ($JAX_COMPILATION_CACHE_DIR, conftest.py),
+  # not the workdir's (tests/test_rounds.py checks where a round's cache goes).
+  assert not any(paths.path(f"{folder}/jax_cache").exists()
+                 for folder in (workdir, f"{workdir}/round_1", f"{workdir}/round_2"))
+  # Rerunning finds every round complete and does no work.
   again = run_main("--config=configs/demo.py", f"--workdir={workdir}", *TINY_DEMO_PIPELINE,
                    module="fake_store_main", env=env)
   assert again.returncode == 0 and "round 2: complete" in again.stdout, again.stderr[-3000:]
+  # Rerunning with another data source is refused, finished rounds included, naming the change
+  # (the ids would shift, and the old labels land on other records).
+  shifted = [a.replace("events.num_examples=16", "events.num_examples=17")
+             for a in TINY_DEMO_PIPELINE]
+  refused = run_main("--config=configs/demo.py", f"--workdir={workdir}", *shifted,
+                     module="fake_store_main", env=env)
+  assert refused.returncode == 2, refused.stderr[-3000:]
+  assert f"Feature store error: the features in {workdir}/round_1/features/" in refused.stderr
+  assert "data.sources.events.records was 16, now 17" in refused.stderr
+  assert len(refused.stderr.strip().splitlines()) == 1
