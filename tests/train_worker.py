@@ -4,7 +4,7 @@
 
 PHASES_JSON is a list of {"workdir", "total_steps", "train": {overrides of config.train},
 "clusters_version": optional, rewrites the workdir's cluster outputs with this version first,
-"nan_step": optional, the contrastive term is NaN at this step (`train_fixtures.nan_at_step`),
+"nan_step": optional, the batch of this step has NaN frames (`train_fixtures.nan_at_step`),
 "step_sleep": optional, seconds each step sleeps (`train_fixtures.slow_steps`)}.
 After each phase it prints one JSON line {"phase", "step", "preempted", "error_type", "error",
 "checkpoints" (the names in <workdir>/checkpoints)}
