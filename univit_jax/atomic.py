@@ -5,7 +5,9 @@ The files another stage reads whole (features, centroids, labels, stats, an expo
 the bytes go to a temporary file in the destination folder, are fsynced, and `os.replace` swaps
 it in; the folder is fsynced too so the rename itself survives a crash. On an object store
 (`gs://`, any non-local scheme: `paths`) there is no rename, but an object put is atomic: the
-bytes are gathered in memory and written by one put when the block succeeds.
+bytes are gathered in memory and written by one put when the block succeeds. A library that
+writes only to a local file name (ArrayRecord's writer: the shards of `data.convert`) gets one
+from `local_file`, committed the same way.
 
 Not everything is one file. A folder whose files must appear together (an export, `--mode=embed`
 output) is built by `staging_dir` / `clear_staging` / `commit_dir`: locally in a sibling
@@ -31,8 +33,9 @@ import numpy as np
 from univit_jax import paths
 
 
-def _fsync_dir(directory: str) -> None:
-  fd = os.open(directory, os.O_RDONLY)
+def _fsync(path: str) -> None:
+  """fsyncs a file or a folder (a folder's entries: a rename in it) by name."""
+  fd = os.open(path, os.O_RDONLY)
   try:
     os.fsync(fd)
   finally:
@@ -47,20 +50,39 @@ def open_atomic(path: str, mode: str = "w") -> Iterator[IO]:
     with _put_on_success(path, mode) as f:
       yield f
     return
+  with local_file(path) as tmp, open(tmp, mode) as f:
+    yield f
+
+
+@contextlib.contextmanager
+def local_file(path: str) -> Iterator[str]:
+  """The name of a new local file, for a library that writes only to a file name (ArrayRecord's
+  writer), that replaces `path` when the block exits without error.
+
+  Locally it is a temporary `.<name>.<random>.tmp` beside `path`, fsynced and renamed over it
+  (a kill leaves such a file behind, never a partial `path`); on an object store it is a file in
+  the local temporary folder, uploaded by one put.
+  """
+  if not paths.is_local(path):
+    with tempfile.TemporaryDirectory() as folder:
+      tmp = os.path.join(folder, os.path.basename(path))
+      yield tmp
+      with open(tmp, "rb") as f:
+        paths.path(path).write_bytes(f.read())
+    return
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+  os.close(fd)
   try:
-    with os.fdopen(fd, mode) as f:
-      yield f
-      f.flush()
-      os.fsync(f.fileno())
+    yield tmp
+    _fsync(tmp)
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
       os.remove(tmp)
     raise
-  _fsync_dir(directory)
+  _fsync(directory)
 
 
 @contextlib.contextmanager
@@ -84,13 +106,9 @@ def fsync_tree(directory: str) -> None:
     return
   for root, _, files in os.walk(directory):
     for name in files:
-      fd = os.open(os.path.join(root, name), os.O_RDONLY)
-      try:
-        os.fsync(fd)
-      finally:
-        os.close(fd)
-    _fsync_dir(root)
-  _fsync_dir(os.path.dirname(os.path.abspath(directory)))
+      _fsync(os.path.join(root, name))
+    _fsync(root)
+  _fsync(os.path.dirname(os.path.abspath(directory)))
 
 
 def staging_dir(dst: str) -> str:
@@ -138,7 +156,7 @@ def _replace_dir(src: str, dst: str) -> None:
   if os.path.exists(dst):
     os.replace(dst, aside)
   os.replace(src, dst)
-  _fsync_dir(parent)
+  _fsync(parent)
   shutil.rmtree(aside, ignore_errors=True)
 
 

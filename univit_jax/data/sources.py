@@ -1,12 +1,16 @@
 """Random-access record sources (grain `RandomAccessDataSource`s) and reading a clip from a record.
 
-A source has `__len__` and `__getitem__(index) -> record`. A record is a dict holding either
-  `frames`: uint8 `[T0, H, W, C]` already in memory (TFDS, demo; an image is T0 = 1), or
-  `path` (str) and `kind` ("video" | "image"), decoded later by `load_clip`,
-plus `label` (int; -1 when unknown) and, for sources with boxes, `boxes` float32 `[R0, 4]`
-(ymin, xmin, ymax, xmax in [0, 1]), `box_labels` int `[R0]` and optionally `box_mask` bool `[R0]`.
-File records stay small so that indexing a source never decodes; decoding happens in the grain
-workers, where a bad file becomes a `BadRecordError` that the stream replaces by another record.
+A source has `__len__` and `__getitem__(index) -> record`. A record is a dict holding one of
+  `frames`: uint8 `[T0, H, W, C]` already in memory (TFDS, demo; an image is T0 = 1),
+  `path` (str) and `kind` ("video" | "image"): a file, decoded later by `load_clip`,
+  `data` (bytes) and `kind`: the content of such a file (ArrayRecord shards, `records`),
+  `encoded_frames`: a tuple of encoded images, the frames of a clip in order (ArrayRecord shards),
+plus `label` (int; -1 when unknown), `key` (str: the record's stable name; file and ArrayRecord
+sources; the others are named by their index) and, for sources with boxes, `boxes` float32
+`[R0, 4]` (ymin, xmin, ymax, xmax in [0, 1]), `box_labels` int `[R0]` and optionally `box_mask`
+bool `[R0]`. Encoded records stay encoded so that indexing a source never decodes; decoding
+happens in the grain workers, where a bad file becomes a `BadRecordError` that the stream
+replaces by another record.
 
 Source specs come from `config.data.sources` (one dict per named source, with a `type` in
 `config_lib.SOURCE_TYPES`); `build_source` turns a spec (`config_lib.SourceSpec`) into a source.
@@ -15,6 +19,7 @@ Source specs come from `config.data.sources` (one dict per named source, with a 
 import csv
 import dataclasses
 import hashlib
+import io
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -77,10 +82,16 @@ def build_source(spec: config_lib.SourceSpec) -> Source:
 
 @dataclasses.dataclass(frozen=True)
 class FileEntry:
+  """A file of a folder or manifest, and the window of it a video record covers (seconds).
+
+  `key` names the record stably wherever the data is moved: the path relative to the folder or
+  manifest, with a media fragment `#t=start,end` for a window (None: the path itself).
+  """
   path: str
   label: int = -1
   start: float | None = None
   end: float | None = None
+  key: str | None = None
 
 
 class FileSource:
@@ -97,7 +108,8 @@ class FileSource:
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     e = self._entries[index]
-    record = dict(path=e.path, kind=self._kind, label=e.label)
+    record = dict(path=e.path, kind=self._kind, label=e.label,
+                  key=e.path if e.key is None else e.key)
     if e.start is not None:
       record["start"] = e.start
     if e.end is not None:
@@ -123,7 +135,8 @@ def read_entries(path: str, kind: str) -> list[FileEntry]:
   Manifest columns: `path` (required; relative paths are relative to the manifest's folder),
   `label` (int, or class names mapped to their index in sorted order), `start` / `end` (seconds,
   videos only). A directory tree `root/<class>/<file>` gives labels by sorted class folder; files
-  directly under root get label -1.
+  directly under root get label -1. Keys (`FileEntry.key`) are the paths as the manifest gives
+  them, or relative to the tree's root.
 
   Raises:
     SourceError: the path does not exist, the manifest has unknown or missing columns, or names
@@ -139,14 +152,16 @@ def read_entries(path: str, kind: str) -> list[FileEntry]:
 
 def _scan_tree(root: str, extensions: tuple[str, ...]) -> list[FileEntry]:
   classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-  entries = [FileEntry(os.path.join(root, f)) for f in sorted(os.listdir(root))
+  entries = [FileEntry(os.path.join(root, f), key=f) for f in sorted(os.listdir(root))
              if f.lower().endswith(extensions)]
   for label, name in enumerate(classes):
     folder = os.path.join(root, name)
     for dirpath, dirnames, filenames in os.walk(folder):
       dirnames.sort()
-      entries.extend(FileEntry(os.path.join(dirpath, f), label) for f in sorted(filenames)
-                     if f.lower().endswith(extensions))
+      for f in sorted(filenames):
+        if f.lower().endswith(extensions):
+          file = os.path.join(dirpath, f)
+          entries.append(FileEntry(file, label, key=os.path.relpath(file, root)))
   if not entries:
     raise SourceError(f"no files with extensions {extensions} under {root!r}")
   return entries
@@ -202,11 +217,18 @@ def _manifest_entries(
       label = int(label)
     else:
       label = index[str(label)]
-    entries.append(FileEntry(
-      os.path.join(base, str(row["path"])), label,
-      float(row["start"]) if "start" in row else None,
-      float(row["end"]) if "end" in row else None))
+    start = float(row["start"]) if "start" in row else None
+    end = float(row["end"]) if "end" in row else None
+    entries.append(FileEntry(os.path.join(base, str(row["path"])), label, start, end,
+                             os.path.normpath(str(row["path"])) + _time_fragment(start, end)))
   return entries
+
+
+def _time_fragment(start: float | None, end: float | None) -> str:
+  """A window as a W3C media fragment (`#t=0.5,2`, `#t=,2`, `#t=0.5,`); "" for a whole file."""
+  if start is None and end is None:
+    return ""
+  return f"#t={'' if start is None else f'{start:g}'},{'' if end is None else f'{end:g}'}"
 
 
 def _is_int(value: Any) -> bool:
@@ -299,23 +321,25 @@ def to_uint8_image(image: np.ndarray, where: str) -> np.ndarray:
                        "in [0, 1]")
 
 
-def read_image(path: str) -> np.ndarray:
-  """Decodes an image file in one of IMAGE_FORMATS to uint8 `[1, H, W, 3]` (EXIF-rotated;
-  gray/alpha/palette -> RGB).
+def read_image(media: str | bytes) -> np.ndarray:
+  """Decodes an image file, or an image's encoded bytes, in one of IMAGE_FORMATS to uint8
+  `[1, H, W, 3]` (EXIF-rotated; gray/alpha/palette -> RGB).
 
   Raises:
-    BadRecordError: for a file in no allowed format, or more than MAX_IMAGE_PIXELS pixels
-      (checked from the header, before decoding). Truncated or corrupt files raise PIL's errors
+    BadRecordError: for an image in no allowed format, or of more than MAX_IMAGE_PIXELS pixels
+      (checked from the header, before decoding). Truncated or corrupt images raise PIL's errors
       (`load_clip` names them).
   """
+  where = media if isinstance(media, str) else "encoded image"
   try:
-    opened = Image.open(path, formats=IMAGE_FORMATS)
+    opened = Image.open(io.BytesIO(media) if isinstance(media, bytes) else media,
+                        formats=IMAGE_FORMATS)
   except Image.UnidentifiedImageError as e:
-    raise BadRecordError(path, f"not an image in an allowed format {IMAGE_FORMATS}") from e
+    raise BadRecordError(where, f"not an image in an allowed format {IMAGE_FORMATS}") from e
   with opened as image:
     width, height = image.size
     if width * height > MAX_IMAGE_PIXELS:
-      raise BadRecordError(path, f"{width}x{height} image is above MAX_IMAGE_PIXELS="
+      raise BadRecordError(where, f"{width}x{height} image is above MAX_IMAGE_PIXELS="
                            f"{MAX_IMAGE_PIXELS}")
     image = ImageOps.exif_transpose(image)
     return np.asarray(image.convert("RGB"))[None]
@@ -329,8 +353,12 @@ def load_clip(
   Returns:
     frames uint8 `[T, H, W, C]` and frame_mask bool `[T]` (False on frames repeated as padding).
 
+  Only the sampled frames of encoded frames, and of a video only the window up to the last
+  sampled frame, are decoded.
+
   Raises:
-    BadRecordError: naming the file (or "in-memory record") and why it could not be read.
+    BadRecordError: naming the file, the record's key (or "in-memory record") and why it could
+      not be read.
   """
   if "frames" in record:
     frames = np.asarray(record["frames"])
@@ -338,14 +366,21 @@ def load_clip(
       raise BadRecordError("in-memory record", f"frames of shape {frames.shape}, want [T,H,W,C]")
     indices, mask = video.sample_indices(frames.shape[0], num_frames, sampling, stride, rng)
     return frames[indices], mask
-  path = record["path"]
+  where = str(record.get("path", record.get("key", "in-memory record")))
   try:
-    if record["kind"] == "image":
-      frames = read_image(path)
-      indices, mask = video.sample_indices(1, num_frames, sampling, stride, rng)
-      return frames[indices], mask
-    return video.read_clip(path, num_frames, sampling, stride, rng,
-                           record.get("start"), record.get("end"))
+    if "encoded_frames" in record:
+      encoded = tuple(record["encoded_frames"])
+    else:
+      media = record["path"] if "path" in record else record["data"]
+      if record["kind"] == "video":
+        return video.read_clip(media, num_frames, sampling, stride, rng,
+                               record.get("start"), record.get("end"))
+      encoded = (media,)
+    indices, mask = video.sample_indices(len(encoded), num_frames, sampling, stride, rng)
+    decoded = {i: read_image(encoded[i]) for i in sorted(set(indices.tolist()))}
+    return np.concatenate([decoded[i] for i in indices.tolist()]), mask
+  except BadRecordError as e:
+    raise BadRecordError(where, e.reason) from e
   except (av.FFmpegError, OSError, ValueError, EOFError, Image.DecompressionBombError) as e:
     # PIL raises OSError for truncated files and UnidentifiedImageError (an OSError) for garbage.
-    raise BadRecordError(path, f"{type(e).__name__}: {e}") from e
+    raise BadRecordError(where, f"{type(e).__name__}: {e}") from e

@@ -60,8 +60,8 @@ class ExampleLoader:
 
   The index runs over the concatenation of `sources`; `offsets[i]` is where source i starts.
   An unreadable record is replaced by the next index of the same source (wrapping), so the
-  replacement is deterministic and stays eligible for the bucket; the replaced record's key (its
-  path, or its index in its source) and reason travel with the example in `skipped`. Any
+  replacement is deterministic and stays eligible for the bucket; the replaced record's name (its
+  path, its key, or its index in its source) and reason travel with the example in `skipped`. Any
   exception raised while reading or preparing one record counts as an unreadable record: a
   defect that hits every record still stops the run (MAX_CONSECUTIVE_BAD, `max_bad_fraction`).
   """
@@ -95,13 +95,14 @@ class ExampleLoader:
     """The example of record `local` of `source`.
 
     Raises:
-      BadRecordError: keyed by the record's path (file records) or its index in its source, for
-        any failure of the source's reader, the decoder or the transforms on this record.
+      BadRecordError: keyed by the record's path (file records), its key (ArrayRecord records) or
+        its index in its source, for any failure of the source's reader, the decoder or the
+        transforms on this record.
     """
     key = f"record {local} of {source!r}"
     try:
       record = source[local]
-      key = str(record.get("path", key))
+      key = str(record.get("path", record.get("key", key)))
       return self._load(record, rng)
     except sources_lib.BadRecordError as e:
       raise sources_lib.BadRecordError(key, e.reason) from e

@@ -2,8 +2,11 @@
 
 `sample_indices` picks which T frames of an n-frame clip feed a bucket of T frames; it is shared by
 decoded videos and clips already in memory (demo, TFDS). A clip shorter than needed is padded by
-repeating its last frame, and the padded frames are marked False in the frame mask.
+repeating its last frame, and the padded frames are marked False in the frame mask. A video is
+read from a file or from its encoded bytes (a record of an ArrayRecord shard), the same way.
 """
+
+import io
 
 import av
 import numpy as np
@@ -88,12 +91,18 @@ def _timed(frames, stream: av.VideoStream, fps: float):
     yield int(round((float(frame.pts * stream.time_base) - origin) * fps)), frame
 
 
-def _count_frames(path: str, limit: int | None) -> int:
+def _open(media: str | bytes) -> av.container.InputContainer:
+  """Opens a video file, or a video's encoded bytes (a new reader each time: a container may
+  close what it reads)."""
+  return av.open(io.BytesIO(media) if isinstance(media, bytes) else media)
+
+
+def _count_frames(media: str | bytes, limit: int | None) -> int:
   """Frames of the first video stream of a container whose header does not state its count
   (WebM, MKV, MPEG-TS, raw streams), counted from its packets (demuxed, not decoded: one packet
   per frame) up to `limit`."""
   count = 0
-  with av.open(path) as container:
+  with _open(media) as container:
     for packet in container.demux(container.streams.video[0]):
       if packet.size:  # the demuxer ends with an empty flush packet
         count += 1
@@ -125,9 +134,10 @@ def _decode_at(frames, indices: np.ndarray, total: int) -> dict[int, np.ndarray]
 
 
 def read_clip(
-    path: str, num_frames: int, sampling: str, stride: int, rng: np.random.Generator | None,
-    start: float | None = None, end: float | None = None) -> tuple[np.ndarray, np.ndarray]:
-  """Decodes T sampled frames of the first video stream of a file.
+    media: str | bytes, num_frames: int, sampling: str, stride: int,
+    rng: np.random.Generator | None, start: float | None = None, end: float | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+  """Decodes T sampled frames of the first video stream of a file or of encoded bytes.
 
   Decoding starts at the keyframe before `start` and stops at the last frame needed, so the cost
   is about the length of the window, not of the video, and at most T decoded frames are held.
@@ -135,7 +145,7 @@ def read_clip(
   demuxed packets (reading the file, not decoding it).
 
   Args:
-    path: the video file.
+    media: the video file, or its content.
     num_frames: T.
     sampling, stride, rng: as for `sample_indices`.
     start: window start in seconds (None: the beginning).
@@ -149,7 +159,7 @@ def read_clip(
       packets say (a truncated file). PyAV's own errors (`av.FFmpegError`) propagate for
       undecodable files.
   """
-  with av.open(path) as container:
+  with _open(media) as container:
     if not container.streams.video:
       raise ValueError("no video stream")
     stream = container.streams.video[0]
@@ -160,7 +170,7 @@ def read_clip(
       raise ValueError("start / end given but the stream has no frame rate")
     first = int(round(start * fps)) if start is not None else 0
     stop = int(round(end * fps)) if end is not None else None
-    total = stream.frames if stream.frames > 0 else _count_frames(path, stop)
+    total = stream.frames if stream.frames > 0 else _count_frames(media, stop)
     stop = total if stop is None else min(stop, total)
     if stop <= first:
       raise ValueError(f"no frame in the window [{start}, {end}] s of a {total}-frame video")
