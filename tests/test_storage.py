@@ -13,12 +13,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
 import cluster_worker
 import fakes
 from helpers import ROOT, TINY_DEMO_PIPELINE, run_main
-from univit_jax import atomic, checkpointing, paths
+from univit_jax import atomic, checkpointing, config_lib, paths
 from univit_jax.clustering import labels, store
+from univit_jax.data import convert
 from univit_jax.train import logs
 
 
@@ -82,6 +84,16 @@ def test_atomic_writes_commit_whole_files_or_nothing(where, tmp_path, bucket):
       raise RuntimeError
   assert json.loads(paths.path(path).read_text()) == dict(a=1)  # the old file, untouched
   assert [p.name for p in paths.path(f"{base}/dir").iterdir()] == ["x.json"]  # no temporary
+  with pytest.raises(RuntimeError):
+    with atomic.local_file(f"{base}/dir/shard") as tmp:  # a file name for a library's writer
+      with open(tmp, "wb") as f:
+        f.write(b"half")
+      raise RuntimeError
+  assert [p.name for p in paths.path(f"{base}/dir").iterdir()] == ["x.json"]
+  with atomic.local_file(f"{base}/dir/shard") as tmp:
+    with open(tmp, "wb") as f:
+      f.write(b"whole")
+  assert paths.path(f"{base}/dir/shard").read_bytes() == b"whole"
   atomic.save_npy(f"{base}/dir/a.npy", np.arange(6).reshape(2, 3))
   array = paths.load_npy(f"{base}/dir/a.npy", mmap=True)
   assert isinstance(array, np.memmap) == (where == "local")
@@ -117,6 +129,22 @@ def test_a_folder_is_complete_only_with_its_marker(where, tmp_path, bucket):
   assert paths.path(f"{dst}/data").read_text() == "new"
   if where == "local":
     assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_array_record_conversion_into_a_bucket(bucket, tmp_path):
+  (tmp_path / "images").mkdir()
+  for i in range(3):
+    Image.fromarray(np.full((8, 8, 3), i, np.uint8)).save(tmp_path / "images" / f"{i}.png")
+  spec = config_lib.SourceSpec.from_dict(
+    "s", dict(type="image_folder", path=str(tmp_path / "images")))
+  convert.convert(spec, f"{bucket}/ds", 2)
+  convert.convert(spec, str(tmp_path / "local"), 2)
+  names = sorted(os.listdir(tmp_path / "local"))
+  assert sorted(p.name for p in paths.path(f"{bucket}/ds").iterdir()) == names
+  for name in names:
+    assert paths.path(f"{bucket}/ds/{name}").read_bytes() == (
+      tmp_path / "local" / name).read_bytes(), name
+  assert not _scheme_folders(str(tmp_path), os.getcwd())
 
 
 def test_feature_store_reads_remote_chunks_one_at_a_time(bucket):

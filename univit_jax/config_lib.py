@@ -220,7 +220,9 @@ def check_buckets(image_size: int, patch_size: int, frames: tuple[int, ...],
 
 
 # `type` of an entry of `config.data.sources`; `data.sources.build_source` builds each.
-SOURCE_TYPES = ("tfds", "video_folder", "image_folder", "demo")
+SOURCE_TYPES = ("tfds", "video_folder", "image_folder", "array_record", "demo")
+# What the records of an `array_record` source hold (`univit_jax.data.records`).
+RECORD_KINDS = ("image", "video")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,15 +266,21 @@ class SourceSpec:
     if missing:
       raise ConfigError(
         f"data.sources.{name}: type {kind!r} needs fields {missing}")
+    if kind == "array_record" and spec["kind"] not in RECORD_KINDS:
+      raise ConfigError(
+        f"data.sources.{name}.kind={spec['kind']!r}: expected one of {RECORD_KINDS}")
     options = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in spec.items()))
     return cls(name=name, type=kind, frames=frames, options=options)
 
   @property
   def is_video(self) -> bool:
-    """Whether records are clips; the demo "events" kind is, other demo kinds are images."""
+    """Whether records are clips: a video folder's, the demo "events" kind's and an ArrayRecord
+    source's of kind "video" are; the others are images."""
     if self.type == "video_folder":
       return True
-    return self.type == "demo" and dict(self.options).get("kind") == "events"
+    kind = dict(self.options).get("kind")
+    return (self.type == "demo" and kind == "events") or (
+      self.type == "array_record" and kind == "video")
 
   def buckets(self, frames: tuple[int, ...]) -> tuple[int, ...]:
     """The buckets of `frames` (`data.frames`) this source feeds: its own `frames`, else every
@@ -293,6 +301,7 @@ _SOURCE_FIELDS = {
                label_key=False, boxes_key=False, box_labels_key=False),
   "video_folder": dict(path=True),
   "image_folder": dict(path=True),
+  "array_record": dict(path=True, kind=True),
   "demo": dict(kind=True, split=True, num_examples=True, image_size=False, num_frames=False,
                seed=False),
 }

@@ -58,15 +58,15 @@ def id_ranges(cfg: data_config.DataConfig, sources: Mapping[str, sources_lib.Sou
 def sources_fingerprint(cfg: data_config.DataConfig, sources: Mapping[str, sources_lib.Source]
                         ) -> dict:
   """What the example ids of `id_ranges` stand for, per source name: its spec (`data.sources.
-  <name>`), its record count and, for a source that lists its records (`FileSource`), a digest
-  of them (`content_key`). Every output keyed by example id (features, clusters, checkpoints)
-  records it, and a rerun refuses one recorded with another (`provenance`): the same id would
-  name another record, and its label another record's."""
+  <name>`), its record count and, for a source that lists its records (`FileSource`,
+  `records.ArrayRecordSource`), a digest of them (`content_key`). Every output keyed by example
+  id (features, clusters, checkpoints) records it, and a rerun refuses one recorded with another
+  (`provenance`): the same id would name another record, and its label another record's."""
   out = {}
   for spec in cfg.sources:
     source = sources[spec.name]
     out[spec.name] = dict(spec=spec.to_dict(), records=len(source))
-    if isinstance(source, sources_lib.FileSource):
+    if hasattr(source, "content_key"):
       out[spec.name]["content"] = source.content_key()
   return provenance.jsonable(out)
 

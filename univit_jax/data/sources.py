@@ -68,6 +68,10 @@ class Source(Protocol):
 def build_source(spec: config_lib.SourceSpec) -> Source:
   """Constructs the source a spec describes (may read a manifest or open a TFDS dataset)."""
   options = dict(spec.options)
+  if spec.type == "array_record":
+    # Imported here: `records` builds on this module.
+    from univit_jax.data import records  # pylint: disable=g-import-not-at-top
+    return records.ArrayRecordSource(**options)
   if spec.type == "tfds":
     return TfdsSource(**options)
   if spec.type == "video_folder":
