@@ -69,6 +69,11 @@ def test_image_folder_round_trip(tmp_path):
   assert manifest["source"] == spec.to_dict() and manifest["kind"] == "image"
   keys = (tmp_path / "out" / "keys.txt").read_text().splitlines()
   assert keys == [converted[i]["key"] for i in range(len(converted))]
+  # Resharding a converted dataset keeps every record and key.
+  resharded = _convert(_spec("array_record", path=str(tmp_path / "out"), kind="image"),
+                       tmp_path / "resharded", records_per_shard=5)
+  _assert_same_records(converted, resharded, 1)
+  assert (tmp_path / "resharded" / "keys.txt").read_text() == "\n".join(keys) + "\n"
   with pytest.raises(sources.SourceError, match="image records, not video"):
     sources.build_source(_spec("array_record", path=str(tmp_path / "out"), kind="video"))
   with pytest.raises(sources.SourceError, match="no manifest.json"):
