@@ -5,6 +5,7 @@ and a run of `main` over a converted dataset."""
 import itertools
 import json
 import logging
+import pickle
 
 import numpy as np
 import pytest
@@ -69,6 +70,7 @@ def test_image_folder_round_trip(tmp_path):
   assert manifest["source"] == spec.to_dict() and manifest["kind"] == "image"
   keys = (tmp_path / "out" / "keys.txt").read_text().splitlines()
   assert keys == [converted[i]["key"] for i in range(len(converted))]
+  assert pickle.loads(pickle.dumps(converted))[5]["key"] == keys[5]  # as grain workers get it
   # Resharding a converted dataset keeps every record and key.
   resharded = _convert(_spec("array_record", path=str(tmp_path / "out"), kind="image"),
                        tmp_path / "resharded", records_per_shard=5)
