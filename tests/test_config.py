@@ -50,6 +50,10 @@ def test_parse_arg():
   ("data.image_size", 30, "data.image_size=30 is not divisible by model.patch_size=8"),
   ("data.bucket_weights", (1, 1), "needs one weight per bucket"),
   ("data.tokens_per_batch", 16 * 16 * 2, "must be a positive multiple of the 8 batch shards"),
+  ("data.bucket_tokens", (2048, 2048), r"needs one positive token budget per bucket"),
+  ("data.bucket_tokens", (2048, 0, 2048, 2048, 2048), r"needs one positive token budget"),
+  ("data.bucket_tokens", (2048, 2048, 2048, 2048, 16 * 16 * 2),
+   r"data.bucket_tokens\[4\]=512 gives a global batch of 2 for the 16-frame bucket"),
 ])
 def test_bad_values_name_the_field(field, value, message):
   config = load_config("demo")

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from fakes import FakeSource
 
+import helpers
 from univit_jax import config_lib, positions
 from univit_jax.data import pipeline, streams
 from univit_jax.run_config import data_config
@@ -18,6 +19,22 @@ def test_bucket_batch_sizes_follow_token_budget():
   assert config_lib.bucket_batch_sizes((1, 2), 160, 16, 4, batch_multiple=4) == {1: 8, 2: 4}
   with pytest.raises(ValueError, match="3-frame bucket"):
     config_lib.bucket_batch_sizes((1, 3), 160, 16, 4, batch_multiple=4)
+
+
+def test_bucket_tokens_give_each_bucket_its_own_budget():
+  """`data.bucket_tokens` replaces `tokens_per_batch` bucket by bucket (here: 4x the images)."""
+  sizes = config_lib.bucket_batch_sizes((1, 2, 16), 16 * 16 * 4, 32, 8,
+                                        bucket_tokens=(16 * 16 * 16, 16 * 16 * 4, 16 * 16 * 4))
+  assert sizes == {1: 256, 2: 32, 16: 4}
+  with pytest.raises(ValueError, match=r"data.bucket_tokens\[1\]=16 leaves no clip"):
+    config_lib.bucket_batch_sizes((1, 2), 4096, 32, 8, bucket_tokens=(4096, 16))
+  # Image-only data drops the clip buckets, and their budgets with them.
+  config = helpers.load_config("demo")
+  config.data.bucket_tokens = (8192, 2048, 2048, 2048, 2048)
+  del config.data.sources["events"]
+  cfg = data_config.DataConfig.from_config(config)
+  assert cfg.frames == (1,) and cfg.bucket_tokens == (8192,)
+  assert cfg.batch_sizes() == {1: 8192 // 16}
 
 
 def _config(**kw):

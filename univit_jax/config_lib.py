@@ -197,13 +197,15 @@ def validate_data(config: ml_collections.ConfigDict) -> None:
     ConfigError: naming the field.
   """
   d = config.data
-  check_buckets(d.image_size, config.model.patch_size, tuple(d.frames), tuple(d.bucket_weights))
+  check_buckets(d.image_size, config.model.patch_size, tuple(d.frames), tuple(d.bucket_weights),
+                tuple(d.bucket_tokens))
 
 
 def check_buckets(image_size: int, patch_size: int, frames: tuple[int, ...],
-                  bucket_weights: tuple[float, ...]) -> None:
-  """Whole patches per frame, distinct positive frame counts, one weight per bucket (for the
-  config and for `data.pipeline.DataConfig`, which can be built without one).
+                  bucket_weights: tuple[float, ...], bucket_tokens: tuple[int, ...] = ()) -> None:
+  """Whole patches per frame, distinct positive frame counts, one weight per bucket and none or
+  one positive token budget per bucket (for the config and for `data.pipeline.DataConfig`, which
+  can be built without one).
 
   Raises:
     ConfigError: naming the field.
@@ -217,6 +219,10 @@ def check_buckets(image_size: int, patch_size: int, frames: tuple[int, ...],
     raise ConfigError(
       f"data.bucket_weights={bucket_weights} needs one weight per bucket in "
       f"data.frames={frames}")
+  if bucket_tokens and (len(bucket_tokens) != len(frames) or min(bucket_tokens) < 1):
+    raise ConfigError(
+      f"data.bucket_tokens={bucket_tokens} needs one positive token budget per bucket in "
+      f"data.frames={frames}, or none (every bucket: data.tokens_per_batch)")
 
 
 # `type` of an entry of `config.data.sources`; `data.sources.build_source` builds each.
@@ -320,6 +326,8 @@ class ActiveParts:
     clips: some source yields clips: the event banks, the schedule and the clip buckets are.
     frames: the frame-count buckets trained (`data.frames`, see `active_parts`).
     bucket_weights: their mixing weights.
+    bucket_tokens: their token budgets (`data.bucket_tokens`; () for `data.tokens_per_batch`
+      in every bucket).
     granularities: the event granularities extracted and clustered (`extract.granularities`;
       () without clips).
   """
@@ -327,6 +335,7 @@ class ActiveParts:
   clips: bool
   frames: tuple[int, ...]
   bucket_weights: tuple[float, ...]
+  bucket_tokens: tuple[int, ...]
   granularities: tuple[int, ...]
 
   @property
@@ -363,10 +372,11 @@ def active_parts(config: ml_collections.ConfigDict) -> ActiveParts:
     raise ConfigError(
       f"no source feeds the {unfed}-frame bucket(s) of data.frames={tuple(d.frames)}; add a "
       "video source (or a source whose `frames` include them) or remove them")
-  kept = [(t, w) for t, w in zip(d.frames, d.bucket_weights) if t in fed]
+  kept = [i for i, t in enumerate(d.frames) if t in fed]
   return ActiveParts(
-    images=images, clips=clips, frames=tuple(t for t, _ in kept),
-    bucket_weights=tuple(float(w) for _, w in kept),
+    images=images, clips=clips, frames=tuple(d.frames[i] for i in kept),
+    bucket_weights=tuple(float(d.bucket_weights[i]) for i in kept),
+    bucket_tokens=tuple(int(d.bucket_tokens[i]) for i in kept) if d.bucket_tokens else (),
     granularities=tuple(int(g) for g in config.extract.granularities) if clips else ())
 
 
@@ -375,24 +385,34 @@ def tokens_per_frame(image_size: int, patch_size: int) -> int:
   return (image_size // patch_size) ** 2
 
 
+def bucket_budgets(frames: Sequence[int], tokens_per_batch: int,
+                   bucket_tokens: Sequence[int] = ()) -> dict[int, tuple[str, int]]:
+  """The token budget of each bucket, with the config field that sets it: `data.bucket_tokens`
+  (one per bucket) when given, else `data.tokens_per_batch` for every bucket."""
+  if bucket_tokens:
+    return {t: (f"data.bucket_tokens[{i}]", int(n))
+            for i, (t, n) in enumerate(zip(frames, bucket_tokens))}
+  return {t: ("data.tokens_per_batch", tokens_per_batch) for t in frames}
+
+
 def bucket_batch_sizes(
     frames: Sequence[int], tokens_per_batch: int, image_size: int, patch_size: int,
-    batch_multiple: int = 1) -> dict[int, int]:
-  """Global batch size of each frame-count bucket under a token budget.
+    batch_multiple: int = 1, bucket_tokens: Sequence[int] = ()) -> dict[int, int]:
+  """Global batch size of each frame-count bucket under its token budget (`bucket_budgets`).
 
-  `tokens_per_batch // (T * tokens_per_frame)`, rounded down to a multiple of `batch_multiple`
-  (e.g. the process count, or the data-parallel device count).
+  `budget // (T * tokens_per_frame)`, rounded down to a multiple of `batch_multiple` (e.g. the
+  process count, or the data-parallel device count).
 
   Raises:
     ConfigError: if some bucket would get no clip, naming the bucket and the budget.
   """
   per_frame = tokens_per_frame(image_size, patch_size)
   sizes = {}
-  for t in frames:
-    size = tokens_per_batch // (t * per_frame) // batch_multiple * batch_multiple
+  for t, (field, budget) in bucket_budgets(frames, tokens_per_batch, bucket_tokens).items():
+    size = budget // (t * per_frame) // batch_multiple * batch_multiple
     if size < 1:
       raise ConfigError(
-        f"data.tokens_per_batch={tokens_per_batch} leaves no clip for the {t}-frame bucket "
+        f"{field}={budget} leaves no clip for the {t}-frame bucket "
         f"({t} x {per_frame} tokens, batch a multiple of {batch_multiple}); raise it to at "
         f"least {t * per_frame * batch_multiple}")
     sizes[t] = size
@@ -511,11 +531,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> ModelConfig
   shards = MeshConfig.from_config(config).shards("batch", num_devices)
   d = config.data
   per_frame = tokens_per_frame(d.image_size, config.model.patch_size)
-  for t in parts.frames:
-    batch = d.tokens_per_batch // (t * per_frame)
+  budgets = bucket_budgets(parts.frames, d.tokens_per_batch, parts.bucket_tokens)
+  for t, (field, budget) in budgets.items():
+    batch = budget // (t * per_frame)
     if batch < 1 or batch % shards:
       raise ConfigError(
-        f"data.tokens_per_batch={d.tokens_per_batch} gives a global batch of {batch} for the "
+        f"{field}={budget} gives a global batch of {batch} for the "
         f"{t}-frame bucket ({per_frame} tokens per frame), which must be a positive multiple "
         f"of the {shards} batch shards of the mesh")
   return model
@@ -563,6 +584,9 @@ def default_config(variant: str) -> ml_collections.ConfigDict:
   c.data.frames = (1, 2, 4, 8, 16)
   c.data.bucket_weights = (4, 1, 1, 1, 1)
   c.data.tokens_per_batch = 16 * 16 * 4096
+  # Optional token budget per bucket (one per data.frames entry) in place of tokens_per_batch,
+  # e.g. to give images more examples per step than the clips' budget would.
+  c.data.bucket_tokens = ()
   # Record sources, by name: each a dict with `type` in SOURCE_TYPES and
   # that type's fields (see `univit_jax.data.sources.build_source`), plus optional `frames`, the
   # buckets it feeds (default: (1,) for images, every bucket for videos).

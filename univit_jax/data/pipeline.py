@@ -79,9 +79,10 @@ def batches_fingerprint(cfg: data_config.DataConfig, sources: Mapping[str, sourc
   global batch sizes themselves (`batch_sizes`: also rounded to the data-parallel size), the
   shuffle seed, the worker count and the process count (grain saves one position per process,
   laid out by workers). A checkpoint's iterator position is resumed only under the same."""
+  budgets = dict(bucket_tokens=cfg.bucket_tokens) if cfg.bucket_tokens else {}
   return provenance.jsonable(dict(
     sources=sources_fingerprint(cfg, sources), frames=cfg.frames,
-    bucket_weights=cfg.bucket_weights, tokens_per_batch=cfg.tokens_per_batch,
+    bucket_weights=cfg.bucket_weights, tokens_per_batch=cfg.tokens_per_batch, **budgets,
     image_size=cfg.image_size, batch_sizes=dict(batch_sizes), shuffle_seed=cfg.shuffle_seed,
     worker_count=cfg.worker_count, processes=jax.process_count()))
 

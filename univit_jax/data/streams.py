@@ -1,7 +1,8 @@
 """Variable Spatiotemporal Streams: one batched stream per frame count, mixed deterministically.
 
 A bucket of T frames has a global batch of `tokens_per_batch // (T * tokens_per_frame)` clips, so
-every step costs about the same number of tokens whatever its frame count. Each bucket reads the
+every step costs about the same number of tokens whatever its frame count (`data.bucket_tokens`
+sets a budget per bucket instead, e.g. more images a step than the clips'). Each bucket reads the
 records of the sources that feed it (an index range of the concatenated sources, never a
 `filter`), decodes and augments them into examples of exactly T frames, and batches them; the
 batched bucket streams are then mixed by weight. Mixing is a deterministic function of the step

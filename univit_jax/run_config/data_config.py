@@ -48,6 +48,7 @@ class DataConfig:
     frames: the frame-count buckets.
     bucket_weights: mixing weight of each bucket.
     tokens_per_batch: global token budget per step.
+    bucket_tokens: token budget per bucket, in place of `tokens_per_batch` (() for none).
     image_size: frame side S.
     patch_size: model patch size (tokens per frame = (S / patch_size)^2).
     virtual_frames: U-RoPE temporal grid length (`model.rope.virtual_frames`).
@@ -69,6 +70,7 @@ class DataConfig:
   tokens_per_batch: int
   image_size: int
   patch_size: int
+  bucket_tokens: tuple[int, ...] = ()
   virtual_frames: int = 64
   transform: TransformConfig | None = None
   frame_sampling: str = "uniform"
@@ -92,7 +94,7 @@ class DataConfig:
       raise config_lib.ConfigError(
         f"data.frame_sampling={self.frame_sampling!r}: expected one of {SAMPLINGS}")
     config_lib.check_buckets(self.image_size, self.patch_size, tuple(self.frames),
-                             tuple(self.bucket_weights))
+                             tuple(self.bucket_weights), tuple(self.bucket_tokens))
     if not 0 <= self.max_bad_fraction <= 1:
       raise config_lib.ConfigError(
         f"data.max_bad_fraction={self.max_bad_fraction} must be in [0, 1]")
@@ -115,7 +117,8 @@ class DataConfig:
                   for name, spec in sorted(d.sources.items()))
     return cls(
       sources=specs, frames=parts.frames, bucket_weights=parts.bucket_weights,
-      tokens_per_batch=d.tokens_per_batch, image_size=d.image_size,
+      tokens_per_batch=d.tokens_per_batch, bucket_tokens=parts.bucket_tokens,
+      image_size=d.image_size,
       patch_size=config.model.patch_size, virtual_frames=config.model.rope.virtual_frames,
       transform=TransformConfig(
         image_size=d.image_size, augment=d.augment, crop_scale=tuple(d.crop_scale),
@@ -134,4 +137,5 @@ class DataConfig:
   def batch_sizes(self, batch_multiple: int = 1) -> dict[int, int]:
     """Global batch size per bucket (see `config_lib.bucket_batch_sizes`)."""
     return config_lib.bucket_batch_sizes(
-      self.frames, self.tokens_per_batch, self.image_size, self.patch_size, batch_multiple)
+      self.frames, self.tokens_per_batch, self.image_size, self.patch_size, batch_multiple,
+      self.bucket_tokens)
