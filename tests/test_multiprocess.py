@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import train_fixtures
 
+from univit_jax.clustering import store
 from univit_jax.train import logs
 
 WORKER = os.path.join(helpers.ROOT, "tests", "train_worker.py")
@@ -128,3 +129,34 @@ def test_an_error_in_one_process_ends_both_at_once_with_its_message(jobs):
   # timeouts (100 s heartbeat, 300 s shutdown).
   assert max(jobs["ended"]) - raised < 5, (jobs["ended"], raised)
   assert not os.path.exists(os.path.join(jobs["dirs"]["failed"], "params_1.npz"))
+
+
+def _bank_rows(workdir, bank: str) -> tuple[np.ndarray, np.ndarray]:
+  """A bank's (ids [N, 2], features [N, D]) ordered by id: the chunks of a job of P processes
+  hold each host's share of every batch, in process order."""
+  reader = store.BankReader(str(workdir), bank)
+  ids, features = reader.ids(), np.concatenate(list(reader.rows(0, reader.num_rows)))
+  order = np.lexsort((ids[:, 1], ids[:, 0]))
+  return ids[order], features[order]
+
+
+@pytest.mark.slow
+def test_extraction_by_two_processes_equals_one_process(tmp_path):
+  """`--mode=extract` (the pixels teacher) by a job of two processes, one device each, and by
+  one process with two devices: every bank holds the same rows with the same features."""
+  args = ["--config=configs/demo.py", "--mode=extract", "--config.extract.batch_size=8",
+          "--config.data.sources.digits.num_examples=24",
+          "--config.data.sources.objects.num_examples=24",
+          "--config.data.sources.events.num_examples=12", "--config.extract.granularities=(1,4)",
+          "--config.extract.pixels_fit_examples=32", "--config.extract.pixels_dim=16"]
+  one = helpers.run_main(*args, f"--workdir={tmp_path / 'one'}", devices=2)
+  assert one.returncode == 0, one.stderr[-4000:]
+  procs = helpers.start_processes([os.path.join(helpers.ROOT, "tests", "main_worker.py"), *args,
+                                   f"--workdir={tmp_path / 'two'}"])
+  outputs, _ = _wait(procs)
+  assert [p.returncode for p in procs] == [0, 0], [err[-3000:] for _, err in outputs]
+  for bank in ("object", "event_1", "event_4"):
+    (ids_one, one_rows), (ids_two, two_rows) = (_bank_rows(tmp_path / w, bank)
+                                                for w in ("one", "two"))
+    np.testing.assert_array_equal(ids_two, ids_one, err_msg=bank)
+    np.testing.assert_allclose(two_rows, one_rows, rtol=1e-5, atol=1e-6, err_msg=bank)
