@@ -131,6 +131,22 @@ def test_an_error_in_one_process_ends_both_at_once_with_its_message(jobs):
   assert not os.path.exists(os.path.join(jobs["dirs"]["failed"], "params_1.npz"))
 
 
+@pytest.mark.slow
+def test_an_error_in_process_0_which_runs_the_coordination_service_ends_both(tmp_path):
+  """Process 0 raises on its first batch, before compiling; process 1 is then compiling, not yet
+  in a collective. Process 0 waits for process 1's acknowledgement before it exits (and takes
+  the coordination service with it), so process 1 still prints the message."""
+  train_fixtures.write_clusters(str(tmp_path))
+  procs = helpers.start_processes([WORKER, os.environ["JAX_COMPILATION_CACHE_DIR"], json.dumps([
+    dict(workdir=str(tmp_path), total_steps=STEPS,
+         fail=dict(process=0, step=0, message="injected failure in process 0"))])])
+  ((_, err0), (_, err1)), ended = _wait(procs)
+  raised = float(re.search(r"raising at ([\d.]+)", err0).group(1))
+  assert [p.returncode for p in procs] == [1, 1], (err0[-3000:], err1[-3000:])
+  assert "Ending: process 0 of 2 failed: RuntimeError: injected failure in process 0" in err1
+  assert max(ended) - raised < 5, (ended, raised)
+
+
 def _bank_rows(workdir, bank: str) -> tuple[np.ndarray, np.ndarray]:
   """A bank's (ids [N, 2], features [N, D]) ordered by id: the chunks of a job of P processes
   hold each host's share of every batch, in process order."""

@@ -14,9 +14,12 @@ import json
 import os
 import sys
 import threading
+from typing import NoReturn
 
 import jax
 import numpy as np
+# The coordination service's client (its key-value store) has no public handle; Orbax and JAX's
+# own compilation-cache sharing reach it the same way.
 from jax._src import distributed as jax_distributed
 from jax.experimental import multihost_utils
 
@@ -62,7 +65,8 @@ def _start_watcher(client, me: int) -> None:
           continue
         if stopping.is_set():
           return
-        # The coordination service is gone: process 0, which runs it, died without a word.
+        # The coordination service cannot be reached (process 0, which runs it, has died): end
+        # now rather than in a collective that cannot complete.
         _exit(1, f"Process {me}: lost the coordination service, ending: "
                  f"{str(e).splitlines()[0]}")
       failure = json.loads(payload)
@@ -123,7 +127,7 @@ def abort_all(message: str, code: int) -> None:
   _exit(code)
 
 
-def _exit(code: int, line: str | None = None) -> None:
+def _exit(code: int, line: str | None = None) -> NoReturn:
   """Prints `line` (if any) to stderr and exits with `code`, without the interpreter teardown."""
   if line is not None:
     print(line, file=sys.stderr)
