@@ -23,6 +23,7 @@ error in one process ends all of them, as in `python -m univit_jax.main`.
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import sys
@@ -64,7 +65,7 @@ if __name__ == "__main__":
     if phase.get("fail", {}).get("process") == args.process:
       faults.enter_context(train_fixtures.raise_at_step(phase["fail"]["step"],
                                                         phase["fail"]["message"]))
-    run = lambda: train.run_train(helpers.typed(config), workdir)  # pylint: disable=cell-var-from-loop
+    run = functools.partial(train.run_train, helpers.typed(config), workdir)
     try:
       with faults:
         result = main.run_stage(run) if args.processes > 1 else run()

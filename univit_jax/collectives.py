@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import threading
+import time
 from typing import NoReturn
 
 import jax
@@ -31,6 +32,7 @@ _ACK_KEY = "univit/failure_ack/"
 # waits for the others' acknowledgements before it exits anyway.
 _WATCH_MS = 60_000
 _ACK_WAIT_MS = 10_000
+_SERVICE_GRACE_S = 1.0
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
@@ -72,13 +74,15 @@ def _start_watcher(client, me: int) -> None:
       failure = json.loads(payload)
       if failure is None:  # the stop written at exit
         return
-      line = (f"Ending: process {failure['process']} of {jax.process_count()} failed: "
-              f"{failure['message']}")
+      # Printed before acknowledging: once acknowledged, the failing process exits, and if it
+      # ran the coordination service, JAX aborts this process as soon as it notices.
+      _print(f"Ending: process {failure['process']} of {jax.process_count()} failed: "
+             f"{failure['message']}")
       try:
         client.key_value_set(_ACK_KEY + str(me), "")
       except Exception:  # pylint: disable=broad-except
         pass  # the failing process has gone already
-      _exit(failure["code"], line)
+      _exit(failure["code"])
 
   def stop() -> None:
     stopping.set()
@@ -104,10 +108,11 @@ def abort_all(message: str, code: int) -> None:
 
   Each other process's watcher (`initialize`) prints `Ending: process P of N failed: <message>`
   and exits with `code` at once, wherever its main thread is (a collective, a jitted step);
-  this process waits for their acknowledgements (at most `_ACK_WAIT_MS`: it may run the
-  coordination service they read from) and exits with `code`. Both skip the interpreter's
-  teardown, whose `jax.distributed.shutdown` would wait for processes stuck in a collective.
-  The caller prints `message` first. Returns at once (doing nothing) in a one-process run.
+  this process waits for their acknowledgements (at most `_ACK_WAIT_MS`; process 0, whose exit
+  takes the coordination service with it, `_SERVICE_GRACE_S` more) and exits with `code`. All
+  skip the interpreter's teardown, whose `jax.distributed.shutdown` would wait for processes
+  stuck in a collective. The caller prints `message` first. Returns at once (doing nothing) in
+  a one-process run.
   """
   if not multi_process():
     return
@@ -124,15 +129,23 @@ def abort_all(message: str, code: int) -> None:
       client.blocking_key_value_get(_ACK_KEY + str(p), _ACK_WAIT_MS)
     except Exception:  # pylint: disable=broad-except
       break  # gone or stuck: exit anyway
+  if me == 0:
+    # The coordination service goes with this process: give the others the moment from their
+    # acknowledgement to their own exit, or JAX aborts them first (exit 134 instead of `code`).
+    time.sleep(_SERVICE_GRACE_S)
   _exit(code)
+
+
+def _print(line: str) -> None:
+  print(line, file=sys.stderr)
+  sys.stderr.flush()
 
 
 def _exit(code: int, line: str | None = None) -> NoReturn:
   """Prints `line` (if any) to stderr and exits with `code`, without the interpreter teardown."""
   if line is not None:
-    print(line, file=sys.stderr)
+    _print(line)
   sys.stdout.flush()
-  sys.stderr.flush()
   os._exit(code)  # pylint: disable=protected-access
 
 

@@ -164,7 +164,7 @@ def run_stage(stage: Callable[[], Any]) -> Any:
   `Disk full: ...` and exits 1 without the interpreter teardown (Orbax's failed background
   writes would print hundreds of lines of tracebacks while it shuts down, burying this one;
   every output is safe to abandon mid-write, as after a SIGKILL: benchmarks/faults.py).
-  `--verbosity=1` raises them instead, with their traceback; so is any other error (a bug).
+  `--verbosity=1` raises them instead, with their traceback, as any other error (a bug) is.
   In a multi-process run each of these exits, and any raised error (after its traceback, exit
   1), ends every other process at once with the failing one's message and exit code
   (`collectives.abort_all`), where they would otherwise wait in a collective for the coordination
