@@ -5,7 +5,7 @@ over localhost. The `--sleep` pause after each chunk / k-means pass gives the te
 
   python tests/cluster_worker.py write WORKDIR --sleep S
   python tests/cluster_worker.py cluster WORKDIR --backend B --sleep S [--center] [--process I
-      --processes P --port PORT]
+      --processes P --port PORT]   (several processes: `helpers.start_processes`)
 """
 
 import argparse
@@ -73,15 +73,9 @@ def main() -> None:
   parser.add_argument("--backend", default="exact")
   parser.add_argument("--iterations", type=int, default=6)
   parser.add_argument("--center", action="store_true")
-  parser.add_argument("--process", type=int, default=0)
-  parser.add_argument("--processes", type=int, default=1)
-  parser.add_argument("--port", type=int, default=0)
+  helpers.add_process_arguments(parser)
   args = parser.parse_args()
-  if args.processes > 1:
-    import jax  # pylint: disable=import-outside-toplevel
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{args.port}",
-                               num_processes=args.processes, process_id=args.process)
+  helpers.join_processes(args)
   if args.command == "write":
     write(args.workdir, args.sleep)
   else:
@@ -89,5 +83,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  sys.path[:0] = [os.path.dirname(os.path.abspath(__file__)),
+                  os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
+  import helpers
   main()

@@ -1,11 +1,14 @@
 """Shared test helpers: loading config files the way `--config=configs/<name>.py:arg` does and
-typing them as `main` does, running `univit_jax.main`, writing small inputs (videos, a tiny
-pipeline's config file)."""
+typing them as `main` does, running `univit_jax.main`, starting several processes that form one
+JAX job on localhost, writing small inputs (videos, a tiny pipeline's config file)."""
 
+import argparse
 import importlib.util
 import os
+import socket
 import subprocess
 import sys
+from collections.abc import Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -55,6 +58,43 @@ FAST_COMPILE = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive
 def xla_flags(devices: int) -> str:
   """XLA_FLAGS for a test process with `devices` fake CPU devices."""
   return f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}"
+
+
+def free_port() -> int:
+  """A TCP port that is free on localhost now: the coordinator's, for `start_processes`."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def start_processes(args: Sequence[str], processes: int = 2, devices: int = 1,
+                    env: dict[str, str] | None = None) -> list[subprocess.Popen]:
+  """Starts `python ARGS --process I --processes P --port PORT` for I in 0..P-1: one JAX job of
+  P processes on localhost (the script calls `join_processes`), each with `devices` fake CPU
+  devices and `env` added to the environment; stdout and stderr piped, as text."""
+  port = free_port()
+  env = dict(os.environ, XLA_FLAGS=xla_flags(devices), JAX_PLATFORMS="cpu", **(env or {}))
+  return [subprocess.Popen([sys.executable, *args, "--process", str(i), "--processes",
+                            str(processes), "--port", str(port)],
+                           cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)
+          for i in range(processes)]
+
+
+def add_process_arguments(parser: argparse.ArgumentParser) -> None:
+  """The flags `start_processes` gives each process of a job (one process by default)."""
+  parser.add_argument("--process", type=int, default=0)
+  parser.add_argument("--processes", type=int, default=1)
+  parser.add_argument("--port", type=int, default=0)
+
+
+def join_processes(args: argparse.Namespace) -> None:
+  """Joins this process to the job of `add_process_arguments`' flags, through the entry point's
+  own start-up (`collectives.initialize`: gloo CPU collectives, the failure watcher); a no-op
+  for one process. Call it before anything starts JAX's backends."""
+  if args.processes > 1:
+    from univit_jax import collectives  # pylint: disable=import-outside-toplevel
+    collectives.initialize(f"127.0.0.1:{args.port}", args.processes, args.process)
 
 
 def run_main(*args: str, devices: int = 1, timeout: int = 300, module: str = "univit_jax.main",

@@ -5,7 +5,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -428,12 +427,6 @@ def test_stage_resumes_after_sigkill_with_identical_outputs(tmp_path, backend):
   _assert_same_outputs(_outputs(reference), _outputs(killed))
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("backend, center", [("exact", False), ("scann", False),
                                              ("exact", True)])
 @pytest.mark.slow
@@ -444,13 +437,8 @@ def test_two_processes_match_one(tmp_path, backend, center):
   options = ["--backend", backend] + (["--center"] if center else [])
   subprocess.run([sys.executable, WORKER, "cluster", str(single), *options],
                  check=True, capture_output=True)
-  port = _free_port()
-  env = dict(os.environ, XLA_FLAGS=helpers.xla_flags(1))
-  procs = [subprocess.Popen([sys.executable, WORKER, "cluster", str(double), *options,
-                             "--process", str(i), "--processes", "2", "--port", str(port)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i in range(2)]
-  logs = [p.communicate(timeout=120)[0] for p in procs]
+  procs = helpers.start_processes([WORKER, "cluster", str(double), *options])
+  logs = [p.communicate(timeout=120) for p in procs]
   assert [p.returncode for p in procs] == [0, 0], logs
   _assert_same_outputs(_outputs(single), _outputs(double), atol=1e-6)
   assert _outputs(double)[1]["processes"] == 2

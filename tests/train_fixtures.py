@@ -4,16 +4,19 @@ The cluster outputs follow the cluster stage's format (`univit_jax/clustering/la
 `clusters/<bank>/{centroids.npy, labels.npy, ids.npy, stats.json}` with a version id. Labels are
 derived from the demo records' ground truth, so a short run can learn them.
 
-Faults the tests inject into a run (`nan_at_step`, `slow_steps`) patch the data or the compiled
-step from here, so neither the config nor the compiled program carries them.
+Faults the tests inject into a run (`nan_at_step`, `raise_at_step`, `slow_steps`) patch the
+data or the compiled step from here, so neither the config nor the compiled program carries
+them; so does `batches_of_hosts`, the batches of a multi-process job read by one process.
 """
 
 import contextlib
 import itertools
 import os
+import sys
 import time
 from unittest import mock
 
+import grain
 import helpers
 import numpy as np
 
@@ -107,21 +110,84 @@ def write_clusters(workdir: str, version: str = "v1", width: int = 64, seed: int
 
 
 @contextlib.contextmanager
+def _at_batch(index: int, fault):
+  """Within it, the `index`-th batch this process reads (counted from 0) becomes
+  `fault(batch)` once its labels are attached."""
+  attach = labels_lib.LabelAttacher.__call__
+  batches = itertools.count()
+
+  def attach_with_fault(self, batch):
+    batch = attach(self, batch)
+    return fault(batch) if next(batches) == index else batch
+
+  with mock.patch.object(labels_lib.LabelAttacher, "__call__", attach_with_fault):
+    yield
+
+
 def nan_at_step(nan_step: int):
   """Within it, the batch of step `nan_step` (counted from 0, as `TrainState.step`) has NaN
   frames, so every term of that step is NaN inside the real, unchanged step: its guard against a
   non-finite loss and the loop's stop naming step and terms are what a test sees. (A fault in
   the data, not in the step, leaves the compiled program the one the other tests compile.)"""
-  attach = labels_lib.LabelAttacher.__call__
-  batches = itertools.count()
+  return _at_batch(nan_step, lambda batch: dict(
+    batch, frames=np.full_like(batch["frames"], np.nan)))
 
-  def attach_with_nan(self, batch):
-    batch = attach(self, batch)
-    if next(batches) == nan_step:
-      batch = dict(batch, frames=np.full_like(batch["frames"], np.nan))
-    return batch
 
-  with mock.patch.object(labels_lib.LabelAttacher, "__call__", attach_with_nan):
+def raise_at_step(step: int, message: str):
+  """Within it, reading the batch of step `step` of a run started at step 0 raises
+  RuntimeError(message) in this process (as a bug, or a host's failing disk, would), while the
+  other processes of its job go on into that step. It first prints `raising at <time.time()>`
+  to stderr, for a test to time what follows."""
+
+  def fail(batch):
+    print(f"raising at {time.time()}", file=sys.stderr, flush=True)
+    raise RuntimeError(message)
+
+  return _at_batch(step, fail)
+
+
+class _HostsIterator(grain.DatasetIterator):
+  """Batches of several host streams, concatenated in process order; its state is theirs."""
+
+  def __init__(self, hosts: list[grain.DatasetIterator]):
+    super().__init__()
+    self._hosts = hosts
+
+  def __next__(self) -> dict:
+    batches = [next(host) for host in self._hosts]
+    return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+
+  def get_state(self) -> dict:
+    return dict(hosts=[host.get_state() for host in self._hosts])
+
+  def set_state(self, state: dict) -> None:
+    for host, host_state in zip(self._hosts, state["hosts"]):
+      host.set_state(host_state)
+
+
+class _Hosts(grain.IterDataset):
+
+  def __init__(self, hosts: list[grain.IterDataset]):
+    super().__init__()
+    self._host_datasets = hosts
+
+  def __iter__(self) -> _HostsIterator:
+    return _HostsIterator([iter(host) for host in self._host_datasets])
+
+
+@contextlib.contextmanager
+def batches_of_hosts(count: int):
+  """Within it, a one-process training run reads the global batches a job of `count` processes
+  reads: every process's host batch (`pipeline.build_train_dataset` with its process index),
+  concatenated in process order as `pipeline.to_global_batch` lays them over the mesh. (Each
+  host reads its own slice of the records, so the batches depend on the process count.)"""
+  build = pipeline.build_train_dataset
+
+  def build_hosts(cfg, **kwargs):
+    return _Hosts([build(cfg, process_index=i, process_count=count, **kwargs)
+                   for i in range(count)])
+
+  with mock.patch.object(pipeline, "build_train_dataset", build_hosts):
     yield
 
 

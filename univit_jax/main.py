@@ -7,12 +7,17 @@ a stage of the mode would run is run before the first one starts (`preflight.py`
 error in the user's config, data or files prints one line, `<Kind> error: <message>`, and exits
 2; a non-finite loss prints `Training stopped: ...` and a full disk `Disk full: ...`, and both
 exit 1. Library INFO logs are hidden unless `--verbosity=0` is given; `--verbosity=1` also shows
-those errors' tracebacks.
+those errors' tracebacks. With `UNIVIT_DISTRIBUTED=1` the processes of a multi-host job join
+(`collectives.initialize`), and an error in any one of them ends all of them at once with its
+message (`run_stage`).
 """
 
 import errno
 import os
 import sys
+import traceback
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 import ml_collections
 from absl import app, flags, logging
@@ -58,23 +63,11 @@ def _debugging() -> bool:
   return logging.get_verbosity() >= logging.DEBUG
 
 
-def _stopping_cleanly(run):
-  """Runs a training stage; a non-finite loss or gradient ends the run with one line (exit 1)."""
-  from univit_jax import train
-  try:
-    return run()
-  except train.NonFiniteError as e:
-    if _debugging():
-      raise
-    print(f"Training stopped: {e}", file=sys.stderr)
-    sys.exit(1)
-
-
 def _train(run: run_config.RunConfig, workdir: str | None) -> None:
   from univit_jax import encoder, train
   from univit_jax.evaluation import run as eval_run
   evaluate = eval_run.training_evaluator(run)
-  result = _stopping_cleanly(lambda: train.run_train(run, _require(workdir), evaluate))
+  result = train.run_train(run, _require(workdir), evaluate)
   how = "stopped by SIGTERM (checkpoint saved)" if result.preempted else "finished"
   print(f"Training {how} at step {result.step}; cluster labels {result.label_versions}")
   if result.preempted:
@@ -85,7 +78,7 @@ def _train(run: run_config.RunConfig, workdir: str | None) -> None:
 
 def _pipeline(run: run_config.RunConfig, workdir: str | None) -> None:
   from univit_jax import rounds
-  summary = _stopping_cleanly(lambda: rounds.run_pipeline(run, _require(workdir)))
+  summary = rounds.run_pipeline(run, _require(workdir))
   if summary.get("preempted"):
     sys.exit(PREEMPTED_EXIT_CODE)
 
@@ -149,6 +142,60 @@ def _disk_full(error: BaseException | None) -> bool:
   return False
 
 
+def _fail(code: int, line: str, teardown: bool = True) -> NoReturn:
+  """Prints `line` to stderr and exits with `code`; in a multi-process run every other process
+  ends too, printing it (`collectives.abort_all`), instead of waiting in its next collective.
+  `teardown=False` skips the interpreter's teardown (`os._exit`)."""
+  from univit_jax import collectives
+  print(line, file=sys.stderr)
+  sys.stdout.flush()
+  sys.stderr.flush()
+  collectives.abort_all(line, code)
+  if not teardown:
+    os._exit(code)  # pylint: disable=protected-access
+  sys.exit(code)
+
+
+def run_stage(stage: Callable[[], Any]) -> Any:
+  """Runs `stage` (a mode's work) under the entry point's error reporting; returns its result.
+
+  An error in the user's config, data or files prints `<Kind> error: <message>` and exits 2; a
+  non-finite loss or gradient prints `Training stopped: ...` and exits 1; a full disk prints
+  `Disk full: ...` and exits 1 without the interpreter teardown (Orbax's failed background
+  writes would print hundreds of lines of tracebacks while it shuts down, burying this one;
+  every output is safe to abandon mid-write, as after a SIGKILL: benchmarks/faults.py).
+  `--verbosity=1` raises them instead, with their traceback, as any other error (a bug) is.
+  In a multi-process run each of these exits, and any raised error (after its traceback, exit
+  1), ends every other process at once with the failing one's message and exit code
+  (`collectives.abort_all`), where they would otherwise wait in a collective for the coordination
+  service's timeouts.
+  """
+  from univit_jax import collectives, train
+  errors = _user_errors()
+  try:
+    try:
+      return stage()
+    except train.NonFiniteError as e:
+      if _debugging():
+        raise
+      _fail(1, f"Training stopped: {e}")
+    except tuple(errors) as e:
+      if _debugging():
+        raise
+      kind = next(kind for cls, kind in errors.items() if isinstance(e, cls))
+      _fail(2, f"{kind} error: {_one_line(str(e))}")
+    except Exception as e:  # pylint: disable=broad-except
+      if _debugging() or not _disk_full(e):
+        raise
+      _fail(1, f"Disk full: {_one_line(str(e))}. Free space and rerun the same command: finished "
+               "work is kept and the run resumes.", teardown=False)
+  except Exception as e:  # pylint: disable=broad-except
+    if collectives.multi_process():
+      traceback.print_exc()
+      _fail(1, f"{type(e).__name__}: {_one_line(str(e))}")
+    raise
+
+
 def _device_count(config: ml_collections.ConfigDict, mode: str, available: int) -> int:
   """The devices the run's sections are built for: the `summary.devices` a summary simulates,
   else the `available` ones of this process.
@@ -198,8 +245,9 @@ def main(argv: list[str]) -> None:
     # Orbax and JAX log every checkpoint operation at INFO; stages report progress themselves.
     logging.set_verbosity(logging.WARNING)
   import jax
+  from univit_jax import collectives
   if os.environ.get("UNIVIT_DISTRIBUTED"):
-    jax.distributed.initialize()  # Multi-host: discovers the TPU slice or SLURM job (launch/).
+    collectives.initialize()  # Multi-host: discovers the TPU slice or SLURM job (launch/).
   config = _CONFIG.value
   if config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/demo.py")
@@ -207,29 +255,14 @@ def main(argv: list[str]) -> None:
   if mode not in MODES:
     raise app.UsageError(f"--mode={mode!r}: expected one of {sorted(MODES)}")
   from univit_jax import preflight
-  errors = _user_errors()
-  try:
+
+  def stage() -> None:
     _check_workdir(_WORKDIR.value, mode)
     run = run_config.build(config, _device_count(config, mode, jax.device_count()))
     preflight.check(run, mode)
     MODES[mode](run, _WORKDIR.value)
-  except tuple(errors) as e:
-    if _debugging():
-      raise
-    kind = next(kind for cls, kind in errors.items() if isinstance(e, cls))
-    print(f"{kind} error: {_one_line(str(e))}", file=sys.stderr)
-    sys.exit(2)
-  except Exception as e:  # pylint: disable=broad-except
-    if _debugging() or not _disk_full(e):
-      raise
-    print(f"Disk full: {_one_line(str(e))}. Free space and rerun the same command: finished work "
-          "is kept and the run resumes.", file=sys.stderr)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # Not sys.exit: Orbax's failed background writes print hundreds of lines of tracebacks while
-    # the interpreter shuts down, burying this one. Every output is safe to abandon mid-write,
-    # as after a SIGKILL (benchmarks/faults.py), so skipping the teardown loses nothing.
-    os._exit(1)  # pylint: disable=protected-access
+
+  run_stage(stage)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ from those a round's features record is refused, finished rounds included
 import os
 from collections.abc import Callable
 
+import jax
+
 from univit_jax import atomic, checkpointing, encoder, paths, preflight, run_config, train
 from univit_jax.clustering import extract, labels
 from univit_jax.evaluation import run as eval_run
@@ -74,7 +76,8 @@ def run_pipeline(run: run_config.RunConfig, workdir: str,
       encoder.export_encoder(cfg, folder, result.state.params["encoder"])
     summary["rounds"].append(_round_summary(folder))
   summary["export"] = encoder.export_dir(round_dir(workdir, run.rounds))
-  atomic.write_json(os.path.join(workdir, "pipeline.json"), summary)
+  if jax.process_index() == 0:
+    atomic.write_json(os.path.join(workdir, "pipeline.json"), summary)
   _print_summary(summary, log)
   return summary
 

@@ -481,6 +481,11 @@ def run_extract(run: run_config.RunConfig, workdir: str,
   Returns:
     The teacher name recorded for each bank.
 
+  Only process 0 writes the store; every process runs the teacher over its share of each batch.
+  What to skip is read by every process before the "extract start" barrier, after which process
+  0 writes, so all processes skip the same batches (and meet in the same collectives); the
+  "extract done" barrier keeps every process here until the store is complete.
+
   Raises:
     store.FeatureStoreError: `workdir` holds features made from other inputs (`checked_inputs`).
   """
@@ -490,7 +495,9 @@ def run_extract(run: run_config.RunConfig, workdir: str,
   image_sources = [s.name for s in data_cfg.sources if not s.is_video]
   video_sources = [s.name for s in data_cfg.sources if s.is_video]
   banks = run.parts.banks
-  if all(_complete(workdir, b) for b in banks):
+  written = {b: _written(workdir, b) for b in banks}
+  collectives.barrier("extract start")
+  if all(complete for complete, _ in written.values()):
     logging.info("extract: banks %s are complete; nothing to do", banks)
     return {b: store.BankReader(workdir, b).meta["teacher"] for b in banks}
   precomputed = None
@@ -576,22 +583,23 @@ def run_extract(run: run_config.RunConfig, workdir: str,
     return len(starts), (lambda chunk=ids[i:i + cfg.batch_size]: work(chunk) for i in starts)
 
   def run_group(names, num_frames, bank_names, bank_dim, to_rows):
-    writers = {b: store.BankWriter(workdir, b, bank_dim, name, inputs) for b in bank_names}
-    if all(w.complete for w in writers.values()):
+    if all(written[b][0] for b in bank_names):
       return
+    primary = jax.process_index() == 0
+    writers = ({b: store.BankWriter(workdir, b, bank_dim, name, inputs) for b in bank_names}
+               if primary else {})
     total, works = (precomputed_batches if precomputed else frame_batches)(names, num_frames)
     for index, work in enumerate(tqdm.tqdm(
         works, total=total, desc=f"extract {'+'.join(bank_names)}", unit="batch",
-        disable=jax.process_index() != 0)):
-      if all(w.has_chunk(index) for w in writers.values()):
+        disable=not primary)):
+      if all(store.chunk_name(index) in written[b][1] for b in bank_names):
         continue
       batch, outputs = work()
-      if jax.process_index() == 0:
+      if primary:
         for bank, (features, ids) in to_rows(batch, outputs).items():
           writers[bank].write_chunk(index, features, ids)
-    if jax.process_index() == 0:
-      for w in writers.values():
-        w.finish()
+    for w in writers.values():
+      w.finish()
 
   if image_sources:
     run_group(image_sources, 1, [specs.OBJECT_BANK], dim, object_rows)
@@ -602,8 +610,11 @@ def run_extract(run: run_config.RunConfig, workdir: str,
   return {b: name for b in banks}
 
 
-def _complete(workdir: str, bank: str) -> bool:
+def _written(workdir: str, bank: str) -> tuple[bool, set[str]]:
+  """Whether a bank of the store is complete, and the names of its committed chunks (False and
+  none for a bank not begun, or one whose meta.json cannot be read: its writer reports that)."""
   try:
-    return store.BankReader(workdir, bank).meta.get("complete", False)
+    reader = store.BankReader(workdir, bank, require_complete=False)
   except store.FeatureStoreError:
-    return False
+    return False, set()
+  return bool(reader.meta.get("complete")), set(reader.chunk_names)

@@ -303,9 +303,13 @@ def run_train(run: run_config.RunConfig, workdir: str,
                graphdef=graphdef, tx=tx, learning_rate=learning_rate, loss_cfg=loss_cfg,
                abstract=abstract, shardings=shardings, mesh=mesh, rules=rules,
                data_cfg=data_cfg, batch_sizes=batch_sizes, evaluate=evaluate)
-    return _loop(job, state, iterator, ckpt)
+    result = _loop(job, state, iterator, ckpt)
   finally:
     ckpt.close()
+  # Process 0 wrote train_run.json, metrics.jsonl and training.png: whole before any process
+  # goes on to read them (a pipeline's round summary).
+  collectives.barrier("train done")
+  return result
 
 
 @dataclasses.dataclass(frozen=True)
