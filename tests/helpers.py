@@ -22,6 +22,21 @@ def load_config(name: str, arg: str | None = None):
   return module.get_config(arg)
 
 
+# configs/demo.py at the tests' scale: patch 8 and `tokens_per_batch` for every bucket (the demo's
+# own patch 4 and 4x image budget leave 2-4 clips in the long buckets, which do not split over the
+# tests' 8 devices; tests exercise the mechanics, the demo table the recipe). As `demo_config`
+# sets them, for `run_main("--config=configs/demo.py", *DEMO_TEST_SCALE, ...)`.
+DEMO_TEST_SCALE = ("--config.model.patch_size=8", "--config.data.bucket_tokens=()")
+
+
+def demo_config():
+  """configs/demo.py at the tests' scale (`DEMO_TEST_SCALE`)."""
+  c = load_config("demo")
+  c.model.patch_size = 8
+  c.data.bucket_tokens = ()
+  return c
+
+
 def typed(config, num_devices: int | None = None):
   """`run_config.build(config, ...)`: the typed sections the stages take, as `main` builds them,
   for this process's devices (or `num_devices`)."""
@@ -111,7 +126,7 @@ def run_main(*args: str, devices: int = 1, timeout: int = 300, module: str = "un
 # configs/demo.py shrunk to a two-round pipeline that runs in well under a minute once compiled
 # (tests/test_rounds.py, benchmarks/faults.py).
 TINY_DEMO_PIPELINE = (
-  "--config.data.frames=(1,2)", "--config.data.bucket_weights=(1,1)",
+  *DEMO_TEST_SCALE, "--config.data.frames=(1,2)", "--config.data.bucket_weights=(1,1)",
   "--config.data.sources.digits.num_examples=32", "--config.data.sources.objects.num_examples=32",
   "--config.data.sources.events.num_examples=16", "--config.extract.batch_size=16",
   "--config.extract.clip_frames=4", "--config.extract.granularities=(1,2)",

@@ -2,7 +2,7 @@
 
 import pytest
 
-from helpers import load_config, run_main
+from helpers import demo_config, load_config, run_main
 from univit_jax import config_lib, run_config
 
 CONFIGS = ("demo", "vit_s", "vit_b", "vit_l")
@@ -12,8 +12,15 @@ CONFIGS = ("demo", "vit_s", "vit_b", "vit_l")
 @pytest.mark.parametrize("arg", [None, "runlocal"])
 def test_configs_validate(name, arg):
   config = load_config(name, arg)
-  model = run_config.build(config, num_devices=8).model
+  # The demo is sized for one CPU device: its long-clip buckets hold 2-4 clips.
+  model = run_config.build(config, num_devices=1 if name == "demo" else 8).model
   assert model.width % model.num_heads == 0
+
+
+def test_demo_gives_images_four_times_the_clips_token_budget():
+  run = run_config.build(load_config("demo"), num_devices=1)
+  assert run.model.patch_size == 4
+  assert run.data.batch_sizes() == {1: 128, 2: 16, 4: 8, 8: 4, 16: 2}
 
 
 def test_vit_l_is_the_paper_recipe():
@@ -56,7 +63,7 @@ def test_parse_arg():
    r"data.bucket_tokens\[4\]=512 gives a global batch of 2 for the 16-frame bucket"),
 ])
 def test_bad_values_name_the_field(field, value, message):
-  config = load_config("demo")
+  config = demo_config()
   section, key = field.rsplit(".", 1)
   target = config
   for part in section.split("."):

@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from helpers import load_config, typed
+from helpers import demo_config, typed
 from univit_jax import sharding
 from univit_jax.data import pipeline
 from univit_jax.models import vit
@@ -14,7 +14,7 @@ from univit_jax.models import vit
 
 @pytest.mark.slow
 def test_encoder_consumes_a_batch_of_each_bucket():
-  config = load_config("demo")
+  config = demo_config()
   config.mesh.shape = (8, 1, 1)
   config.data.sources.digits.num_examples = 64
   config.data.sources.objects.num_examples = 64

@@ -62,7 +62,7 @@ def test_videos_alone_use_the_event_banks_and_every_bucket():
 
 
 def test_images_and_clips_keep_every_part_as_before():
-  config = helpers.load_config("demo")
+  config = helpers.demo_config()
   parts = config_lib.active_parts(config)
   assert parts.banks == ("object", "event_1", "event_2", "event_4", "event_8")
   assert parts.frames == tuple(config.data.frames)
@@ -85,7 +85,7 @@ def test_bank_weights_that_leave_nothing_to_train_are_refused(sources, weights, 
 
 
 def test_with_clips_every_bucket_must_be_fed():
-  config = helpers.load_config("demo")
+  config = helpers.demo_config()
   config.data.sources.events.frames = (16,)
   with pytest.raises(config_lib.ConfigError, match=r"no source feeds the \[2, 4, 8\]-frame"):
     config_lib.active_parts(config)

@@ -21,7 +21,7 @@ WIDTH, SIZE = 64, 32  # the demo encoder's
 @pytest.fixture(scope="module")
 def export(tmp_path_factory) -> str:
   """A random-init export of the demo encoder."""
-  run = helpers.typed(helpers.load_config("demo"))
+  run = helpers.typed(helpers.demo_config())
   _, params = vit.init_encoder(run.model, seed=2)
   return encoder_lib.export_encoder(run, str(tmp_path_factory.mktemp("run")), params)
 
@@ -29,7 +29,7 @@ def export(tmp_path_factory) -> str:
 def _run(export_path: str, output, source: dict, **fields):
   """The demo run embedding `source` with `export_path` into `output` (8 records a batch, one
   per fake device)."""
-  config = helpers.load_config("demo")
+  config = helpers.demo_config()
   config.embed.encoder, config.embed.output, config.embed.batch_size = export_path, str(output), 8
   config.embed.source = source
   for key, value in fields.items():
@@ -88,7 +88,7 @@ def test_embeds_clips_with_segment_and_region_embeddings(export, tmp_path):
   images = dict(type="demo", kind="objects", split="test", num_examples=3, image_size=SIZE)
   result = _load(embed.run_embed(_run(export, tmp_path / "boxes", images, regions=True), None))
   records, frames = _frames(images, 3, 1)
-  max_boxes = helpers.load_config("demo").data.max_boxes
+  max_boxes = helpers.demo_config().data.max_boxes
   boxes = np.zeros((3, max_boxes, 4), np.float32)
   mask = np.zeros((3, max_boxes), bool)
   for i, record in enumerate(records):
@@ -103,7 +103,7 @@ def test_embeds_clips_with_segment_and_region_embeddings(export, tmp_path):
 def test_bad_embed_settings_are_named(export, tmp_path):
   folder = dict(type="image_folder", path=write_images(tmp_path / "images", count=2))
   with pytest.raises(config_lib.ConfigError, match="embed.source is empty"):
-    embed.run_embed(helpers.typed(helpers.load_config("demo")), str(tmp_path))
+    embed.run_embed(helpers.typed(helpers.demo_config()), str(tmp_path))
   with pytest.raises(config_lib.ConfigError, match="embed.source: .*needs fields"):
     _run(export, tmp_path, dict(type="image_folder"))
   with pytest.raises(config_lib.ConfigError, match="embed.batch_size=3 must be a multiple of 8"):

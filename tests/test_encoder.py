@@ -19,7 +19,7 @@ from scipy import special
 
 import helpers
 import univit_jax
-from helpers import load_config
+from helpers import demo_config
 from univit_jax import checkpointing, config_lib, encoder as encoder_lib
 from univit_jax import positions as positions_lib
 from univit_jax.data import demo, pipeline, transforms, video
@@ -30,7 +30,7 @@ from univit_jax.train import state as state_lib
 
 @pytest.fixture(scope="module")
 def export(tmp_path_factory):
-  config = load_config("demo")
+  config = demo_config()
   run = helpers.typed(config)
   graphdef, params = vit.init_encoder(run.model, seed=3)
   path = encoder_lib.export_encoder(run, str(tmp_path_factory.mktemp("run")), params)
@@ -203,7 +203,7 @@ def _numpy_forward(export_path: str, frames: np.ndarray) -> tuple[np.ndarray, np
 def test_safetensors_name_map_rebuilds_the_forward_pass_in_numpy(tmp_path, scan):
   """The names and layouts docs/export.md gives, read by plain NumPy, compute what the model
   computes: patch embedding, time embedding, every pre-LN block with U-RoPE, the MAP head."""
-  config = load_config("demo")
+  config = demo_config()
   config.model.scan = scan
   run = helpers.typed(config)
   _, params = vit.init_encoder(run.model, seed=4)
@@ -263,7 +263,8 @@ def test_export_mode_exports_the_checkpoint_loadable_anywhere(trained, tmp_path)
   graphdef, _ = vit.abstract_encoder(config_lib.model_config(config))
   training_params, _ = checkpointing.load_export(workdir / "export")  # the end-of-train state's
   shutil.rmtree(workdir / "export")
-  result = helpers.run_main("--config=configs/demo.py", f"--workdir={workdir}", "--mode=export")
+  result = helpers.run_main("--config=configs/demo.py", *helpers.DEMO_TEST_SCALE,
+                            f"--workdir={workdir}", "--mode=export")
   assert result.returncode == 0, result.stderr
   assert f"Encoder export of {workdir} at step 2" in result.stdout
   copy = shutil.copytree(workdir / "export", tmp_path / "elsewhere" / "export")

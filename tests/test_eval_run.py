@@ -87,7 +87,7 @@ def test_demo_tasks_targets_follow_the_records():
 
 
 def _tiny_eval_config():
-  config = helpers.load_config("demo")
+  config = helpers.demo_config()
   config.eval.num_train = 40
   config.eval.num_test = 20
   config.eval.clip_frames = 4

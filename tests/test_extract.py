@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import ROOT, load_config, typed, xla_flags
+from helpers import ROOT, demo_config, typed, xla_flags
 from univit_jax.clustering import extract, store
 from univit_jax.data import pipeline
 from univit_jax.evaluation import features, tasks
@@ -84,7 +84,7 @@ def test_proposals_only_for_images_without_boxes():
 
 
 def small_demo(num_images=48, num_clips=24):
-  config = load_config("demo")
+  config = demo_config()
   config.mesh.shape = (-1, 1, 1)
   config.data.sources.digits.num_examples = num_images
   config.data.sources.objects.num_examples = num_images

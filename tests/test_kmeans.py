@@ -363,7 +363,7 @@ def test_candidate_lists_resume_mid_run_with_identical_results(tmp_path):
 
 @pytest.mark.parametrize("value", [-1, True])
 def test_bad_candidates_is_a_config_error_naming_the_field(value):
-  config = helpers.load_config("demo")
+  config = helpers.demo_config()
   config.cluster.candidates = value
   with pytest.raises(config_lib.ConfigError, match=re.escape(f"candidates={value!r}")):
     preflight.check(helpers.typed(config), "cluster")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from fakes import FakeSource
 
-from helpers import load_config
+from helpers import demo_config
 from univit_jax import checkpointing, config_lib
 from univit_jax.data import pipeline, sources
 from univit_jax.run_config import data_config
@@ -155,7 +155,7 @@ def test_to_global_batch_shards_the_batch_axis():
 
 
 def test_data_config_from_demo_config():
-  cfg = data_config.DataConfig.from_config(load_config("demo"))
+  cfg = data_config.DataConfig.from_config(demo_config())
   assert [s.name for s in cfg.sources] == ["digits", "events", "objects"]
   digits, events, _ = cfg.sources
   assert cfg.source_buckets(events) == (1, 2, 4, 8, 16)

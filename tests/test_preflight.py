@@ -63,7 +63,7 @@ def stages_must_not_run(monkeypatch):
 @pytest.mark.parametrize("field,value,message", BAD_VALUES)
 def test_pipeline_refuses_a_bad_config_before_any_stage(field, value, message, tmp_path,
                                                          stages_must_not_run):
-  config = helpers.load_config("demo")
+  config = helpers.demo_config()
   _set(config, field, value)
   with pytest.raises(config_lib.ConfigError, match=re.escape(message)):
     rounds.run_pipeline(helpers.typed(config), str(tmp_path), log=lambda _: None)
@@ -77,7 +77,7 @@ def test_every_mode_has_its_checks():
 def test_checks_follow_the_mode():
   """What evaluating needs, something to probe, is required where it is used: always for
   --mode=eval, for training only when it evaluates (`eval.every`)."""
-  config = helpers.load_config("demo")
+  config = helpers.demo_config()
   config.eval.demo = False  # and no eval.datasets: nothing to probe
   preflight.check(helpers.typed(config), "train")
   with pytest.raises(config_lib.ConfigError, match="nothing to probe"):
@@ -102,7 +102,7 @@ def test_a_pipeline_refuses_a_large_bank_the_class_shards_would_replicate(tmp_pa
   leaves the bank whole on every device. A small one passes (training warns); one whose
   centres, gradient and Adam moments exceed `preflight.REPLICATED_BANK_LIMIT` per device is
   refused before any stage, naming the field, the shards and the nearest split counts."""
-  config = helpers.load_config("demo")
+  config = helpers.demo_config()
   config.mesh.shape = (1, 8, 1)
   config.cluster.num_clusters.event_1 = 36
   preflight.check(helpers.typed(config), "pipeline")

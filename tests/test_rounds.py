@@ -1,13 +1,13 @@
 """`--mode=pipeline`: how round r is configured from round r - 1. The two-round pipeline itself
 runs end to end in tests/test_storage.py (in a `gs://` workdir on the fake object store)."""
 
-from helpers import load_config, typed
+from helpers import demo_config, typed
 from univit_jax import rounds
 
 
 def test_later_rounds_learn_from_and_start_at_the_previous_export(tmp_path, monkeypatch):
   monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
-  config = load_config("demo")
+  config = demo_config()
   first, second = (rounds.round_config(typed(config), str(tmp_path), r) for r in (1, 2))
   previous = str(tmp_path / "round_1" / "export")
   assert first.extract.teacher == "pixels" and first.train.init_encoder == ""

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from helpers import load_config, typed
+from helpers import demo_config, load_config, typed
 from univit_jax import config_lib, run_config
 from univit_jax.clustering import labels
 from univit_jax.clustering.kmeans import lloyd
@@ -13,7 +13,7 @@ from univit_jax.run_config import stage_config
 
 
 def test_sections_follow_the_config():
-  config = load_config("demo")
+  config = demo_config()
   run = typed(config)
   assert run.model == config_lib.model_config(config)
   assert run.parts == config_lib.active_parts(config)
@@ -44,7 +44,7 @@ def test_a_run_is_rebuilt_from_its_record_for_other_devices():
 
 
 def test_a_derived_run_changes_section_and_record_and_is_checked():
-  run = typed(load_config("demo"))
+  run = typed(demo_config())
   later = run.with_fields("train", init_encoder="/r1/export", log_every=5)
   assert (later.train.init_encoder, later.train.log_every) == ("/r1/export", 5)
   assert json.loads(later.record_json())["train"]["log_every"] == 5

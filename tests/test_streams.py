@@ -29,7 +29,7 @@ def test_bucket_tokens_give_each_bucket_its_own_budget():
   with pytest.raises(ValueError, match=r"data.bucket_tokens\[1\]=16 leaves no clip"):
     config_lib.bucket_batch_sizes((1, 2), 4096, 32, 8, bucket_tokens=(4096, 16))
   # Image-only data drops the clip buckets, and their budgets with them.
-  config = helpers.load_config("demo")
+  config = helpers.demo_config()
   config.data.bucket_tokens = (8192, 2048, 2048, 2048, 2048)
   del config.data.sources["events"]
   cfg = data_config.DataConfig.from_config(config)

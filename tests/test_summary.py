@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import load_config, run_main, typed
+from helpers import demo_config, load_config, run_main, typed
 from univit_jax import config_lib, positions, sharding, summary
 from univit_jax.models import vit
 from univit_jax.train import labels as labels_lib
@@ -21,10 +21,10 @@ def test_demo_summary_from_the_command_line(tmp_path):
   result = run_main("--config=configs/demo.py", f"--workdir={tmp_path}", "--mode=summary",
                     "--config.summary.step=forward")
   assert result.returncode == 0, result.stderr
-  assert "UniViT mu/8: 164,480 parameters" in result.stdout
+  assert "UniViT mu/4: 155,264 parameters" in result.stdout
   assert "compiled 16-frame forward" in result.stdout
   written = json.loads((tmp_path / "summary.json").read_text())
-  assert written["params_total"] == 164_480
+  assert written["params_total"] == 155_264
   assert set(written["buckets"]) == {"1", "2", "4", "8", "16"}
   assert all("temp_bytes" in b for b in written["buckets"].values())
 
@@ -62,7 +62,7 @@ def test_analytic_flops_match_xla():
   XLA also counts element-wise work (norms, GELU, softmax, RoPE), a visible share at width 64, so
   its count is somewhat higher; a missing matmul term (a layer, attention) would be far off.
   """
-  config = load_config("demo")
+  config = demo_config()
   config.mesh.shape = (1, 1, 1)
   run = typed(config, 1)
   cfg = run.model
@@ -81,14 +81,14 @@ def test_analytic_flops_match_xla():
   ("devices", -1, "summary.devices=-1"),
 ])
 def test_bad_summary_options_are_refused_naming_the_field(field, value, message):
-  config = load_config("demo")
+  config = demo_config()
   config.summary[field] = value
   with pytest.raises(config_lib.ConfigError, match=message):
     typed(config)
 
 
 def test_a_trained_bank_without_a_class_count_is_refused():
-  config = load_config("demo")
+  config = demo_config()
   config.cluster.num_clusters = dict(object=64)
   with pytest.raises(config_lib.ConfigError,
                      match="cluster.num_clusters gives no class count .*'event_1'"):
@@ -98,7 +98,7 @@ def test_a_trained_bank_without_a_class_count_is_refused():
 def test_bank_lines_say_when_the_class_shards_leave_a_bank_replicated(capsys):
   """A class count the mesh's class shards (fsdp x model = 8 here) do not divide leaves the bank
   whole on every device: its row and its printed line say so, with the nearest split counts."""
-  config = load_config("demo")
+  config = demo_config()
   config.mesh.shape = (1, 8, 1)
   config.summary.compile = False
   config.cluster.num_clusters = dict(object=64, event_1=36, event_2=32, event_4=32, event_8=32)
@@ -142,7 +142,7 @@ def test_logits_sharding_leaves_the_train_step_unchanged():
   (rows over data x fsdp, sampled classes over model) gives the loss, every term, the gradient
   norm and the updated parameters that it gives without (GSPMD's own layout), from another
   partitioned program."""
-  config = load_config("demo")
+  config = demo_config()
   config.mesh.shape = (2, 2, 2)
   config.model.depth = 1
   config.data.frames, config.data.bucket_weights = (1,), (1,)

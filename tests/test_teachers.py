@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import test_siglip
-from helpers import load_config, typed
+from helpers import demo_config, typed
 from univit_jax import config_lib, preflight, sharding, specs
 from univit_jax.clustering import extract, store
 from univit_jax.data import pipeline
@@ -23,7 +23,7 @@ DIM = 6
 
 
 def small_config(teacher: str = "pixels"):
-  c = load_config("demo")
+  c = demo_config()
   c.mesh.shape = (-1, 1, 1)
   for name, count in COUNTS.items():
     c.data.sources[name].num_examples = count

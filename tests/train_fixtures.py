@@ -32,7 +32,7 @@ BANK_SIZES = dict(object=10, event_1=8, event_2=8)
 
 def tiny_config(**train_overrides):
   """The demo config shrunk: 1- and 2-frame buckets of 16 and 8 examples, 48 records."""
-  c = helpers.load_config("demo")
+  c = helpers.demo_config()
   c.data.sources = dict(
     events=dict(type="demo", kind="events", split="train", num_examples=NUM_EVENTS,
                 num_frames=4),

@@ -80,7 +80,7 @@ def run_embed(run: run_config.RunConfig, workdir: str | None) -> str:
   num_frames = (cfg.frames or max(pre.frames)) if source_spec.is_video else 1
   data_cfg = dataclasses.replace(
     run.data, sources=(source_spec,), frames=(num_frames,), bucket_weights=(1.0,),
-    image_size=pre.image_size, patch_size=pre.patch_size,
+    bucket_tokens=(), image_size=pre.image_size, patch_size=pre.patch_size,
     virtual_frames=spec.model.rope.virtual_frames, transform=data_config.TransformConfig(
       pre.image_size, augment=False, mean=pre.mean, std=pre.std))
   source = sources_lib.build_source(source_spec)
