@@ -7,7 +7,8 @@
 #            queue a request (on-demand unless --spot / --reserved); it is ready when
 #            `gcloud compute tpus queued-resources describe NAME --zone=ZONE` says ACTIVE
 #   install  [--python=python3.11]: copy this checkout to ~/univit_jax on every worker, make a
-#            venv there and pip install requirements.txt plus jax[tpu] at its jax pin
+#            venv there and pip install requirements.txt, requirements-gcs.txt (gs://
+#            workdirs) plus jax[tpu] at its jax pin
 #   run      -- FLAGS: `python -m univit_jax.main FLAGS` on all workers at once
 #            (UNIVIT_DISTRIBUTED=1, compilation cache ~/jax_cache); the output streams back
 #            and is appended to ~/univit_jax/run.log on each worker
@@ -92,7 +93,8 @@ case $command in
     setup="sudo apt-get -qq update && sudo apt-get -qq install -y $python-venv"
     setup+=" && mkdir -p univit_jax && tar -C univit_jax -xzf /tmp/univit_jax.tgz"
     setup+=" && cd univit_jax && $python -m venv .venv"
-    setup+=" && .venv/bin/pip install -q -r requirements.txt 'jax[tpu]==$jax'"
+    setup+=" && .venv/bin/pip install -q -r requirements.txt -r requirements-gcs.txt"
+    setup+=" 'jax[tpu]==$jax'"
     run "${qr[@]}" ssh "$name" "${where[@]}" "${all[@]}" --command="$setup" ;;
   run)
     printf -v quoted '%q ' "${flags[@]}"

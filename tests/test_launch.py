@@ -88,7 +88,8 @@ def test_install_copies_the_checkout_and_pins_jax_tpu_to_the_requirements():
     assert _option(command, "node") == "all" and _option(command, "worker") == "all"
   remote = _option(ssh, "command")
   assert "python3.11 -m venv .venv" in remote
-  assert shlex.split(remote)[-3:] == ["-r", "requirements.txt", f"jax[tpu]=={_jax_pin()}"]
+  assert shlex.split(remote)[-5:] == ["-r", "requirements.txt", "-r", "requirements-gcs.txt",
+                                      f"jax[tpu]=={_jax_pin()}"]
 
 
 def test_run_starts_every_worker_at_once_with_the_flags_intact(tmp_path):
