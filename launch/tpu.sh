@@ -20,8 +20,8 @@
 # create and install when a spot slice was taken away) resumes it.
 # Multislice: --nodes=N queues N slices (nodes NAME-0 ... NAME-<N-1>); Cloud TPU sets
 # MEGASCALE_COORDINATOR_ADDRESS, MEGASCALE_NUM_SLICES and MEGASCALE_SLICE_ID on their workers,
-# which jax.distributed.initialize() reads; the other commands act on all nodes. (The training
-# mesh cannot span slices yet: see README.md.)
+# which jax.distributed.initialize() reads; the other commands act on all nodes; the mesh splits
+# mesh.dcn_axis (default data) across the slices (univit_jax/sharding.py, make_mesh).
 # --dry-run prints each command (shell-quoted) instead of running it.
 set -euo pipefail
 ((BASH_VERSINFO[0] * 100 + BASH_VERSINFO[1] >= 404)) || { echo "needs bash >= 4.4" >&2; exit 2; }

@@ -436,16 +436,27 @@ class MeshConfig:
     axes: the mesh axis names, e.g. ("data", "fsdp", "model").
     shape: their sizes; one may be -1 (the devices the others leave).
     rules: logical axis name -> mesh axes (or None), as `config.sharding_rules`.
+    dcn_axis: the axis split across slices when the devices span several (multislice: only
+      this axis's collectives cross the slower data-centre network; `sharding.make_mesh`);
+      None: the first axis.
   """
   axes: tuple[str, ...]
   shape: tuple[int, ...]
   rules: tuple[tuple[str, str | tuple[str, ...] | None], ...]
+  dcn_axis: str | None = None
+
+  def __post_init__(self):
+    if self.dcn_axis is None and self.axes:
+      object.__setattr__(self, "dcn_axis", self.axes[0])
+    if self.dcn_axis not in self.axes:
+      raise ConfigError(f"mesh.dcn_axis={self.dcn_axis!r} is not among mesh.axes={self.axes}")
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> "MeshConfig":
     """Reads `config.mesh` and `config.sharding_rules`."""
     return cls(axes=tuple(config.mesh.axes), shape=tuple(config.mesh.shape),
-               rules=sharding_rules(config.sharding_rules))
+               rules=sharding_rules(config.sharding_rules),
+               dcn_axis=config.mesh.get("dcn_axis"))
 
   def resolved_shape(self, num_devices: int) -> tuple[int, ...]:
     """`shape` (one entry may be -1) resolved for `num_devices` devices.
@@ -614,7 +625,9 @@ def default_config(variant: str) -> ml_collections.ConfigDict:
   c.data.max_bad_fraction = 0.05
   c.data.bad_check_after = 100
 
-  c.mesh = ml_collections.ConfigDict(dict(axes=("data", "fsdp", "model"), shape=(-1, 1, 1)))
+  # On several slices (multislice) `dcn_axis` is split across them and the others within each.
+  c.mesh = ml_collections.ConfigDict(dict(axes=("data", "fsdp", "model"), shape=(-1, 1, 1),
+                                          dcn_axis="data"))
   c.sharding_rules = DEFAULT_SHARDING_RULES
 
   c.optim = ml_collections.ConfigDict(dict(

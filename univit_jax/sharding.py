@@ -5,12 +5,14 @@ maps each name to mesh axes (or None). This module is the only place that turns 
 `PartitionSpec`s, so one rule change re-shards the whole model.
 """
 
+import collections
 import logging
 from collections.abc import Sequence
 
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from univit_jax import config_lib
@@ -21,12 +23,40 @@ Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
 def make_mesh(cfg: config_lib.MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
   """Builds the mesh `cfg.axes` x `cfg.shape` over `devices` (default: all).
 
+  Devices of several slices (TPU multislice: their `slice_index` differs) are laid out by
+  `hybrid_devices`, so that only `cfg.dcn_axis` crosses slices.
+
   Raises:
-    config_lib.ConfigError: if the shape cannot be laid over the devices.
+    config_lib.ConfigError: if the shape cannot be laid over the devices (or slices).
   """
   devices = list(jax.devices() if devices is None else devices)
-  return jax.make_mesh(cfg.resolved_shape(len(devices)), cfg.axes,
-                       axis_types=(AxisType.Auto,) * len(cfg.axes), devices=devices)
+  shape = cfg.resolved_shape(len(devices))
+  axis_types = (AxisType.Auto,) * len(cfg.axes)
+  if len({getattr(d, "slice_index", 0) for d in devices}) > 1:
+    return Mesh(hybrid_devices(cfg, shape, devices), cfg.axes, axis_types=axis_types)
+  return jax.make_mesh(shape, cfg.axes, axis_types=axis_types, devices=devices)
+
+
+def hybrid_devices(cfg: config_lib.MeshConfig, shape: Sequence[int],
+                   devices: Sequence[jax.Device]) -> np.ndarray:
+  """The device array of a mesh of `shape` over several slices: `cfg.dcn_axis` (e.g. data
+  parallelism, whose gradient all-reduce tolerates the data-centre network) is split across
+  the slices, every other axis stays inside a slice (its collectives on the chips' own links).
+
+  Raises:
+    config_lib.ConfigError: if the slices differ in size, or their count does not divide the
+      DCN axis.
+  """
+  counts = collections.Counter(getattr(d, "slice_index", 0) for d in devices)
+  axis = cfg.axes.index(cfg.dcn_axis)
+  if len(set(counts.values())) > 1 or shape[axis] % len(counts):
+    raise config_lib.ConfigError(
+      f"mesh.shape={tuple(shape)} over {len(counts)} slices of {sorted(counts.values())} "
+      f"devices: mesh.dcn_axis={cfg.dcn_axis!r} (size {shape[axis]}) must be split evenly "
+      "across equal slices")
+  dcn = [len(counts) if i == axis else 1 for i in range(len(shape))]
+  ici = [s // d for s, d in zip(shape, dcn)]
+  return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
 
 
 def logical_to_spec(names: Sequence[str | None], rules: Rules) -> P:
