@@ -33,18 +33,26 @@ def test_event_features_have_the_documented_shapes():
   np.testing.assert_array_equal(extract.segment_frame_indices(4, 8, 2)[5], [2, 2])
 
 
-def test_region_features_pool_exactly_the_tokens_inside_their_boxes():
-  """A fake teacher's token encodes its patch position, so the pooled mean is checkable."""
-  gh = gw = 4
-  rows, cols = np.meshgrid(np.arange(gh), np.arange(gw), indexing="ij")
-  onehot = np.eye(gh * gw, dtype=np.float32)  # token p = e_p
-  tokens = jnp.asarray(onehot[None])
-  boxes = jnp.asarray([[[0.0, 0.0, 0.5, 0.5], [0.5, 0.25, 1.0, 1.0], [0.1, 0.1, 0.12, 0.12]]])
-  feats = np.asarray(extract.region_features(tokens, boxes, (gh, gw)))
-  inside = [(rows < 2) & (cols < 2), (rows >= 2) & (cols >= 1), (rows == 0) & (cols == 0)]
-  for r, mask in enumerate(inside):
-    expected = mask.reshape(-1).astype(np.float32)
-    np.testing.assert_allclose(feats[0, r], expected / np.linalg.norm(expected), atol=1e-6)
+def test_encoder_teacher_regions_are_its_region_embeddings(tmp_path):
+  """An export's region row is what its object term trained: the box's MAP-pooled embedding, so
+  the full-frame box gives exactly the image embedding (round 2 clusters one space)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from univit_jax import encoder as encoder_lib, sharding  # pylint: disable=import-outside-toplevel
+  from univit_jax.models import vit  # pylint: disable=import-outside-toplevel
+  run = typed(demo_config())
+  _, params = vit.init_encoder(run.model, seed=3)
+  path = encoder_lib.export_encoder(run, str(tmp_path), params)
+  teacher = extract.encoder_teacher(path, sharding.make_mesh(run.mesh))
+  frames = jnp.asarray(np.random.default_rng(0).normal(size=(2, 1, 32, 32, 3)), jnp.float32)
+  boxes = jnp.asarray([[[0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 0.5, 0.5]]] * 2, jnp.float32)  # full, quarter
+  with jax.default_matmul_precision("highest"):
+    whole = np.asarray(teacher.embed(frames))[:, 0]
+    regions = np.asarray(teacher.regions(frames[:, 0], boxes))
+    _, aux = encoder_lib.load_encoder(path).apply(frames, boxes=boxes)
+  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+  np.testing.assert_allclose(regions[:, 0], unit(whole), atol=1e-5)
+  np.testing.assert_allclose(regions[:, 1], unit(np.asarray(aux["regions"])[:, 1]), atol=1e-5)
+  assert np.abs(regions[:, 0] - regions[:, 1]).max() > 1e-3
 
 
 def test_crop_of_the_full_frame_is_the_frame_and_a_box_is_its_pixels():

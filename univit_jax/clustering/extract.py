@@ -15,7 +15,8 @@ The teacher (`extract.teacher`, docs/clustering.md "Teachers") is one of:
                       layout of standardised grey frames, fitted on a sample of the training
                       frames (a region: its crop, embedded the same way);
   <folder>            an exported UniViT encoder (any earlier round's) applied frame by frame (a
-                      region: the mean of its patch tokens inside the box);
+                      region: its region embedding, the patches in the box pooled by the MAP
+                      head, so the full-frame box is the image embedding);
   siglip:<file.npz>   a big_vision SigLIP / SigLIP 2 image tower (`models/siglip.py`), run by our
                       encoder code on frames in [-1, 1] (a region: its patches pooled by the MAP
                       head, so the full-frame box is the image embedding);
@@ -60,22 +61,6 @@ class TeacherError(config_lib.ConfigError):
 
 # ---------------------------------------------------------------------------------------------
 # Feature definitions (pure, jittable).
-
-
-def region_features(tokens: jax.Array, boxes: jax.Array, grid: tuple[int, int]) -> jax.Array:
-  """Mean of the patch tokens inside each box, L2-normalised.
-
-  Args:
-    tokens: `[B, gh * gw, D]` one frame's patch tokens.
-    boxes: `[B, R, 4]` (ymin, xmin, ymax, xmax) in [0, 1].
-    grid: (gh, gw).
-
-  Returns:
-    `[B, R, D]` float32.
-  """
-  inside = masks.box_patch_masks(boxes, *grid).astype(jnp.float32)  # [B, R, P]
-  pooled = jnp.einsum("brp,bpd->brd", inside, tokens.astype(jnp.float32))
-  return losses.l2_normalize(pooled / inside.sum(-1, keepdims=True))
 
 
 def segment_frame_indices(num_frames: int, num_segments: int, per_segment: int) -> np.ndarray:
@@ -242,10 +227,14 @@ def pixels_teacher(sample_frames: np.ndarray, dim: int, seed: int) -> Teacher:
 
 
 def encoder_teacher(export_dir: str, mesh: jax.sharding.Mesh) -> Teacher:
-  """An exported UniViT encoder applied to every frame as an image (T = 1); a region is the mean
-  of its patch tokens inside the box (`region_features`)."""
+  """An exported UniViT encoder applied to every frame as an image (T = 1).
+
+  A region is the encoder's region embedding: its patches pooled by the MAP head with the probe
+  attending only to the patches in the box, the embedding the object term trained against the
+  object bank. The full-frame box is then the image embedding, so whole images and regions share
+  one space (the mean of the patch tokens, which no loss shapes, lives in another one).
+  """
   teacher = encoder.load_encoder(export_dir, mesh)
-  p = teacher.model.patch_size
 
   def embed(frames: jax.Array) -> jax.Array:
     b, t = frames.shape[:2]
@@ -253,8 +242,8 @@ def encoder_teacher(export_dir: str, mesh: jax.sharding.Mesh) -> Teacher:
     return embedding.reshape(b, t, -1)
 
   def regions(frames: jax.Array, boxes: jax.Array) -> jax.Array:
-    _, aux = teacher.apply(frames[:, None])
-    return region_features(aux["tokens"], boxes, (frames.shape[1] // p, frames.shape[2] // p))
+    _, aux = teacher.apply(frames[:, None], boxes=boxes)
+    return losses.l2_normalize(aux["regions"])
 
   return Teacher(name=teacher.name, dim=teacher.model.width, embed=embed, regions=regions)
 
