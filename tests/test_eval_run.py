@@ -187,8 +187,9 @@ def test_image_folder_classification_goes_through_the_same_probes(tmp_path):
 
 
 def test_cluster_quality_refuses_clusters_of_other_data(tmp_path):
-  """Cluster NMI pairs each cluster row with the record its id names: clusters made for other
-  data sources are refused (their ids would name other records), not scored."""
+  """Cluster NMI pairs each cluster row with the record its key names: clusters made for another
+  version of a source that numbers its records (the demo's keys are indices) are refused, not
+  scored."""
   config = train_fixtures.tiny_config()
   train_fixtures.write_clusters(str(tmp_path))
   scores = clusters.cluster_quality(helpers.typed(config).data, str(tmp_path))
