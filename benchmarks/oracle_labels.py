@@ -78,6 +78,9 @@ def main(argv: list[str]) -> None:
       node[leaf])(eval(value))  # pylint: disable=eval-used
   run = run_config.build(config, jax.device_count())
   rng = np.random.default_rng(0)
+  opened = pipeline.open_sources(run.data)
+  keys = pipeline.example_keys(run.data, opened)
+  inputs = dict(data=dict(sources=pipeline.sources_fingerprint(run.data, opened)))
   for bank, (ids, labels) in oracle_rows(run.data).items():
     out = os.path.join(workdir, "clusters", bank)
     centres = rng.normal(size=(BANK_SIZES[bank], run.model.width)).astype(np.float32)
@@ -85,8 +88,10 @@ def main(argv: list[str]) -> None:
                     centres / np.linalg.norm(centres, axis=1, keepdims=True))
     atomic.save_npy(os.path.join(out, "labels.npy"), np.asarray(labels, np.int32))
     atomic.save_npy(os.path.join(out, "ids.npy"), np.asarray(ids, np.int64))
+    atomic.save_npy(os.path.join(out, "keys.npy"), keys[np.asarray(ids, np.int64)[:, 0]])
     atomic.write_json(os.path.join(out, "stats.json"), dict(
-      bank=bank, version="oracle", config=dict(num_clusters=BANK_SIZES[bank]), objective=[0.0]))
+      bank=bank, version="oracle", config=dict(num_clusters=BANK_SIZES[bank]), objective=[0.0],
+      inputs=inputs))
   result = train.run_train(run, workdir)
   print(f"trained {result.step} steps; export: "
         f"{encoder.export_encoder(run, workdir, result.state.params['encoder'])}")

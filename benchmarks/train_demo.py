@@ -50,6 +50,7 @@ def _write_random_clusters(workdir: str, run: run_config.RunConfig, num_clusters
   cfg = run.data
   opened = pipeline.open_sources(cfg)
   sources = pipeline.sources_fingerprint(cfg, opened)  # what the cluster stage records
+  keys = pipeline.example_keys(cfg, opened)
   rows = {bank: [] for bank, _ in run.loss.bank_weights}
   offset = 0
   for spec in cfg.sources:
@@ -69,6 +70,7 @@ def _write_random_clusters(workdir: str, run: run_config.RunConfig, num_clusters
     atomic.save_npy(os.path.join(out, "centroids.npy"), centroids)
     atomic.save_npy(os.path.join(out, "labels.npy"), labels.astype(np.int32))
     atomic.save_npy(os.path.join(out, "ids.npy"), np.asarray(ids, np.int64))
+    atomic.save_npy(os.path.join(out, "keys.npy"), keys[np.asarray(ids, np.int64)[:, 0]])
     atomic.write_json(os.path.join(out, "stats.json"), dict(
       bank=bank, version="random", inputs=dict(data=dict(sources=sources))))
 

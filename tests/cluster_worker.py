@@ -50,6 +50,12 @@ def write(workdir: str, sleep: float) -> None:
       print(f"chunk {index}", flush=True)
       time.sleep(sleep)
   writer.finish()
+  store.write_keys(workdir, record_keys(sum(CHUNK_ROWS) // 2))
+
+
+def record_keys(count: int) -> np.ndarray:
+  """Record keys for sample ids 0..count-1, as extraction writes them (`store.write_keys`)."""
+  return np.array([f"test/{i}" for i in range(count)], np.bytes_)
 
 
 def cluster(workdir: str, backend: str, sleep: float, iterations: int, center: bool) -> None:

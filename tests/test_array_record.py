@@ -46,9 +46,11 @@ def _convert(spec, out, records_per_shard: int = 4) -> sources.Source:
 
 def _assert_same_records(original, converted, num_frames: int):
   assert len(converted) == len(original)
+  keys = sources.record_keys(original)
+  assert sources.record_keys(converted) == keys
   for i in range(len(original)):
     a, b = original[i], converted[i]
-    assert b["key"] == records.record_key(a, i)
+    assert b["key"] == keys[i]
     assert b["label"] == int(a.get("label", -1))
     for name in ("boxes", "box_labels", "box_mask"):
       if name in a:

@@ -63,7 +63,7 @@ def test_embeds_an_image_folder_like_load_encoder(export, tmp_path):
   assert result["embeddings"].shape == (11, WIDTH) and result["embeddings"].dtype == np.float32
   np.testing.assert_array_equal(result["ids"], np.arange(11))
   records, frames = _frames(spec, 11, 1)
-  assert result["keys"] == [r["path"] for r in records]
+  assert result["keys"] == [r["key"] for r in records]
   np.testing.assert_allclose(result["embeddings"], univit_jax.load_encoder(export).embed(frames),
                              atol=1e-5)
   assert {k: result["embed"][k] for k in ("rows", "skipped", "frames", "export")} == dict(

@@ -113,6 +113,23 @@ def test_eval_mode_writes_results_table_and_report(tmp_path):
   assert "| export export |" in result.stdout
 
 
+@pytest.mark.parametrize("process", [0, 1])
+def test_only_process_0_writes_the_report_and_all_meet_after(process, tmp_path, monkeypatch):
+  """In a job of several processes each evaluates; process 0 alone writes eval/, then every
+  process meets the others at the `eval done` barrier."""
+  config = _tiny_eval_config()
+  config.eval.num_train, config.eval.num_test = 16, 8
+  config.eval.probes, config.eval.baselines = ("knn",), ()
+  graphdef, params = vit.init_encoder(config_lib.model_config(config), seed=5)
+  checkpointing.save_export(tmp_path / "export", params, config.to_json_best_effort())
+  barriers = []
+  monkeypatch.setattr(run.jax, "process_index", lambda: process)
+  monkeypatch.setattr(run.collectives, "barrier", barriers.append)
+  out = run.run_eval(helpers.typed(config), str(tmp_path), log=lambda line: None)
+  assert out["values"] and barriers[-1] == "eval done"
+  assert (tmp_path / "eval").exists() == (process == 0)
+
+
 def test_eval_mode_without_an_export_fails_with_one_line(tmp_path):
   result = helpers.run_main("--config=configs/demo.py", f"--workdir={tmp_path}", "--mode=eval")
   assert result.returncode == 2
@@ -187,8 +204,9 @@ def test_image_folder_classification_goes_through_the_same_probes(tmp_path):
 
 
 def test_cluster_quality_refuses_clusters_of_other_data(tmp_path):
-  """Cluster NMI pairs each cluster row with the record its id names: clusters made for other
-  data sources are refused (their ids would name other records), not scored."""
+  """Cluster NMI pairs each cluster row with the record its key names: clusters made for another
+  version of a source that numbers its records (the demo's keys are indices) are refused, not
+  scored."""
   config = train_fixtures.tiny_config()
   train_fixtures.write_clusters(str(tmp_path))
   scores = clusters.cluster_quality(helpers.typed(config).data, str(tmp_path))

@@ -122,6 +122,9 @@ def test_demo_extraction_writes_every_bank(tmp_path):
     feats, ids = read_bank(tmp_path, f"event_{g}")
     assert feats.shape == (24 * g, 2 * 16)
     np.testing.assert_array_equal(ids[:g, 1], np.arange(g))
+  # Each row's record key: the sample id's source name and index (the demo numbers its records).
+  np.testing.assert_array_equal(store.BankReader(str(tmp_path), "event_1").keys(),
+                                [f"events/{i}".encode() for i in range(24)])
   # A second run finds every bank complete and does nothing.
   before = os.path.getmtime(tmp_path / "features" / "object" / "meta.json")
   extract.run_extract(run, str(tmp_path))

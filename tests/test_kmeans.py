@@ -188,6 +188,7 @@ def test_stage_writes_the_mean_of_a_centred_bank(tmp_path):
   writer.write_chunk(0, x[:150], np.arange(150))
   writer.write_chunk(1, x[150:], np.arange(150, 300))
   writer.finish()
+  store.write_keys(str(tmp_path), cluster_worker.record_keys(300))
   mean_path = os.path.join(labels.clusters_dir(str(tmp_path), "object"), "mean.npy")
   spec = dict(num_clusters=4, iterations=3, top_k=1, center=True)
   stats = labels.run_cluster_stage(str(tmp_path), {"object": spec}, log=_quiet)["object"]
@@ -207,6 +208,7 @@ def test_cluster_version_folds_in_what_the_features_were_made_from(tmp_path):
     writer = store.BankWriter(str(tmp_path / name), "object", 4, teacher="t", inputs=inputs)
     writer.write_chunk(0, x, np.arange(40))
     writer.finish()
+    store.write_keys(str(tmp_path / name), cluster_worker.record_keys(40))
   versions = {name: labels.version_id(store.BankReader(str(tmp_path / name), "object"), spec)
               for name in ("a", "b")}
   assert versions["a"] != versions["b"]

@@ -176,3 +176,33 @@ def test_extraction_by_two_processes_equals_one_process(tmp_path):
                                                 for w in ("one", "two"))
     np.testing.assert_array_equal(ids_two, ids_one, err_msg=bank)
     np.testing.assert_allclose(two_rows, one_rows, rtol=1e-5, atol=1e-6, err_msg=bank)
+
+
+# One process of a two-process job that joins it (`collectives.initialize`, as `main` does), says
+# so, and waits at a barrier until the other ends.
+_WAITER = """
+import argparse, sys
+sys.path[:0] = ["tests", "."]
+import helpers
+parser = argparse.ArgumentParser()
+helpers.add_process_arguments(parser)
+helpers.join_processes(parser.parse_args())
+from univit_jax import collectives
+print("joined", flush=True)
+collectives.barrier("wait for the other")
+"""
+
+
+def test_a_killed_process_ends_the_others_after_the_heartbeat_timeout():
+  """SIGKILL on process 1 (no error to post): process 0 ends once process 1's heartbeats stop
+  for `UNIVIT_HEARTBEAT_TIMEOUT_S` (3 s here), naming it, not after JAX's default 100 s."""
+  procs = helpers.start_processes(["-c", _WAITER], env={"UNIVIT_HEARTBEAT_TIMEOUT_S": "3"})
+  for p in procs:
+    assert p.stdout.readline().strip() == "joined", p.communicate(timeout=TIMEOUT)
+  procs[1].send_signal(signal.SIGKILL)
+  killed = time.time()
+  outputs, ended = _wait(procs)
+  assert procs[0].returncode != 0
+  assert ended[0] - killed < 15, ended[0] - killed
+  assert re.search(r"tasks are unhealthy \(stopped sending heartbeats\):\s+1\b", outputs[0][1]), (
+    outputs[0][1][-3000:])

@@ -173,7 +173,10 @@ def test_cluster_labels_round_trip_with_the_scann_checkpoint(bucket):
   assert out["stats"]["num_rows"] == len(out["ids"])
   folder = paths.path(labels.clusters_dir(bucket, cluster_worker.BANK))
   assert sorted(p.name for p in folder.iterdir()) == [
-    "centroids.npy", "ids.npy", "labels.npy", "sizes.png", "stats.json"]  # checkpoint/ removed
+    "centroids.npy", "ids.npy", "keys.npy", "labels.npy", "sizes.png",
+    "stats.json"]  # checkpoint/ removed
+  np.testing.assert_array_equal(out["keys"], cluster_worker.record_keys(
+    sum(cluster_worker.CHUNK_ROWS) // 2)[out["ids"][:, 0]])
 
 
 def test_metrics_and_tensorboard_round_trip(bucket):

@@ -200,3 +200,17 @@ def test_vit_l_train_step_with_million_class_banks_fits_a_v5p_on_64_devices(tmp_
   for bucket in result["buckets"].values():
     assert bucket["targets"]["TPU v5p"]["fits"], bucket["total_bytes"]
   assert json.loads((tmp_path / "summary.json").read_text())["buckets"]["16"]["targets"]
+
+
+@pytest.mark.parametrize("process", [0, 1])
+def test_only_process_0_writes_the_summary_and_all_meet_after(process, tmp_path, monkeypatch):
+  """In a job of several processes each computes the summary; process 0 alone writes
+  summary.json, then every process meets the others at the `summary done` barrier."""
+  barriers = []
+  monkeypatch.setattr(summary.jax, "process_index", lambda: process)
+  monkeypatch.setattr(summary.collectives, "barrier", barriers.append)
+  config = demo_config()
+  config.summary.compile, config.summary.step = False, "forward"
+  result = summary.run(typed(config), str(tmp_path))
+  assert result["params_total"] > 0 and barriers == ["summary done"]
+  assert (tmp_path / "summary.json").exists() == (process == 0)

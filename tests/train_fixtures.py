@@ -61,23 +61,24 @@ def _top_k(first: int, num_classes: int) -> list[int]:
   return [(first + j) % num_classes for j in range(TOP_K)]
 
 
-def data_sources(config=None) -> dict:
-  """`pipeline.sources_fingerprint` of `config`'s data (default: `tiny_config`'s), as the cluster
-  stage records it in stats.json."""
+def examples(config=None) -> labels_lib.Examples:
+  """The examples of `config`'s data (default: `tiny_config`'s) that labels are attached to;
+  `.sources` is what the cluster stage records in stats.json."""
   data_cfg = data_config.DataConfig.from_config(config or tiny_config())
-  return pipeline.sources_fingerprint(data_cfg, pipeline.open_sources(data_cfg))
+  return labels_lib.examples_of(data_cfg, pipeline.open_sources(data_cfg))
 
 
 def write_clusters(workdir: str, version: str = "v1", width: int = 64, seed: int = 0,
                    regions: bool = True, sources: dict | None = None) -> None:
   """Writes object / event_1 / event_2 cluster outputs for the sources of `tiny_config`.
 
-  Ids follow the pipeline: sources in name order, so events are ids 0..15, objects 16..47.
-  `regions=False` leaves the object bank with whole-image rows only, as a teacher without
-  regions (precomputed features) gives it. stats.json records `sources` (default:
-  `data_sources()`) as the data the labels were made for.
+  Ids follow the pipeline: sources in name order, so events are ids 0..15, objects 16..47; keys
+  are `events/<i>` and `objects/<i>` (`pipeline.example_keys`). `regions=False` leaves the object
+  bank with whole-image rows only, as a teacher without regions (precomputed features) gives it.
+  stats.json records `sources` (default: `examples().sources`) as the data the labels were made
+  for.
   """
-  inputs = dict(data=dict(sources=sources or data_sources()))
+  inputs = dict(data=dict(sources=sources or examples().sources))
   rng = np.random.default_rng(seed)
   events = demo.DemoSource("events", "train", num_examples=NUM_EVENTS, num_frames=4)
   objects = demo.DemoSource("objects", "train", num_examples=NUM_OBJECTS)
@@ -105,6 +106,9 @@ def write_clusters(workdir: str, version: str = "v1", width: int = 64, seed: int
     atomic.save_npy(os.path.join(out, "centroids.npy"), centroids)
     atomic.save_npy(os.path.join(out, "labels.npy"), np.asarray(labels, np.int32))
     atomic.save_npy(os.path.join(out, "ids.npy"), np.asarray(ids, np.int64))
+    atomic.save_npy(os.path.join(out, "keys.npy"), np.array(
+      [f"events/{i}" if i < NUM_EVENTS else f"objects/{i - NUM_EVENTS}" for i, _ in ids],
+      np.bytes_))
     atomic.write_json(os.path.join(out, "stats.json"),
                       dict(bank=bank, version=version, inputs=inputs))
 

@@ -33,6 +33,22 @@ _ACK_KEY = "univit/failure_ack/"
 _WATCH_MS = 60_000
 _ACK_WAIT_MS = 10_000
 _SERVICE_GRACE_S = 1.0
+# A process that sends no heartbeat for this long is taken as dead, and the coordination service
+# ends every other process (JAX's default is 100 s); `UNIVIT_HEARTBEAT_TIMEOUT_S` overrides it.
+HEARTBEAT_TIMEOUT_S = 10
+HEARTBEAT_ENV = "UNIVIT_HEARTBEAT_TIMEOUT_S"
+
+
+def heartbeat_timeout_s() -> int:
+  """The heartbeat timeout: `$UNIVIT_HEARTBEAT_TIMEOUT_S` if set, else HEARTBEAT_TIMEOUT_S.
+
+  Raises:
+    ValueError: the variable is set to anything but a positive whole number of seconds.
+  """
+  value = os.environ.get(HEARTBEAT_ENV, str(HEARTBEAT_TIMEOUT_S))
+  if not value.isdigit() or int(value) < 1:
+    raise ValueError(f"{HEARTBEAT_ENV}={value!r}: expected a positive whole number of seconds")
+  return int(value)
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
@@ -43,10 +59,17 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   CPU collectives go over gloo, so that several CPU processes (a CPU cluster, the multi-process
   tests) can run a jitted program together; accelerators keep their own. Without the watcher a
   process that fails leaves the others waiting in their next collective until the coordination
-  service's timeouts (minutes): see `abort_all`.
+  service's timeouts (minutes): see `abort_all`. A process that dies without a word (SIGKILL,
+  a lost host) stops sending heartbeats: after `heartbeat_timeout_s()` the coordination service
+  ends every other process, whose log then names it (`The following tasks are unhealthy
+  (stopped sending heartbeats): <process>`); process 0's own death is seen by the watchers.
+
+  Raises:
+    ValueError: a bad `$UNIVIT_HEARTBEAT_TIMEOUT_S` (`heartbeat_timeout_s`).
   """
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(coordinator_address, num_processes, process_id)
+  jax.distributed.initialize(coordinator_address, num_processes, process_id,
+                             heartbeat_timeout_seconds=heartbeat_timeout_s())
   if jax.process_count() > 1:
     _start_watcher(jax_distributed.global_state.client, jax.process_index())
 

@@ -644,6 +644,10 @@ def default_config(variant: str) -> ml_collections.ConfigDict:
     keep_checkpoints=3,  # newest checkpoints kept
     collapse_threshold=0.99,  # warn when the mean pairwise cosine of embeddings exceeds this
     clusters_workdir="",  # where clusters/<bank>/ are read; "" = the run's workdir
+    # Labels are attached by record key: a record of a bank's kind (image / clip) whose key has
+    # no labels (added or renamed since extraction, or unreadable then) trains without them;
+    # more than this fraction of such records refuses the bank (train.labels.load_bank).
+    max_unlabelled_fraction=0.05,
     # "auto": banks start from their k-means centroids when these have the encoder's width
     # (else N(0, 0.01)); "random": always N(0, 0.01).
     bank_init="auto",

@@ -16,7 +16,9 @@ i % process_count == process_index, and process 0 gathers the rows and writes `e
 
   embeddings.npy      float32 [N, D]: row i embeds the record ids[i]
   ids.npy             int64 [N]: the record's index in the source (rows in source order)
-  keys.json           [N] strings: the record's file (file sources), else its index
+  keys.json           [N] strings: the record's key (`sources.record_keys`: a file's path relative
+                      to its folder or manifest, an ArrayRecord record's stored key, else its
+                      index)
   segments_<g>.npy    float32 [N, g, D] per g in `embed.segments`, with segment_mask_<g>.npy
                       bool [N, g] (False: a segment made of padding frames of a short clip)
   regions.npy         float32 [N, R, D], one embedding per box (`embed.regions`; R =
@@ -131,10 +133,8 @@ def _write(output: str, rows: dict[str, list[np.ndarray]], source: sources_lib.S
   order = np.argsort(arrays["ids"], kind="stable")
   arrays = {k: v[order] for k, v in arrays.items()}
   ids = arrays["ids"]
-  if isinstance(source, sources_lib.FileSource):
-    keys = [source[int(i)]["path"] for i in ids]
-  else:
-    keys = [str(int(i)) for i in ids]
+  names = sources_lib.record_keys(source)
+  keys = [names[int(i)] for i in ids]
   staging = atomic.staging_dir(output)
   atomic.clear_staging(output, OUTPUT_MARKER)  # left by a kill mid-write, or the old output
   for name, array in arrays.items():

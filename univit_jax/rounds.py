@@ -14,7 +14,8 @@ from collections.abc import Callable
 
 import jax
 
-from univit_jax import atomic, checkpointing, encoder, paths, preflight, run_config, train
+from univit_jax import atomic, checkpointing, collectives, encoder, paths, preflight, run_config
+from univit_jax import train
 from univit_jax.clustering import extract, labels
 from univit_jax.evaluation import run as eval_run
 from univit_jax.train import logs as train_logs
@@ -78,7 +79,8 @@ def run_pipeline(run: run_config.RunConfig, workdir: str,
   summary["export"] = encoder.export_dir(round_dir(workdir, run.rounds))
   if jax.process_index() == 0:
     atomic.write_json(os.path.join(workdir, "pipeline.json"), summary)
-  _print_summary(summary, log)
+    _print_summary(summary, log)
+  collectives.barrier("pipeline done")
   return summary
 
 

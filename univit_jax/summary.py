@@ -39,7 +39,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from univit_jax import atomic, config_lib, losses, optim, run_config, sharding, specs
+from univit_jax import atomic, collectives, config_lib, losses, optim, run_config, sharding
+from univit_jax import specs
 from univit_jax.clustering import labels as cluster_labels
 from univit_jax.models import vit
 from univit_jax.train import labels as labels_lib
@@ -281,18 +282,29 @@ def run(run: run_config.RunConfig, workdir: str | None) -> dict:
   and writes it to `<workdir>/summary.json`. With `summary.step="train"` it also lists the
   class banks (`TrainSetup.bank_rows`), compiled or not.
 
+  Every process computes the summary (compiling takes part in its collectives); process 0 alone
+  writes summary.json, and the others wait for it at the `summary done` barrier.
+
   Raises:
     config_lib.ConfigError: naming the field, for a trained bank without a class count (the
       train step).
     lloyd.KMeansError: naming the bank and field, for an invalid `cluster` section (the train
       step: its labels per row).
   """
+  if run.summary.step == "train":
+    bank_sizes(run)
+  summary = _simulated(run) if run.num_devices != jax.device_count() else summarise(run)
+  if workdir and jax.process_index() == 0:
+    atomic.write_json(os.path.join(workdir, "summary.json"), summary)
+  collectives.barrier("summary done")
+  return summary
+
+
+def summarise(run: run_config.RunConfig) -> dict:
+  """The summary `run` prints and returns, on this process's devices (the `run.num_devices` its
+  sections were built for)."""
   options, cfg = run.summary, run.model
   train = options.step == "train"
-  if train:
-    bank_sizes(run)
-  if run.num_devices != jax.device_count():
-    return _simulated(run, workdir)
   devices = jax.devices()
   mesh = sharding.make_mesh(run.mesh, devices)
   graphdef, abstract_params = vit.abstract_encoder(cfg)
@@ -339,12 +351,10 @@ def run(run: run_config.RunConfig, workdir: str | None) -> dict:
       _print_bucket(t, options.step, summary["buckets"][t])
     if train:
       _print_targets(summary["buckets"])
-  if workdir:
-    atomic.write_json(os.path.join(workdir, "summary.json"), summary)
   return summary
 
 
-def _simulated(run: run_config.RunConfig, workdir: str | None) -> dict:
+def _simulated(run: run_config.RunConfig) -> dict:
   """`run` over `run.num_devices` fake CPU devices, in a child process: XLA fixes the host
   platform's device count when JAX starts, and this process's JAX has started. The child is
   given the run's `record` and rebuilds its sections for its devices.
@@ -363,7 +373,7 @@ def _simulated(run: run_config.RunConfig, workdir: str | None) -> dict:
   with tempfile.TemporaryDirectory() as tmp:
     request = os.path.join(tmp, "request.json")
     with open(request, "w") as f:
-      json.dump(dict(record=run.record, workdir=workdir), f)
+      json.dump(dict(record=run.record), f)
     subprocess.run([sys.executable, "-m", "univit_jax.summary", request], env=env, check=True)
     with open(request + ".out", "rb") as f:
       return pickle.load(f)
@@ -420,7 +430,6 @@ def _print_targets(buckets: dict) -> None:
 if __name__ == "__main__":
   with open(sys.argv[1]) as request:
     _request = json.load(request)
-  _summary = run(run_config.from_record(_request["record"], jax.device_count()),
-                 _request["workdir"])
+  _summary = summarise(run_config.from_record(_request["record"], jax.device_count()))
   with open(sys.argv[1] + ".out", "wb") as reply:
     pickle.dump(_summary, reply)

@@ -27,7 +27,8 @@ Extraction is jitted and sharded over the mesh (a global batch per step), and re
 of a bank's sources is chunk i of the bank, so a killed run skips the chunks already committed.
 Each bank records what it was made from (`feature_inputs`); a rerun whose config gives other
 inputs is refused, naming what changed (`checked_inputs`), never served the old features.
-Process 0 writes the store; every process takes part in the sharded forward passes.
+Process 0 writes the store, and `features/keys.npy` (the record key of each sample id, for the
+cluster stage: `store.write_keys`); every process takes part in the sharded forward passes.
 """
 
 import dataclasses
@@ -485,6 +486,8 @@ def run_extract(run: run_config.RunConfig, workdir: str,
   video_sources = [s.name for s in data_cfg.sources if s.is_video]
   banks = run.parts.banks
   written = {b: _written(workdir, b) for b in banks}
+  if jax.process_index() == 0:  # the same for the same inputs; whole before the barrier
+    store.write_keys(workdir, pipeline.example_keys(data_cfg, pipeline.open_sources(data_cfg)))
   collectives.barrier("extract start")
   if all(complete for complete, _ in written.values()):
     logging.info("extract: banks %s are complete; nothing to do", banks)

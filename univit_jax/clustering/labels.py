@@ -7,11 +7,16 @@ For each bank `workdir/features/<bank>/` (see `store`) it writes `workdir/cluste
                  clustering; centroids and cosines are in that centred space
   labels.npy     int32 [N, top_k] nearest centroids per row, best first, in the store's row order
   ids.npy        int64 [N, 2] the store's (sample id, sub-index) of each row of labels.npy
+  keys.npy       bytes [N] the record key of each row (`store.BankReader.keys`: the sample id's
+                 `pipeline.example_keys` entry when the features were extracted); training
+                 attaches labels by key and sub-index, so labels follow their records when
+                 records are added, removed or reordered
   sizes.png      histogram of cluster sizes (rows whose nearest centroid it is)
   stats.json     sizes summary, objective, empty clusters and rows searched per iteration,
                  seconds, the ClusterSpec (`config`), `inputs`: what the features were made
                  from (the bank's meta.json `inputs`: data sources, extract settings; training
-                 refuses labels made for other data sources), and `version`: a hash of the
+                 refuses labels made for another version of a source that numbers its
+                 records: `train.labels.check_sources`), and `version`: a hash of the
                  bank's metadata (so of those inputs) and the spec, which training records
 
 stats.json is written last and marks the bank done: a reader that finds it with the expected
@@ -38,8 +43,8 @@ from univit_jax.clustering.kmeans import lloyd
 from univit_jax.clustering.kmeans.lloyd import ClusterSpec
 from univit_jax.run_config import stage_config
 
-# Bumped when the stage's outputs change meaning; part of every version id.
-STAGE_FORMAT = 1
+# Bumped when the stage's outputs change meaning; part of every version id. 2: keys.npy.
+STAGE_FORMAT = 2
 
 
 def clusters_dir(workdir: str, bank: str) -> str:
@@ -147,6 +152,7 @@ def cluster_bank(workdir: str, bank: str, spec: ClusterSpec,
       f"bank {bank!r}: num_clusters={spec.num_clusters} is larger than the {reader.num_rows} "
       f"rows listed in {reader.meta_path}")
   reader.check()
+  keys = reader.keys()  # before k-means, so that a store without keys fails at once
   checkpoint = os.path.join(out, "checkpoint")
   if jax.process_index() == 0:
     if stats is not None:
@@ -178,6 +184,7 @@ def cluster_bank(workdir: str, bank: str, spec: ClusterSpec,
     else:
       paths.path(os.path.join(out, "mean.npy")).unlink(missing_ok=True)
     atomic.save_npy(os.path.join(out, "ids.npy"), reader.ids())
+    atomic.save_npy(os.path.join(out, "keys.npy"), keys)
     atomic.save_npy(os.path.join(out, "labels.npy"), labels)
     atomic.write_bytes(os.path.join(out, "sizes.png"), _sizes_png(sizes, bank))
     atomic.write_json(os.path.join(out, "stats.json"), stats)
@@ -207,7 +214,8 @@ def run_cluster_stage(workdir: str, banks: Mapping[str, ClusterSpec | Mapping[st
 
 
 def load_clusters(workdir: str, bank: str) -> dict[str, Any]:
-  """The stage's outputs for training: centroids [K, D], labels [N, k], ids [N, 2], stats.
+  """The stage's outputs for training: centroids [K, D], labels [N, k], ids [N, 2], keys [N],
+  stats.
 
   Raises:
     FileNotFoundError: if the bank has not been clustered to completion.
@@ -218,4 +226,4 @@ def load_clusters(workdir: str, bank: str) -> dict[str, Any]:
     raise FileNotFoundError(
       f"bank {bank!r}: {os.path.join(out, 'stats.json')} is missing; run --mode=cluster")
   return dict(stats=stats, **{name: paths.load_npy(os.path.join(out, f"{name}.npy"))
-                              for name in ("centroids", "labels", "ids")})
+                              for name in ("centroids", "labels", "ids", "keys")})

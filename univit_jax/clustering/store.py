@@ -9,6 +9,12 @@ Layout of a bank (`workdir/features/<bank>/`):
   chunk_00000.ids.npy  int64 [n_0, 2] (sample id, sub-index: segment or region; 0 if none)
   ...
 
+and, shared by the banks, `workdir/features/keys.npy`: bytes [number of examples], the stable key
+of every sample id (`pipeline.example_keys`) for the data the features were extracted from. Ids
+are positions in that data; the keys say which records they were, so the cluster stage can label
+records by key (`BankReader.keys`) and training attach labels to the same records after the data
+changed.
+
 A bank can hold more rows than fit in RAM: the writer appends one chunk at a time and the reader
 memory-maps chunks (on an object store, which cannot be mapped, it reads one chunk at a time
 into memory and keeps only the last: `paths.load_npy`). Every file is written atomically
@@ -30,6 +36,7 @@ import numpy as np
 from univit_jax import atomic, paths, provenance
 
 FORMAT_VERSION = 1
+KEYS_FILE = "keys.npy"
 # Rows with an L2 norm at or below this cannot be put on the sphere.
 MIN_NORM = 1e-12
 
@@ -40,6 +47,16 @@ class FeatureStoreError(ValueError):
 
 def bank_dir(workdir: str, bank: str) -> str:
   return os.path.join(workdir, "features", bank)
+
+
+def keys_path(workdir: str) -> str:
+  return os.path.join(workdir, "features", KEYS_FILE)
+
+
+def write_keys(workdir: str, keys: np.ndarray) -> None:
+  """Writes (atomically) the store's sample id -> record key table, bytes [number of examples]
+  (`pipeline.example_keys`)."""
+  atomic.save_npy(keys_path(workdir), np.asarray(keys, np.bytes_))
 
 
 def chunk_name(index: int) -> str:
@@ -187,7 +204,7 @@ class BankReader:
   """
 
   def __init__(self, workdir: str, bank: str, require_complete: bool = True):
-    self.bank = bank
+    self.bank, self.workdir = bank, workdir
     self.directory = bank_dir(workdir, bank)
     meta = _read_meta(workdir, bank)
     self.meta_path = os.path.join(self.directory, "meta.json")
@@ -245,6 +262,28 @@ class BankReader:
     """All ids in row order, int64 [N, 2]."""
     return np.concatenate([ids for _, ids in self.chunks()]) if self.chunk_names else (
       np.zeros((0, 2), np.int64))
+
+  def keys(self) -> np.ndarray:
+    """The record key of every row, in row order: bytes [N] (the store's `keys.npy` at each
+    row's sample id).
+
+    Raises:
+      FeatureStoreError: no keys.npy (features extracted by an older version: rerun
+        --mode=extract, which writes it for the same data), or a sample id it does not cover.
+    """
+    path = keys_path(self.workdir)
+    try:
+      table = paths.load_npy(path, mmap=True)
+    except (OSError, ValueError) as e:
+      raise FeatureStoreError(
+        f"bank {self.bank!r}: cannot read the record keys {path} ({e}); rerun --mode=extract "
+        "with the same data to write them") from e
+    ids = self.ids()[:, 0]
+    if ids.size and (ids.min() < 0 or ids.max() >= len(table)):
+      raise FeatureStoreError(
+        f"bank {self.bank!r}: sample ids up to {int(ids.max())} in {self.directory}, but {path} "
+        f"names {len(table)} records")
+    return np.asarray(table[ids])
 
   def rows(self, start: int, stop: int) -> Iterator[np.ndarray]:
     """Features of global rows [start, stop) as pieces (memory-mapped locally), at most one per

@@ -77,27 +77,26 @@ def _start(out: str, plan: dict[str, Any]) -> None:
     stale.unlink()
 
 
-def _write_shard(source: sources.Source, indices: range, target: str) -> list[str]:
-  """Writes records `indices` of `source` as the shard `target`; returns their keys.
+def _write_shard(source: sources.Source, indices: range, keys: Sequence[str],
+                 target: str) -> list[str]:
+  """Writes records `indices` of `source`, named by their `keys` (`sources.record_keys`), as the
+  shard `target`; returns their keys.
 
   Raises:
     ConvertError: a record that cannot be read, naming its key and index.
   """
-  keys = []
   with atomic.local_file(target) as tmp:
     writer = array_record_module.ArrayRecordWriter(tmp, records.WRITER_OPTIONS)
     try:
       for i in indices:
-        record = source[i]
-        keys.append(records.record_key(record, i))
         try:
-          writer.write(records.encode(record, i))
+          writer.write(records.encode(source[i], keys[i]))
         except OSError as e:
-          raise ConvertError(f"record {i} ({keys[-1]}) of {source!r}: {type(e).__name__}: "
+          raise ConvertError(f"record {i} ({keys[i]}) of {source!r}: {type(e).__name__}: "
                              f"{e}") from e
     finally:
       writer.close()
-  return keys
+  return [keys[i] for i in indices]
 
 
 def _shard_keys(target: str, count: int) -> list[str]:
@@ -142,6 +141,7 @@ def convert(spec: config_lib.SourceSpec, out: str,
   _start(out, plan)
   folder = paths.path(out)
   num_shards = math.ceil(len(source) / records_per_shard)
+  source_keys = sources.record_keys(source)
   keys, shards = [], []
   for shard in range(num_shards):
     name = records.shard_name(shard, num_shards)
@@ -150,7 +150,7 @@ def convert(spec: config_lib.SourceSpec, out: str,
       keys.extend(_shard_keys(str(folder / name), len(indices)))
       logging.info("Kept %s (complete)", name)
     else:
-      keys.extend(_write_shard(source, indices, str(folder / name)))
+      keys.extend(_write_shard(source, indices, source_keys, str(folder / name)))
       logging.info("Wrote %s (%d records)", name, len(indices))
     shards.append(dict(file=name, records=len(indices)))
   _check_keys(keys)

@@ -55,6 +55,16 @@ def id_ranges(cfg: data_config.DataConfig, sources: Mapping[str, sources_lib.Sou
   return ranges
 
 
+def example_keys(cfg: data_config.DataConfig, sources: Mapping[str, sources_lib.Source]
+                 ) -> np.ndarray:
+  """The stable key of every example id, bytes `[number of examples]` in id order (UTF-8):
+  `<source name>/<record key>` (`sources.record_keys`). An id is a position and names another
+  record once records are added, removed or reordered; a key stays with its record (for sources
+  that name their records: `sources.names_records`), so cluster labels are attached by key."""
+  return np.array([f"{spec.name}/{key}".encode() for spec in cfg.sources
+                   for key in sources_lib.record_keys(sources[spec.name])], np.bytes_)
+
+
 def sources_fingerprint(cfg: data_config.DataConfig, sources: Mapping[str, sources_lib.Source]
                         ) -> dict:
   """What the example ids of `id_ranges` stand for, per source name: its spec (`data.sources.

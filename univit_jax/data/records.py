@@ -66,11 +66,6 @@ def shard_name(shard: int, num_shards: int) -> str:
   return f"data-{shard:05d}-of-{num_shards:05d}.array_record"
 
 
-def record_key(record: Mapping[str, Any], index: int) -> str:
-  """The stable name of record `index` of a source: its `key`, else its index."""
-  return str(record.get("key", index))
-
-
 def _png(frame: np.ndarray) -> bytes:
   """One uint8 `[H, W, C]` frame (C = 1, 3 or 4) as PNG bytes (lossless)."""
   frame = np.asarray(frame)
@@ -79,15 +74,16 @@ def _png(frame: np.ndarray) -> bytes:
   return buffer.getvalue()
 
 
-def encode(record: Mapping[str, Any], index: int) -> bytes:
-  """Record `index` of a source (any `sources` record form) as the bytes of one stored record.
+def encode(record: Mapping[str, Any], key: str) -> bytes:
+  """A record of a source (any `sources` record form) as the bytes of one stored record named
+  `key` (its `sources.record_keys` entry).
 
   A file's bytes are copied, not decoded: a corrupt file stays a bad record, counted when read.
 
   Raises:
     OSError: a file that cannot be read.
   """
-  out: dict[str, Any] = dict(version=FORMAT_VERSION, key=record_key(record, index),
+  out: dict[str, Any] = dict(version=FORMAT_VERSION, key=key,
                              label=int(record.get("label", -1)))
   if "frames" in record:
     frames = np.asarray(record["frames"])
@@ -196,6 +192,10 @@ class ArrayRecordSource:
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     return decode(self._records[index])
+
+  def keys(self) -> list[str]:
+    """Every record's key, in record order, from the dataset's keys file (no record is read)."""
+    return (paths.path(self._path) / KEYS).read_text().splitlines()
 
   def content_key(self) -> str:
     """A digest of the records' keys in order (`pipeline.sources_fingerprint`)."""

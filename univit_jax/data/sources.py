@@ -6,7 +6,7 @@ A source has `__len__` and `__getitem__(index) -> record`. A record is a dict ho
   `data` (bytes) and `kind`: the content of such a file (ArrayRecord shards, `records`),
   `encoded_frames`: a tuple of encoded images, the frames of a clip in order (ArrayRecord shards),
 plus `label` (int; -1 when unknown), `key` (str: the record's stable name; file and ArrayRecord
-sources; the others are named by their index) and, for sources with boxes, `boxes` float32
+sources, whose `keys()` list them; the others are named by their index: `record_keys`) and, for sources with boxes, `boxes` float32
 `[R0, 4]` (ymin, xmin, ymax, xmax in [0, 1]), `box_labels` int `[R0]` and optionally `box_mask`
 bool `[R0]`. Encoded records stay encoded so that indexing a source never decodes; decoding
 happens in the grain workers, where a bad file becomes a `BadRecordError` that the stream
@@ -65,6 +65,23 @@ class Source(Protocol):
   def __getitem__(self, index: int) -> dict[str, Any]: ...
 
 
+def names_records(source: Source) -> bool:
+  """Whether `source` names its records (`keys()`: file and ArrayRecord sources) rather than
+  numbering them (TFDS, demo): a name stays with its record when records are added, removed or
+  reordered, an index does not."""
+  return hasattr(source, "keys")
+
+
+def record_keys(source: Source) -> list[str]:
+  """Every record's key, in record order, read without decoding a record: the names of a source
+  that names its records (`names_records`), else the records' indices as strings. The one place a
+  record's key is decided: the converter stores it in each record, embeddings and cluster labels
+  are keyed by it."""
+  if names_records(source):
+    return list(source.keys())
+  return [str(i) for i in range(len(source))]
+
+
 def build_source(spec: config_lib.SourceSpec) -> Source:
   """Constructs the source a spec describes (may read a manifest or open a TFDS dataset)."""
   options = dict(spec.options)
@@ -98,6 +115,10 @@ class FileEntry:
   key: str | None = None
 
 
+def _entry_key(entry: FileEntry) -> str:
+  return entry.path if entry.key is None else entry.key
+
+
 class FileSource:
   """Records naming image or video files; `kind` is "image" or "video"."""
 
@@ -112,13 +133,16 @@ class FileSource:
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     e = self._entries[index]
-    record = dict(path=e.path, kind=self._kind, label=e.label,
-                  key=e.path if e.key is None else e.key)
+    record = dict(path=e.path, kind=self._kind, label=e.label, key=_entry_key(e))
     if e.start is not None:
       record["start"] = e.start
     if e.end is not None:
       record["end"] = e.end
     return record
+
+  def keys(self) -> list[str]:
+    """Every record's key (`FileEntry.key`, else its path), in record order."""
+    return [_entry_key(e) for e in self._entries]
 
   def content_key(self) -> str:
     """A digest of every entry's path and time span, in order: it changes when files are added,

@@ -1,7 +1,8 @@
 """How well a run's own clusters follow the ground truth: NMI and purity per bank.
 
-Each cluster row is an (example id, sub) of the training sources (`docs/training.md`). Its
-ground truth comes from the record: whole-image rows (`object`, sub -1) the record's `label`
+Each cluster row is a (record key, sub) of the training sources (`docs/training.md`), scored
+against the record of that key in the data now configured (rows of records no longer there are
+left out). Its ground truth comes from the record: whole-image rows (`object`, sub -1) the record's `label`
 (when it has one, e.g. the demo's single digits), region rows (`object`, sub r) the box's class
 `box_labels[r]`, clip rows (`event_1`) the clip's `label`, and for the demo's event clips also
 the first action. Rows without ground truth are left out. A bootstrap teacher whose clusters
@@ -46,7 +47,7 @@ def cluster_quality(data_cfg: data_config.DataConfig, workdir: str,
   """NMI (and purity in details) of each bank's top-1 cluster against each ground truth.
 
   Args:
-    data_cfg: the run's data (its sources define the example ids).
+    data_cfg: the run's data (its sources hold the records the rows' keys name).
     workdir: the folder holding `clusters/<bank>/` (a run, or a pipeline round).
     banks: banks to score; those not clustered in `workdir` are skipped.
 
@@ -54,30 +55,34 @@ def cluster_quality(data_cfg: data_config.DataConfig, workdir: str,
     {"<bank>:<truth>/clusters": ProbeResult(metric "nmi", details purity, rows, clusters)}.
 
   Raises:
-    train.LabelError: clusters made for other data sources than `data_cfg`'s (their ids would
-      name other records, and the scores would be of wrong pairs).
+    train.LabelError: clusters made for another version of a source that numbers its records
+      (`train.labels.check_sources`: their keys would name other records, and the scores would
+      be of wrong pairs).
   """
   opened = pipeline.open_sources(data_cfg)
   names = [spec.name for spec in data_cfg.sources]
   offsets = np.cumsum([0] + [len(opened[n]) for n in names])
+  examples = train_labels.examples_of(data_cfg, opened)
   results = {}
   for bank in banks:
     if not paths.path(os.path.join(cluster_labels.clusters_dir(workdir, bank), "ids.npy")).exists():
       continue
     out = cluster_labels.load_clusters(workdir, bank)
     train_labels.check_sources(bank, cluster_labels.clusters_dir(workdir, bank), out["stats"],
-                               pipeline.sources_fingerprint(data_cfg, opened))
+                               examples.sources)
     pairs: dict[str, tuple[list[int], list[int]]] = {}
     records: dict[int, dict] = {}
-    for (example, sub), cluster in zip(out["ids"], out["labels"][:, 0]):
+    example_ids, rows = train_labels.match_keys(out["keys"], examples.keys)
+    for example, row in zip(example_ids.tolist(), rows.tolist()):
       s = int(np.searchsorted(offsets, example, side="right") - 1)
       source = opened[names[s]]
       if example not in records:
         records[example] = source[int(example - offsets[s])]
-      for truth, value in _truths(bank, records[example], int(sub), source).items():
+      sub, cluster = int(out["ids"][row, 1]), int(out["labels"][row, 0])
+      for truth, value in _truths(bank, records[example], sub, source).items():
         pairs.setdefault(truth, ([], []))
         pairs[truth][0].append(value)
-        pairs[truth][1].append(int(cluster))
+        pairs[truth][1].append(cluster)
     for truth, (truth_labels, clusters) in pairs.items():
       results[f"{bank}:{truth}/clusters"] = common.ProbeResult(
         metric="nmi", value=metrics.nmi(np.array(truth_labels), np.array(clusters)),

@@ -21,9 +21,10 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 
-from univit_jax import encoder, run_config
+from univit_jax import collectives, encoder, run_config
 from univit_jax.evaluation import attentive, common, dense, knn, linear, qa, report, tasks
 from univit_jax.evaluation import features as features_lib
 from univit_jax.run_config import stage_config
@@ -255,6 +256,9 @@ def run_eval(run: run_config.RunConfig, workdir: str | None,
              log: Callable[[str], None] = print) -> dict[str, Any]:
   """Evaluates `eval.encoder` and the baselines; writes `workdir/eval/`.
 
+  Every process evaluates (feature extraction takes part in collectives); process 0 alone writes
+  the report, and the others wait for it at the `eval done` barrier.
+
   Returns:
     The results dict (as written to results.json).
   """
@@ -273,10 +277,11 @@ def run_eval(run: run_config.RunConfig, workdir: str | None,
               probes=list(ctx.cfg.probes), num_train=ctx.cfg.num_train,
               num_test=ctx.cfg.num_test, seed=ctx.cfg.seed)
   out = results_dict(ctx, extractors, results, meta)
-  folder = os.path.join(workdir or ".", EVAL_DIR)
-  paths = report.write_report(folder, out, visuals)
-  log(report.markdown_table(out))
-  log(f"Evaluation written to {paths['html']}")
+  if jax.process_index() == 0:
+    written = report.write_report(os.path.join(workdir or ".", EVAL_DIR), out, visuals)
+    log(report.markdown_table(out))
+    log(f"Evaluation written to {written['html']}")
+  collectives.barrier("eval done")
   return out
 
 

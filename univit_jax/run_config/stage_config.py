@@ -45,6 +45,7 @@ class TrainConfig:
   keep_checkpoints: int = 3
   collapse_threshold: float = 0.99
   clusters_workdir: str = ""
+  max_unlabelled_fraction: float = 0.05
   bank_init: str = "auto"
   init_encoder: str = ""
   warm_start: bool = True
@@ -59,6 +60,9 @@ class TrainConfig:
       if getattr(self, field) < 1:
         raise config_lib.ConfigError(
           f"train.{field}={getattr(self, field)} must be a positive integer")
+    if not 0 <= self.max_unlabelled_fraction <= 1:
+      raise config_lib.ConfigError(
+        f"train.max_unlabelled_fraction={self.max_unlabelled_fraction} must be in [0, 1]")
     if self.bank_init not in BANK_INITS:
       raise config_lib.ConfigError(
         f"train.bank_init={self.bank_init!r}: expected one of {BANK_INITS}")

@@ -1,13 +1,17 @@
-"""Cluster pseudo-labels for training batches, looked up by example id.
+"""Cluster pseudo-labels for training batches, attached to records by their stable key.
 
 The cluster stage writes, per bank, `clusters/<bank>/{centroids.npy, labels.npy [N, k],
-ids.npy [N, 2], stats.json}` (`univit_jax/clustering/labels.py`). Row j of `labels.npy` holds
-the top-k clusters of the feature whose (example id, sub) is `ids[j]`. Bank conventions:
+ids.npy [N, 2], keys.npy [N], stats.json}` (`univit_jax/clustering/labels.py`). Row j of
+`labels.npy` holds the top-k clusters of the feature of record `keys[j]` (`pipeline.example_keys`:
+`<source name>/<record key>`) and sub-index `ids[j, 1]`. Bank conventions:
   object     sub = -1: the whole image; sub = r: region (box) r of the image.
   event_<g>  sub = s: temporal segment s of the clip cut into g ordered segments (g = 1: the clip).
-The example id is the batch's `id` (the record's position over all configured sources), the same
-id extraction used; `load_bank` refuses labels whose stats.json records other data sources
-(`pipeline.sources_fingerprint`), for which the same id names another record.
+`load_bank` translates the keys into this run's example ids (the batch's `id`), so a record gets
+exactly its own labels even when records were added, removed or reordered since extraction; a
+record whose key has no labels gets none (masked as padding is), and too many such records
+refuse the bank (`train.max_unlabelled_fraction`). Sources that number their records (TFDS, the
+demo: `sources.names_records` is False) have keys that are indices, so for them the labels must
+have been made for the same source (`check_sources`).
 
 `LabelAttacher` adds to a host batch (B examples of one T-frame bucket):
   labels_global          int32 [B, kg] the clip / image embedding's labels: the clip's `event_1`
@@ -30,9 +34,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from absl import logging
 
 from univit_jax import provenance, specs
 from univit_jax.clustering import labels as cluster_labels
+from univit_jax.data import pipeline
+from univit_jax.data import sources as sources_lib
+from univit_jax.run_config import data_config
 
 GLOBAL_BANKS = (specs.OBJECT_BANK, specs.event_bank_name(1))
 _SUB_SPAN = 1 << 20  # sub + 1 fits below this; ids below 2**43
@@ -43,16 +51,41 @@ class LabelError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
+class Examples:
+  """The run's examples that labels are attached to (`examples_of`).
+
+  Attributes:
+    keys: bytes [E], the stable key of each example id (`pipeline.example_keys`).
+    clips: bool [E], whether the example is a clip (labelled by the event banks) rather than an
+      image (labelled by the object bank).
+    sources: `pipeline.sources_fingerprint` of the data.
+  """
+  keys: np.ndarray
+  clips: np.ndarray
+  sources: Mapping[str, Any]
+
+
+def examples_of(cfg: data_config.DataConfig, opened: Mapping[str, sources_lib.Source]
+                ) -> Examples:
+  """The `Examples` of the configured sources (`pipeline.open_sources`)."""
+  return Examples(
+    keys=pipeline.example_keys(cfg, opened),
+    clips=np.concatenate([np.full(len(opened[spec.name]), spec.is_video) for spec in cfg.sources]),
+    sources=pipeline.sources_fingerprint(cfg, opened))
+
+
+@dataclasses.dataclass(frozen=True)
 class BankLabels:
   """One bank's centroids and its (example id, sub) -> top-k labels table.
 
   Attributes:
     name: bank name.
     centroids: float32 [K, D].
-    keys: int64 [N] sorted combined keys id * _SUB_SPAN + sub + 1.
+    keys: int64 [N] sorted combined keys id * _SUB_SPAN + sub + 1 (this run's example ids).
     labels: int32 [N, k] in key order.
     version: the cluster stage's version id of these outputs.
     teacher: the feature extractor named in stats.json ("" when not recorded).
+    unlabelled: records of the bank's kind (images or clips) whose key has no labels.
   """
   name: str
   centroids: np.ndarray
@@ -60,6 +93,7 @@ class BankLabels:
   labels: np.ndarray
   version: str
   teacher: str = ""
+  unlabelled: int = 0
 
   @property
   def num_classes(self) -> int:
@@ -79,69 +113,130 @@ class BankLabels:
     return out, found
 
 
-def load_bank(clusters_workdir: str, bank: str, sources: Mapping[str, Any]) -> BankLabels:
-  """Reads and checks one bank's cluster outputs under `clusters_workdir/clusters/<bank>/`.
+def match_keys(row_keys: np.ndarray, example_keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Pairs every example with the stored rows of its key.
 
-  `sources` is this run's `pipeline.sources_fingerprint`: labels recorded for other data
-  sources are refused, since their example ids would name other records.
+  Args:
+    row_keys: bytes [N], the record key of each stored row (`clusters/<bank>/keys.npy`).
+    example_keys: bytes [E], this run's key of each example id (`pipeline.example_keys`).
+
+  Returns:
+    (example ids, rows): int64 [M] each, one pair per (example, row) whose keys are equal; a key
+    listed twice in the data (a file named twice) gets the rows of its key for each id.
+  """
+  order = np.argsort(row_keys, kind="stable")
+  ordered = row_keys[order]
+  lo = np.searchsorted(ordered, example_keys, side="left")
+  counts = np.searchsorted(ordered, example_keys, side="right") - lo
+  ids = np.repeat(np.arange(len(example_keys), dtype=np.int64), counts)
+  starts = np.repeat(lo - (np.cumsum(counts) - counts), counts)
+  return ids, order[starts + np.arange(len(ids))].astype(np.int64)
+
+
+def load_bank(clusters_workdir: str, bank: str, examples: Examples,
+              max_unlabelled_fraction: float) -> BankLabels:
+  """Reads and checks one bank's cluster outputs under `clusters_workdir/clusters/<bank>/`, with
+  their rows keyed by this run's example ids (`match_keys`).
 
   Raises:
-    LabelError: labels made for other data sources (naming what changed), missing files,
-      inconsistent shapes, labels outside [0, K), duplicate rows or
-      non-finite centroids, naming the bank and folder.
+    LabelError: naming the bank and folder: labels of a source that numbers its records made
+      for another such source (`check_sources`); more than `max_unlabelled_fraction` of the
+      records of the bank's kind without labels (naming the counts and a few keys); missing
+      files, inconsistent shapes, labels outside [0, K), subs out of range or non-finite
+      centroids.
   """
   where = cluster_labels.clusters_dir(clusters_workdir, bank)
   try:
     out = cluster_labels.load_clusters(clusters_workdir, bank)
   except (FileNotFoundError, OSError) as e:
-    raise LabelError(f"bank {bank!r}: cannot read cluster outputs in {where}: {e}") from e
-  centroids, labels, ids = out["centroids"], out["labels"], out["ids"]
+    raise LabelError(f"bank {bank!r}: cannot read cluster outputs in {where}: {e} (outputs of "
+                     "an older version have no keys.npy: cluster again)") from e
+  centroids, labels, ids, row_keys = out["centroids"], out["labels"], out["ids"], out["keys"]
   version = out["stats"].get("version")
   if not version:
     raise LabelError(f"bank {bank!r}: {where}/stats.json has no 'version'")
-  check_sources(bank, where, out["stats"], sources)
+  check_sources(bank, where, out["stats"], examples.sources)
   if centroids.ndim != 2 or not np.all(np.isfinite(centroids)):
     raise LabelError(f"bank {bank!r}: {where}/centroids.npy must be finite [K, D], "
                      f"got shape {centroids.shape}")
-  if labels.ndim != 2 or ids.shape != (labels.shape[0], 2):
-    raise LabelError(f"bank {bank!r}: labels.npy {labels.shape} and ids.npy {ids.shape} in "
-                     f"{where} must be [N, k] and [N, 2]")
+  if (labels.ndim != 2 or ids.shape != (labels.shape[0], 2) or
+      row_keys.shape != (labels.shape[0],) or row_keys.dtype.kind != "S"):
+    raise LabelError(f"bank {bank!r}: labels.npy {labels.shape}, ids.npy {ids.shape} and "
+                     f"keys.npy {row_keys.dtype} {row_keys.shape} in {where} must be [N, k], "
+                     "[N, 2] and bytes [N]")
   if labels.size and (labels.min() < 0 or labels.max() >= centroids.shape[0]):
     raise LabelError(f"bank {bank!r}: labels.npy in {where} has ids outside [0, "
                      f"{centroids.shape[0]}) (the number of centroids)")
-  ids = ids.astype(np.int64)
-  if ids.size and (ids[:, 0].min() < 0 or ids[:, 1].min() < -1 or
-                   ids[:, 1].max() >= _SUB_SPAN - 1 or ids[:, 0].max() >= 1 << 43):
-    raise LabelError(f"bank {bank!r}: ids.npy in {where} has example ids or subs out of range")
-  keys = ids[:, 0] * _SUB_SPAN + ids[:, 1] + 1
-  order = np.argsort(keys, kind="stable")
-  keys = keys[order]
-  if np.any(keys[1:] == keys[:-1]):
-    raise LabelError(f"bank {bank!r}: ids.npy in {where} lists a (id, sub) row twice")
+  subs = np.asarray(ids[:, 1], np.int64)
+  if subs.size and (subs.min() < -1 or subs.max() >= _SUB_SPAN - 1):
+    raise LabelError(f"bank {bank!r}: ids.npy in {where} has sub-indices out of range")
+  example_ids, rows = match_keys(np.asarray(row_keys), examples.keys)
+  unlabelled = _unlabelled(bank, where, examples, example_ids, max_unlabelled_fraction)
+  # One row per (example, sub): a record extracted twice (a file named twice) has equal rows.
+  keys, first = np.unique(example_ids * _SUB_SPAN + subs[rows] + 1, return_index=True)
   return BankLabels(name=bank, centroids=centroids.astype(np.float32), keys=keys,
-                    labels=labels[order].astype(np.int32), version=str(version),
-                    teacher=str(out["stats"].get("teacher", "")))
+                    labels=np.asarray(labels)[rows[first]].astype(np.int32),
+                    version=str(version), teacher=str(out["stats"].get("teacher", "")),
+                    unlabelled=unlabelled)
+
+
+def _unlabelled(bank: str, where: str, examples: Examples, labelled: np.ndarray,
+                max_fraction: float) -> int:
+  """How many examples of the bank's kind (clips for event banks, images for the object bank)
+  have no labelled row; logged, and refused above `max_fraction`.
+
+  Raises:
+    LabelError: naming the bank, `where`, the counts and a few of the keys.
+  """
+  kind = examples.clips if specs.event_granularity(bank) is not None else ~examples.clips
+  missing = kind.copy()
+  missing[labelled] = False
+  count, total = int(missing.sum()), int(kind.sum())
+  if not count:
+    return 0
+  names = [k.decode() for k in examples.keys[missing][:3]]
+  what = "clip" if specs.event_granularity(bank) is not None else "image"
+  message = (f"bank {bank!r}: {count} of the {total} {what} records of the data "
+             f"({count / total:.1%}) have no labels in {where}, e.g. {names}: records added or "
+             "renamed since the features were extracted, or unreadable then")
+  if count > max_fraction * total:
+    raise LabelError(
+      f"{message}; more than train.max_unlabelled_fraction={max_fraction}. Extract and "
+      "cluster again for this data (in a new workdir), or raise train.max_unlabelled_fraction "
+      "to train them without cluster labels")
+  logging.warning("%s; they train without this bank's labels", message)
+  return count
 
 
 def check_sources(bank: str, where: str, stats: Mapping[str, Any],
                   sources: Mapping[str, Any]) -> None:
-  """Refuses cluster outputs (their `stats.json`) made for other data sources than `sources`
-  (`pipeline.sources_fingerprint`): their example ids would name other records.
+  """Refuses cluster outputs (their `stats.json`) made for another version of a source that
+  numbers its records (a fingerprint entry without `content`: TFDS, the demo), whose keys are
+  indices and would name other records. Other changes (records added, removed or reordered in a
+  source that names its records, sources added or removed) are logged: labels follow the keys.
 
   Raises:
     LabelError: naming the bank, its folder `where` and what changed.
   """
-  changed = provenance.differences(
-    (stats.get("inputs") or {}).get("data", {}).get("sources"), sources, "data.sources")
-  if changed:
+  recorded = (stats.get("inputs") or {}).get("data", {}).get("sources")
+  changed = provenance.differences(recorded, sources, "data.sources")
+  if not changed:
+    return
+  numbered = [name for name in sorted(sources) if "content" not in sources[name]
+              and isinstance(recorded, Mapping) and name in recorded
+              and provenance.differences(recorded[name], sources[name])]
+  if numbered or not isinstance(recorded, Mapping):
     raise LabelError(
       f"bank {bank!r}: the labels in {where} were made for other data than the config now "
-      f"gives: {'; '.join(changed)}; their example ids would name other records. Extract and "
-      "cluster again in a new workdir (or delete its features/ and clusters/)")
+      f"gives: {'; '.join(changed)}; the sources {numbered} number their records, so their "
+      "keys would name other records. Extract and cluster again in a new workdir (or delete "
+      "its features/ and clusters/)")
+  logging.warning("bank %r: the labels in %s were made for other data (%s); they are attached "
+                  "by record key", bank, where, "; ".join(changed))
 
 
-def load_banks(clusters_workdir: str, names: Sequence[str], sources: Mapping[str, Any]
-               ) -> dict[str, BankLabels]:
+def load_banks(clusters_workdir: str, names: Sequence[str], examples: Examples,
+               max_unlabelled_fraction: float) -> dict[str, BankLabels]:
   """Every named bank (see `load_bank`).
 
   Raises:
@@ -149,7 +244,8 @@ def load_banks(clusters_workdir: str, names: Sequence[str], sources: Mapping[str
   """
   if not names:
     raise LabelError("no bank to train on: give some bank a positive loss.bank_weights entry")
-  return {name: load_bank(clusters_workdir, name, sources) for name in names}
+  return {name: load_bank(clusters_workdir, name, examples, max_unlabelled_fraction)
+          for name in names}
 
 
 def segment_granularities(banks: Iterable[str], num_frames: int) -> tuple[int, ...]:

@@ -15,8 +15,9 @@ event banks without clips, no object bank without images), and writes under DIR:
 Safety: the run resumes from the newest checkpoint (bit-exact on CPU: same state, same batches,
 same per-step randomness); it refuses a checkpoint made for other cluster labels, model, banks,
 data or optimiser, and one made for another schedule unless `train.allow_schedule_change`
-(`check_compatible`; docs/training.md); it refuses cluster labels made for other data sources
-(`labels_lib.load_bank`); SIGTERM saves the current step and returns; SIGKILL loses the steps
+(`check_compatible`; docs/training.md); it attaches cluster labels by record key, refusing
+labels made for another version of a source that numbers its records, or that leave too many
+records without labels (`labels_lib.load_bank`); SIGTERM saves the current step and returns; SIGKILL loses the steps
 since the last save; a non-finite loss or gradient raises `NonFiniteError` naming the step and
 term, without saving (the step itself leaves the state untouched). A bank whose class count the
 mesh's class shards do not divide is kept whole on every device; a warning names it and the
@@ -238,8 +239,8 @@ def run_train(run: run_config.RunConfig, workdir: str,
 
   Raises:
     config_lib.ConfigError: no workdir, or an export to start from of another model.
-    labels_lib.LabelError: missing or inconsistent cluster outputs, or labels made for other
-      data sources.
+    labels_lib.LabelError: missing or inconsistent cluster outputs, labels made for another
+      version of a source that numbers its records, or too many records without labels.
     CheckpointMismatchError: checkpoints the config may not resume (`check_compatible`).
     NonFiniteError: a non-finite loss or gradient.
   """
@@ -253,7 +254,8 @@ def run_train(run: run_config.RunConfig, workdir: str,
   sources = pipeline.open_sources(data_cfg)
   names = loss_cfg.trained_banks
   banks = labels_lib.load_banks(train.clusters_workdir or workdir, names,
-                                pipeline.sources_fingerprint(data_cfg, sources))
+                                labels_lib.examples_of(data_cfg, sources),
+                                train.max_unlabelled_fraction)
   sizes = {name: bank.num_classes for name, bank in banks.items()}
   versions = {name: bank.version for name, bank in banks.items()}
   initial = initial_centroids(banks, model_cfg.width, train.bank_init)
