@@ -53,16 +53,20 @@ class FakeSource:
 #                   metadata use) that behaves as an object store: a file appears whole when
 #                   closed (one put), there is no append and no rename, folders are not made
 #                   and vanish with their last object.
-#   `GcsServer`     the part of the GCS JSON API that TensorStore's `gcs` driver speaks (upload,
-#                   read with ranges and generation conditions, list, delete), so that Orbax's
-#                   arrays reach the same folder through the real `gs://` code path.
-# `install` wires both in (fsspec's registry, TensorStore's environment variables, a stand-in
-# for google-cloud-storage, which Orbax asks whether a bucket has a hierarchical namespace before
-# deleting old steps); `python -m fake_store_main` runs `univit_jax.main` with them installed.
+#   `GcsServer`     the part of the GCS JSON API that TensorStore's `gcs` driver and
+#                   array_record's GCS reader (google-cloud-cpp) speak (upload, read with ranges
+#                   and generation conditions, list, delete), so that Orbax's arrays and
+#                   ArrayRecord shards reach the same folder through the real `gs://` code path.
+# `install` wires both in (fsspec's registry, TensorStore's and google-cloud-cpp's environment
+# variables for an emulator, a stand-in for google-cloud-storage, which Orbax asks whether a
+# bucket has a hierarchical namespace before deleting old steps); `python -m fake_store_main`
+# runs `univit_jax.main` with them installed.
 
 FAKE_SCHEMES = ("fakegcs", "gs", "gcs")
 ROOT_ENV = "UNIVIT_FAKE_STORE_ROOT"
 URL_ENV = "TENSORSTORE_GCS_HTTP_URL"
+# google-cloud-cpp's emulator endpoint (no credentials then): array_record's `gs://` reader.
+EMULATOR_ENV = "CLOUD_STORAGE_EMULATOR_ENDPOINT"
 
 
 def _put(path: str, data: bytes) -> None:
@@ -131,7 +135,8 @@ def _generation(st: os.stat_result) -> str:
 
 
 class _GcsHandler(http.server.BaseHTTPRequestHandler):
-  """The requests TensorStore's `gcs` driver makes, served from `server.root`."""
+  """The requests TensorStore's `gcs` driver and array_record's GCS reader make, served from
+  `server.root`."""
 
   protocol_version = "HTTP/1.1"
 
@@ -196,7 +201,10 @@ class _GcsHandler(http.server.BaseHTTPRequestHandler):
     headers = {"x-goog-generation": _generation(st), "Content-Type": "application/octet-stream"}
     if "Range" in self.headers:
       first, _, last = self.headers["Range"].split("=")[1].partition("-")
-      first, last = int(first), min(int(last) if last else len(data) - 1, len(data) - 1)
+      if first:  # `bytes=first-[last]`
+        first, last = int(first), min(int(last) if last else len(data) - 1, len(data) - 1)
+      else:  # `bytes=-n`: the last n bytes (array_record's GCS reader reads the footer so)
+        first, last = max(len(data) - int(last), 0), len(data) - 1
       headers["Content-Range"] = f"bytes {first}-{last}/{len(data)}"
       self._send(206, data[first:last + 1], headers)
       return
@@ -259,14 +267,15 @@ class _StorageClient:
 
 def install(root: str, url: str) -> None:
   """Serves `fakegcs://`, `gs://` and `gcs://` from `root` in this process: epath and fsspec
-  through `ObjectStore`, TensorStore through the `GcsServer` at `url`. Once per process: epath
+  through `ObjectStore`, TensorStore and array_record through the `GcsServer` at `url`. Once per process: epath
   and fsspec keep the filesystem they first made."""
   if ObjectStore.root and ObjectStore.root != root:
     raise RuntimeError(f"the fake object store already serves {ObjectStore.root}")
   ObjectStore.root = root
   for scheme in FAKE_SCHEMES:
     fsspec.register_implementation(scheme, ObjectStore, clobber=True)
-  os.environ.update({ROOT_ENV: root, URL_ENV: url, "GOOGLE_AUTH_TOKEN_FOR_TESTING": "fake"})
+  os.environ.update({ROOT_ENV: root, URL_ENV: url, EMULATOR_ENV: url,
+                     "GOOGLE_AUTH_TOKEN_FOR_TESTING": "fake"})
   storage = types.ModuleType("google.cloud.storage")
   storage.Client = _StorageClient
   sys.modules["google.cloud.storage"] = storage
@@ -275,5 +284,6 @@ def install(root: str, url: str) -> None:
 def subprocess_env(root: str, url: str) -> dict[str, str]:
   """What `python -m fake_store_main` needs to find the store (tests/ on the path)."""
   tests = os.path.dirname(os.path.abspath(__file__))
-  return {ROOT_ENV: root, URL_ENV: url, "GOOGLE_AUTH_TOKEN_FOR_TESTING": "fake",
+  return {ROOT_ENV: root, URL_ENV: url, EMULATOR_ENV: url,
+          "GOOGLE_AUTH_TOKEN_FOR_TESTING": "fake",
           "PYTHONPATH": os.pathsep.join(filter(None, (tests, os.environ.get("PYTHONPATH"))))}

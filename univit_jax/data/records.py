@@ -60,6 +60,9 @@ KEYS = "keys.txt"
 # ArrayRecord writer options: group size 1 lets grain read one record without its neighbours.
 WRITER_OPTIONS = "group_size:1"
 RECORDS_PER_SHARD = 1024
+# Where array_record's reader finds shards itself: local files, and `gs://` through its own GCS
+# reader (google-cloud-cpp); no fsspec, so any other scheme needs a local mount.
+READABLE_SCHEMES = (None, "gs")
 
 
 def shard_name(shard: int, num_shards: int) -> str:
@@ -160,17 +163,22 @@ class ArrayRecordSource:
 
   Shards are opened lazily by grain's `ArrayRecordDataSource` from the manifest's record counts,
   so opening a dataset of many shards costs one listing of the folder, not one open per shard.
-  array_record reads the shards itself: local paths, and `gs://` through its own GCS reader (not
-  exercised by the tests); other schemes need a local mount.
+  array_record reads the shards itself (READABLE_SCHEMES): a `gs://` shard by ranged reads, never
+  copied whole.
   """
 
   def __init__(self, path: str, kind: str):
     """Opens the dataset in folder `path`, whose records must be of `kind` ("image" | "video").
 
     Raises:
-      sources.SourceError: no complete dataset there (`read_manifest`), records of another kind,
-        or shards named in the manifest that are missing.
+      sources.SourceError: a scheme array_record cannot read, no complete dataset there
+        (`read_manifest`), records of another kind, or shards named in the manifest that are
+        missing.
     """
+    if paths.scheme(path) not in READABLE_SCHEMES:
+      raise sources.SourceError(
+        f"{path}: array_record reads shards from local paths and gs:// only, not "
+        f"{paths.scheme(path)}://; copy the dataset there or mount it locally")
     manifest = read_manifest(path)
     if manifest["kind"] != kind:
       raise sources.SourceError(
