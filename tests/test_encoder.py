@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors.numpy
@@ -90,8 +91,9 @@ def test_encoder_json_holds_what_loading_needs(export):
   path, _, _, config = export
   with open(os.path.join(path, encoder_lib.SPEC_FILE)) as f:
     data = json.load(f)
-  assert (data["format"], data["version"]) == ("univit_jax.export", 1)
+  assert (data["format"], data["version"]) == ("univit_jax.export", 2)
   assert data["model"]["width"] == config.model.width
+  assert data["model"]["embedding_center"]  # loss.center_embeddings
   assert data["model"]["rope"]["split"] == [4, 6, 6]
   assert data["preprocessing"] == dict(
     image_size=32, mean=list(config.data.mean), std=list(config.data.std), patch_size=8,
@@ -103,7 +105,7 @@ def test_encoder_json_holds_what_loading_needs(export):
 
 
 @pytest.mark.parametrize("change, message", [
-  (dict(version=2), "version 2, newer than the 1 this univit_jax reads"),
+  (dict(version=3), "version 3, newer than the 2 this univit_jax reads"),
   (dict(format="other"), "not a univit_jax.export file"),
   (dict(model=dict(width=64, wings=2)), r"unknown ModelConfig fields \['wings'\]"),
 ])
@@ -195,6 +197,11 @@ def _numpy_forward(export_path: str, frames: np.ndarray) -> tuple[np.ndarray, np
   tokens = _layer_norm(x, p, "norm_post")
   pooled = _attention(p, "head.attn", p["head.probe"], tokens)
   pooled = pooled + _mlp(_layer_norm(pooled, p, "head.norm"), p, "head.mlp")
+  if model["embedding_center"]:
+    lengths = 2.0 ** np.arange(len(p["embedding_center"]))
+    distance = np.where(p["embedding_center_count"] > 0, np.abs(np.log(lengths / t)), np.inf)
+    if np.isfinite(distance).any():
+      pooled = pooled - p["embedding_center"][np.argmin(distance)]
   return tokens, pooled[0]
 
 
@@ -202,14 +209,20 @@ def _numpy_forward(export_path: str, frames: np.ndarray) -> tuple[np.ndarray, np
 @pytest.mark.slow
 def test_safetensors_name_map_rebuilds_the_forward_pass_in_numpy(tmp_path, scan):
   """The names and layouts docs/export.md gives, read by plain NumPy, compute what the model
-  computes: patch embedding, time embedding, every pre-LN block with U-RoPE, the MAP head."""
+  computes: patch embedding, time embedding, every pre-LN block with U-RoPE, the MAP head and
+  the running mean embedding it subtracts."""
   config = demo_config()
   config.model.scan = scan
   run = helpers.typed(config)
-  _, params = vit.init_encoder(run.model, seed=4)
-  path = encoder_lib.export_encoder(run, str(tmp_path), params)
+  graphdef, params = vit.init_encoder(run.model, seed=4)
+  model = nnx.merge(graphdef, params)
+  model.embedding_center[...] = jax.random.normal(  # as training leaves it: one row per length
+    jax.random.key(5), model.embedding_center[...].shape)
+  model.embedding_center_count[...] = jnp.array([1.0, 0, 0, 2, 0, 0, 0])  # 1 and 8 frames
+  path = encoder_lib.export_encoder(run, str(tmp_path), nnx.state(model))
   names = set(safetensors.numpy.load_file(os.path.join(path, "encoder.safetensors")))
-  assert {"blocks.0.attn.query.kernel", "blocks.1.mlp.fc2.bias", "head.probe"} <= names
+  assert {"blocks.0.attn.query.kernel", "blocks.1.mlp.fc2.bias", "head.probe",
+          "embedding_center", "embedding_center_count"} <= names
   assert not any(n.startswith("blocks.attn") for n in names)  # scanned layers are unstacked
   frames = np.random.default_rng(0).integers(0, 256, (1, 2, 32, 32, 3), np.uint8)
   embedding, aux = univit_jax.load_encoder(path)(frames)

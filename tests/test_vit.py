@@ -113,6 +113,33 @@ def test_segment_and_region_pooling(model):
   assert not np.allclose(aux_swapped["segments"][2], aux["segments"][2], atol=1e-4)
 
 
+def test_running_mean_embedding_is_subtracted_from_every_pooled_output():
+  """With `embedding_center` every pooled output of a T-frame clip loses the running mean of
+  the updated length nearest T (segments: T / g frames); nothing before any update."""
+  cfg = dataclasses.replace(CFG, embedding_center=True)
+  lengths = vit.center_lengths(cfg)
+  assert lengths == (1, 2, 4, 8, 16, 32, 64)  # rope.virtual_frames = 64
+  assert [vit.center_index(lengths, t) for t in (1, 2, 3, 5, 6, 100)] == [0, 1, 2, 2, 3, 6]
+  graphdef, params = make(cfg)
+  frames, boxes = clip(8), jnp.array([[[0.0, 0.0, 1.0, 1.0]]] * 2)
+  raw, raw_aux = apply(graphdef, params, frames, segments=(2, 4), boxes=boxes)
+  raw_image, _ = apply(graphdef, params, frames[:, :1])
+  model = nnx.merge(graphdef, params)
+  np.testing.assert_array_equal(model.embedding_center[...], 0.0)
+  centers = jax.random.normal(jax.random.key(1), (7, 64))
+  model.embedding_center[...] = centers
+  model.embedding_center_count[...] = jnp.array([3.0, 0, 1, 0, 0, 0, 0])  # 1 and 4 updated
+  embedding, aux = apply(graphdef, nnx.state(model), frames, segments=(2, 4), boxes=boxes)
+  np.testing.assert_allclose(embedding, raw - centers[2], atol=1e-5)  # 8 frames: nearest is 4
+  np.testing.assert_allclose(aux["regions"], raw_aux["regions"] - centers[2], atol=1e-5)
+  np.testing.assert_allclose(aux["segments"][2], raw_aux["segments"][2] - centers[2], atol=1e-5)
+  # 2-frame segments: 1 and 4 frames are equally near; the shorter wins.
+  np.testing.assert_allclose(aux["segments"][4], raw_aux["segments"][4] - centers[0], atol=1e-5)
+  np.testing.assert_allclose(aux["tokens"], raw_aux["tokens"])
+  image, _ = apply(graphdef, nnx.state(model), frames[:, :1])
+  np.testing.assert_allclose(image, raw_image - centers[0], atol=1e-5)
+
+
 def test_segment_masks_flag_padding_only_segments(model):
   graphdef, params = model
   mask = jnp.array([[True, True, False, False]] * 2)

@@ -86,6 +86,10 @@ class ModelConfig:
       patch embeddings (frames must then have exactly that patch grid); None: no table.
     norm_pre: a layer norm between the patch embedding and the first block.
     gelu_approximate: tanh-approximate GELU in the MLPs (else the exact erf form).
+    embedding_center: the encoder keeps a running mean of its embeddings per clip length (T =
+      1, 2, 4, ... up to `rope.virtual_frames`, `vit.center_lengths`) and subtracts it from
+      every pooled output. Set by `loss.center_embeddings`: the loss then scores batch-centred
+      embeddings, and the export gives users the embedding the loss shaped.
   """
   width: int
   depth: int
@@ -104,6 +108,7 @@ class ModelConfig:
   norm_pre: bool = True
   gelu_approximate: bool = False
   attention: str = "xla"
+  embedding_center: bool = False
 
   @property
   def head_dim(self) -> int:
@@ -165,6 +170,7 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
     width=m.width, depth=m.depth, num_heads=m.num_heads, mlp_dim=m.mlp_dim,
     patch_size=m.patch_size, channels=m.channels, dtype=m.dtype, param_dtype=m.param_dtype,
     scan=m.scan, remat=m.remat, time_embedding=m.time_embedding, attention=m.attention,
+    embedding_center=bool(config.loss.center_embeddings),
     rope=RopeConfig(mode=m.rope.mode, base=float(m.rope.base), split=tuple(m.rope.split),
                     virtual_frames=m.rope.virtual_frames,
                     temporal_span=float(m.rope.temporal_span)))
@@ -737,6 +743,10 @@ def default_config(variant: str) -> ml_collections.ConfigDict:
     # sample shares, which otherwise collapses encoders whose inputs share most of their content
     # (docs/training.md, "Embedding collapse"). Off in the papers' recipe.
     center_embeddings=False,
+    # With center_embeddings: the encoder keeps a running mean of its embeddings per clip length
+    # (`ModelConfig.embedding_center`), updated every step with this momentum after a plain
+    # average over the first 1 / (1 - momentum) steps, and subtracts it from what it outputs.
+    center_momentum=0.9,
     # The object term's targets for an image embedding: "objects", the set of its regions' top-1
     # clusters (the paper: an image carries the set of its objects' clusters; images without
     # regions fall back to their whole-image row); "whole", the top-k of the whole-image row.
@@ -779,6 +789,7 @@ class LossConfig:
   temperature: float = 0.1
   event_schedule: tuple[tuple[float, tuple[int, ...]], ...] = ((0.0, (1,)),)
   image_labels: str = "objects"
+  center_momentum: float = 0.9
 
   @property
   def trained_banks(self) -> tuple[str, ...]:
@@ -861,6 +872,8 @@ def loss_config(config: ml_collections.ConfigDict) -> LossConfig:
     raise ConfigError(f"loss.num_positive_slots={l.num_positive_slots} must be positive")
   if not -1 <= l.filter_threshold <= 1:
     raise ConfigError(f"loss.filter_threshold={l.filter_threshold} must be a cosine in [-1, 1]")
+  if not 0 <= l.center_momentum < 1:
+    raise ConfigError(f"loss.center_momentum={l.center_momentum} must be in [0, 1)")
   if l.contrastive.weight < 0:
     raise ConfigError(f"loss.contrastive.weight={l.contrastive.weight} must be >= 0")
   if l.contrastive.temperature <= 0:
@@ -876,7 +889,7 @@ def loss_config(config: ml_collections.ConfigDict) -> LossConfig:
       center_embeddings=bool(l.center_embeddings)),
     bank_weights=weights, contrastive_weight=float(l.contrastive.weight),
     temperature=float(l.contrastive.temperature), event_schedule=schedule,
-    image_labels=str(l.image_labels))
+    image_labels=str(l.image_labels), center_momentum=float(l.center_momentum))
 
 
 def pretraining_config(arg: str | None, variant: str, tokens_per_batch: int

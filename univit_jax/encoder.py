@@ -41,7 +41,7 @@ from univit_jax.models import vit
 from univit_jax.run_config import data_config
 
 EXPORT_FORMAT = "univit_jax.export"
-EXPORT_VERSION = 1  # raised when a change to encoder.json or the name map breaks old readers
+EXPORT_VERSION = 2  # raised when a change to encoder.json or the name map breaks old readers
 SPEC_FILE = "encoder.json"
 SAFETENSORS_FILE = "encoder.safetensors"
 

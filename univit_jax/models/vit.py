@@ -166,8 +166,32 @@ def time_features(times: jax.Array, virtual_frames: int) -> jax.Array:
   return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
 
 
+class EmbeddingCenter(nnx.Variable):
+  """A running mean of the encoder's embeddings, kept by the train step (not by gradients)."""
+
+
+def center_lengths(cfg: config_lib.ModelConfig) -> tuple[int, ...]:
+  """The clip lengths with a row of `embedding_center`: 1, 2, 4, ... up to the virtual grid."""
+  return tuple(2 ** i for i in range(int(np.log2(cfg.rope.virtual_frames)) + 1))
+
+
+def center_index(lengths: tuple[int, ...], num_frames: int) -> int:
+  """The row of `embedding_center` that clips of `num_frames` frames update: the length
+  nearest on a log scale."""
+  return int(np.argmin([abs(np.log(f / num_frames)) for f in lengths]))
+
+
 class UniViT(nnx.Module):
-  """The encoder. Call with frames `[B, T, H, W, C]`; returns `(embedding [B, D], aux)`."""
+  """The encoder. Call with frames `[B, T, H, W, C]`; returns `(embedding [B, D], aux)`.
+
+  With `cfg.embedding_center`, the encoder holds `embedding_center [L, D]`, the running mean of
+  its raw embeddings per clip length of `center_lengths` (kept by the train step), and
+  `embedding_center_count [L]`, the steps that updated each row. Every pooled output of a
+  T-frame clip (the embedding, its regions; a segment of T / g frames) loses the row of the
+  updated length nearest T on a log scale (none while no row was updated). A loss on
+  batch-centred embeddings cannot see the component every embedding shares, so it is left large
+  and arbitrary; without it the cosine of two embeddings measures what the loss shaped.
+  """
 
   def __init__(self, cfg: config_lib.ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
@@ -193,6 +217,10 @@ class UniViT(nnx.Module):
       self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.depth)])
     self.norm_post = _norm(cfg, rngs)
     self.head = MapHead(cfg, rngs=rngs)
+    if cfg.embedding_center:
+      lengths = len(center_lengths(cfg))
+      self.embedding_center = EmbeddingCenter(jnp.zeros((lengths, cfg.width), jnp.float32))
+      self.embedding_center_count = EmbeddingCenter(jnp.zeros((lengths,), jnp.float32))
 
   def _encode(self, x: jax.Array, angles: jax.Array | None, mask: jax.Array,
               activation_sharding: jax.sharding.NamedSharding | None) -> jax.Array:
@@ -295,16 +323,26 @@ class UniViT(nnx.Module):
     pooled = self.head(tokens, jnp.concatenate(queries, axis=1)).astype(jnp.float32)
 
     aux = {"tokens": tokens, "token_mask": token_mask}
+    center = self._center if self.cfg.embedding_center else lambda x, _: x
     offset = 1
     if segments:
       aux["segments"], aux["segment_mask"] = {}, {}
       for g, q in zip(segments, queries[1:1 + len(segments)]):
-        aux["segments"][g] = pooled[:, offset:offset + g]
+        aux["segments"][g] = center(pooled[:, offset:offset + g], max(t // g, 1))
         aux["segment_mask"][g] = (q & token_mask[:, None, :]).any(-1)
         offset += g
     if boxes is not None:
-      aux["regions"] = pooled[:, offset:]
-    return pooled[:, 0], aux
+      aux["regions"] = center(pooled[:, offset:], t)
+    return center(pooled[:, 0], t), aux
+
+  def _center(self, pooled: jax.Array, num_frames: int) -> jax.Array:
+    """`pooled [..., D]` minus the running mean embedding of the updated clip length nearest
+    `num_frames` (nothing while no length was updated)."""
+    lengths = np.asarray(center_lengths(self.cfg), np.float64)
+    updated = self.embedding_center_count[...] > 0
+    distance = jnp.where(updated, jnp.asarray(np.abs(np.log(lengths / num_frames))), jnp.inf)
+    row = jnp.where(jnp.any(updated), self.embedding_center[...][jnp.argmin(distance)], 0.0)
+    return pooled - jax.lax.stop_gradient(row)
 
 
 def abstract_encoder(cfg: config_lib.ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:

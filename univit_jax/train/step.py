@@ -25,6 +25,7 @@ from flax import nnx
 
 from univit_jax import config_lib, losses, specs
 from univit_jax.data import pipeline
+from univit_jax.models import vit
 from univit_jax.run_config import data_config
 from univit_jax.train import labels as labels_lib
 from univit_jax.train.state import TrainState
@@ -111,6 +112,31 @@ def _shuffle_frames(x: jax.Array, perm: jax.Array) -> jax.Array:
   return jnp.take_along_axis(segments, index, axis=1).reshape(x.shape)
 
 
+def update_center(graphdef: nnx.GraphDef, params: nnx.State, previous: nnx.State,
+                  embeddings: jax.Array, valid: jax.Array, num_frames: int, momentum: float
+                  ) -> nnx.State:
+  """`params` with the encoder's running mean embedding of `num_frames`-frame clips
+  (`vit.UniViT.embedding_center`, a statistic: the optimiser's change to it is replaced) moved
+  from its value in `previous` towards this batch's mean.
+
+  `embeddings [B, D]` are the encoder's output, already centred by the previous mean, so the
+  mean of the `valid [B]` rows is the step to the batch's mean. A row's first 1 / (1 - momentum)
+  updates average plainly (weight 1 / (n + 1)), so no row keeps a trace of its zero start; later
+  ones weigh the batch by 1 - momentum.
+  """
+  before = nnx.merge(graphdef, previous).encoder
+  model = nnx.merge(graphdef, params)
+  row = vit.center_index(vit.center_lengths(before.cfg), num_frames)
+  weight = valid.astype(jnp.float32)[:, None]
+  step = jnp.sum(embeddings.astype(jnp.float32) * weight, 0) / jnp.maximum(jnp.sum(weight), 1.0)
+  count = before.embedding_center_count[...]
+  seen = jnp.any(valid).astype(jnp.float32)
+  rate = seen * jnp.maximum(1.0 - momentum, 1.0 / (count[row] + 1.0))
+  model.encoder.embedding_center[...] = before.embedding_center[...].at[row].add(rate * step)
+  model.encoder.embedding_center_count[...] = count.at[row].add(seen)
+  return nnx.state(model)
+
+
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     learning_rate: optax.Schedule, loss_config: config_lib.LossConfig,
                     spec: StepSpec,
@@ -176,16 +202,19 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
 
     total, metrics = losses.combine_losses(terms, {name: weights[name] for name in terms})
     metrics["embedding_cosine"] = mean_pairwise_cosine(emb)
-    return total, metrics
+    return total, (metrics, emb)
 
   def train_step(state: TrainState, batch: Batch, weights: Mapping[str, jax.Array]
                  ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimiser step. `weights`: f32 [] per term."""
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+    (loss, (metrics, emb)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.params, batch, rng, weights)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    if "embedding_center" in params["encoder"]:
+      params = update_center(graphdef, params, state.params, emb, batch["frame_mask"].any(-1),
+                             spec.num_frames, loss_config.center_momentum)
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng)
