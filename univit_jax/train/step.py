@@ -1,5 +1,8 @@
 """The train step: a pure function (state, batch, weights) -> (state, metrics), one per bucket.
 
+It comes in two halves (`TrainStep`): the bucket's gradients, and the update, which depends only
+on the parameters and so compiles once for every bucket in the training loop.
+
 Loss terms (each weighted by `config.loss`, see `losses.loss_weights`):
   object         the image embedding against the object bank (whole-image rows)
   event_1        the clip embedding against the event_1 bank
@@ -111,12 +114,60 @@ def _shuffle_frames(x: jax.Array, perm: jax.Array) -> jax.Array:
   return jnp.take_along_axis(segments, index, axis=1).reshape(x.shape)
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainStep:
+  """One bucket's optimiser step as two pure functions, callable as the whole step.
+
+  `gradients` holds everything that depends on the bucket's shapes (the encoder, the loss terms
+  and their gradients); `update` everything that depends only on the parameters' (the optimiser,
+  the finiteness guard, the norms), so the training loop compiles `update` once for all buckets
+  (`compile_update`) rather than once per bucket: it is about a quarter of each bucket's program.
+  Called, it runs both as one function, which `compile_step` compiles as one program.
+
+  Attributes:
+    gradients: (params, rng, step, batch, weights) -> (grads, metrics with the total `loss`);
+      `rng` is the state's base key data, `step` its step counter.
+    update: (state, grads, loss) -> (state, metrics).
+  """
+  gradients: Callable
+  update: Callable
+
+  def __call__(self, state: TrainState, batch: Batch, weights: Mapping[str, jax.Array]
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+    grads, metrics = self.gradients(state.params, state.rng, state.step, batch, weights)
+    state, more = self.update(state, grads, metrics["loss"])
+    return state, {**metrics, **more}
+
+
+def make_update(tx: optax.GradientTransformation, learning_rate: optax.Schedule) -> Callable:
+  """The update half of every bucket's step (`TrainStep.update`).
+
+  A step whose loss or gradient is not finite returns the incoming state unchanged.
+  """
+
+  def update(state: TrainState, grads: nnx.State, loss: jax.Array
+             ) -> tuple[TrainState, dict[str, jax.Array]]:
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng)
+    state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
+    return state, dict(
+      grad_norm=grad_norm, param_norm=optax.global_norm(params),
+      update_norm=optax.global_norm(updates), learning_rate=learning_rate(new.step - 1),
+      finite=finite)
+
+  return update
+
+
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     learning_rate: optax.Schedule, loss_config: config_lib.LossConfig,
                     spec: StepSpec,
                     logits_sharding: jax.sharding.NamedSharding | None = None,
-                    activation_sharding: jax.sharding.NamedSharding | None = None) -> Callable:
-  """The pure step function of one bucket (jit it with `compile_step`).
+                    activation_sharding: jax.sharding.NamedSharding | None = None) -> TrainStep:
+  """The pure step of one bucket (compile it with `compile_step`, or its halves with
+  `compile_gradients` and `compile_update`).
 
   `logits_sharding` (`sharding.logits_sharding`) pins every bank term's partial-FC logits
   `[N, M]`; None leaves their layout to GSPMD, which can replicate them over the class axes.
@@ -178,35 +229,55 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     metrics["embedding_cosine"] = mean_pairwise_cosine(emb)
     return total, metrics
 
-  def train_step(state: TrainState, batch: Batch, weights: Mapping[str, jax.Array]
-                 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimiser step. `weights`: f32 [] per term."""
-    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state.params, batch, rng, weights)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    grad_norm = optax.global_norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng)
-    state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
-    metrics.update(
-      grad_norm=grad_norm, param_norm=optax.global_norm(params),
-      update_norm=optax.global_norm(updates), learning_rate=learning_rate(new.step - 1),
-      finite=finite)
-    return state, metrics
+  def gradients(params: nnx.State, rng: jax.Array, step: jax.Array, batch: Batch,
+                weights: Mapping[str, jax.Array]) -> tuple[nnx.State, dict[str, jax.Array]]:
+    """The gradient of the weighted loss at `params`. `weights`: f32 [] per term."""
+    rng = jax.random.fold_in(jax.random.wrap_key_data(rng), step)
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, rng, weights)
+    return grads, metrics
 
-  return train_step
+  return TrainStep(gradients=gradients, update=make_update(tx, learning_rate))
+
+
+def _batch_inputs(abstract_batch: Mapping[str, jax.ShapeDtypeStruct],
+                  weights: Mapping[str, jax.Array]) -> tuple[dict, dict]:
+  return dict(abstract_batch), {k: jax.ShapeDtypeStruct((), jnp.float32) for k in weights}
 
 
 def compile_step(train_step: Callable, abstract_state: TrainState, state_shardings: TrainState,
                  abstract_batch: Mapping[str, jax.ShapeDtypeStruct],
                  batch_shardings: Mapping[str, jax.sharding.NamedSharding],
                  weights: Mapping[str, jax.Array], replicated: jax.sharding.NamedSharding):
-  """Lowers and compiles the step for one bucket (ahead of its first batch); the state is
-  donated, so its buffers are reused for the new state."""
+  """Lowers and compiles the whole step of one bucket as one program (what `--mode=summary`
+  measures); the state is donated, so its buffers are reused for the new state."""
   jitted = jax.jit(
     train_step, in_shardings=(state_shardings, dict(batch_shardings), replicated),
     out_shardings=(state_shardings, replicated), donate_argnums=0)
-  abstract_weights = {k: jax.ShapeDtypeStruct((), jnp.float32) for k in weights}
-  return jitted.lower(abstract_state, dict(abstract_batch), abstract_weights).compile()
+  return jitted.lower(abstract_state, *_batch_inputs(abstract_batch, weights)).compile()
+
+
+def compile_gradients(train_step: TrainStep, abstract_state: TrainState,
+                      state_shardings: TrainState,
+                      abstract_batch: Mapping[str, jax.ShapeDtypeStruct],
+                      batch_shardings: Mapping[str, jax.sharding.NamedSharding],
+                      weights: Mapping[str, jax.Array], replicated: jax.sharding.NamedSharding):
+  """Lowers and compiles `train_step.gradients` for one bucket; the gradients come out on the
+  parameters' shardings."""
+  jitted = jax.jit(
+    train_step.gradients,
+    in_shardings=(state_shardings.params, replicated, replicated, dict(batch_shardings),
+                  replicated),
+    out_shardings=(state_shardings.params, replicated))
+  return jitted.lower(abstract_state.params, abstract_state.rng, abstract_state.step,
+                      *_batch_inputs(abstract_batch, weights)).compile()
+
+
+def compile_update(update: Callable, abstract_state: TrainState, state_shardings: TrainState,
+                   replicated: jax.sharding.NamedSharding):
+  """Lowers and compiles the update (`make_update`), the same program for every bucket; the
+  state is donated (the new state reuses its buffers, which leaves none for the gradients)."""
+  jitted = jax.jit(
+    update, in_shardings=(state_shardings, state_shardings.params, replicated),
+    out_shardings=(state_shardings, replicated), donate_argnums=0)
+  return jitted.lower(abstract_state, abstract_state.params,
+                      jax.ShapeDtypeStruct((), jnp.float32)).compile()
