@@ -114,6 +114,26 @@ def _shuffle_frames(x: jax.Array, perm: jax.Array) -> jax.Array:
   return jnp.take_along_axis(segments, index, axis=1).reshape(x.shape)
 
 
+def _num_bank_terms(spec: StepSpec) -> int:
+  """How many bank terms the step has (each draws the next key of the step's split, in the
+  order `loss_fn` adds them; the contrastive shuffle draws the one after)."""
+  global_terms = sum(name in spec.banks for name in labels_lib.GLOBAL_BANKS)
+  regions = spec.has_boxes and specs.OBJECT_BANK in spec.banks
+  return global_terms + len(spec.segments) + int(regions)
+
+
+def _interleave(x: jax.Array, y: jax.Array) -> jax.Array:
+  """Rows of `x` and `y [B, ...]` alternated, `[2B, ...]`: x[0], y[0], x[1], ... A batch split
+  over devices stays where it is (each device's rows of both), unlike a concatenation."""
+  return jnp.stack([x, y], axis=1).reshape((2 * x.shape[0],) + x.shape[1:])
+
+
+def _deinterleave(xy: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The inverse of `_interleave`: `[2B, ...]` -> (even rows, odd rows)."""
+  pairs = xy.reshape((xy.shape[0] // 2, 2) + xy.shape[1:])
+  return pairs[:, 0], pairs[:, 1]
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainStep:
   """One bucket's optimiser step as two pure functions, callable as the whole step.
@@ -179,13 +199,25 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
 
   def loss_fn(params: nnx.State, batch: Batch, rng: jax.Array, weights: Mapping[str, jax.Array]):
     model = nnx.merge(graphdef, params)
-    encoder = model.encoder
-    emb, aux = encoder(batch["frames"], positions=batch["positions"],
-                       frame_mask=batch["frame_mask"], segments=spec.segments,
-                       boxes=batch["boxes"] if spec.has_boxes else None,
-                       activation_sharding=activation_sharding)
     centres = {name: model.heads[name].centres[...] for name in spec.banks}
-    keys = iter(jax.random.split(rng, 16))
+    keys = list(jax.random.split(rng, 16))
+    inputs = dict(frames=batch["frames"], positions=batch["positions"],
+                  frame_mask=batch["frame_mask"], boxes=batch["boxes"] if spec.has_boxes else None)
+    if spec.contrast_granularity:
+      # The segment-shuffled copies go through the encoder with the clips, in one pass.
+      g = spec.contrast_granularity
+      clusters = jnp.where(batch[f"segments_valid_{g}"],
+                           batch[f"labels_segments_{g}"][..., 0], -1)
+      perm, order_matters = losses.shuffle_segments(clusters, keys[_num_bank_terms(spec)])
+      shuffled = dict(inputs, frames=_shuffle_frames(batch["frames"], perm),
+                      frame_mask=_shuffle_frames(batch["frame_mask"], perm))
+      inputs = jax.tree.map(_interleave, inputs, shuffled)
+    emb, aux = model.encoder(inputs["frames"], positions=inputs["positions"],
+                             frame_mask=inputs["frame_mask"], segments=spec.segments,
+                             boxes=inputs["boxes"], activation_sharding=activation_sharding)
+    if spec.contrast_granularity:
+      (emb, shuffled), aux = _deinterleave(emb), jax.tree.map(lambda x: _deinterleave(x)[0], aux)
+    keys = iter(keys)
     terms = {}
     for index, name in enumerate(labels_lib.GLOBAL_BANKS):
       if name in centres:
@@ -204,13 +236,6 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
         centres[specs.OBJECT_BANK], next(keys), disc, logits_sharding)
 
     if spec.contrast_granularity:
-      g = spec.contrast_granularity
-      clusters = jnp.where(batch[f"segments_valid_{g}"],
-                           batch[f"labels_segments_{g}"][..., 0], -1)
-      perm, order_matters = losses.shuffle_segments(clusters, next(keys))
-      shuffled, _ = encoder(_shuffle_frames(batch["frames"], perm), positions=batch["positions"],
-                            frame_mask=_shuffle_frames(batch["frame_mask"], perm),
-                            activation_sharding=activation_sharding)
       terms["contrastive"] = losses.structured_contrastive_loss(
         jnp.concatenate([emb, shuffled]), losses.clip_targets(clusters, perm, order_matters),
         None, loss_config.temperature)
