@@ -137,11 +137,10 @@ def _random_batch(shapes: dict, num_classes: int, image_size: int, patch_size: i
 
 
 @pytest.mark.slow
-def test_logits_sharding_leaves_the_train_step_unchanged():
-  """The train step with the partial-FC logits pinned to ("batch", "classes") on a 2x2x2 mesh
-  (rows over data x fsdp, sampled classes over model) gives the loss, every term, the gradient
-  norm and the updated parameters that it gives without (GSPMD's own layout), from another
-  partitioned program."""
+def _sharded_step_inputs():
+  """configs/demo.py at one block and 16 px on a 2x2x2 mesh of the 8 test devices: the typed
+  run, its mesh, the `summary.TrainSetup`, the 1-frame bucket's spec, batch shapes, a random
+  batch on the batch sharding, the term weights and a fresh state."""
   config = demo_config()
   config.mesh.shape = (2, 2, 2)
   config.model.depth = 1
@@ -151,18 +150,26 @@ def test_logits_sharding_leaves_the_train_step_unchanged():
   config.loss.bank_weights = dict(object=1.0, event_1=1.0)
   config.loss.event_schedule = ((0.0, (1,)),)
   run = typed(config, 8)
-  cfg, rules = run.model, run.mesh.rules
   mesh = sharding.make_mesh(run.mesh)
   setup = summary.TrainSetup.build(run, mesh)
   spec = step_lib.StepSpec.for_bucket(1, tuple(setup.sizes), run.data.max_boxes > 0)
   shapes = step_lib.abstract_batch(run.data, spec, run.data.batch_sizes()[1], setup.top_k,
                                    run.loss.image_labels)
-  batch_sharding = sharding.batch_sharding(mesh, rules)
-  batch = jax.device_put(_random_batch(shapes, 12, 16, cfg.patch_size), batch_sharding)
+  batch_sharding = sharding.batch_sharding(mesh, run.mesh.rules)
+  batch = jax.device_put(_random_batch(shapes, 12, 16, run.model.patch_size), batch_sharding)
   weights = step_lib.term_weights(run.loss, 0.0, tuple(setup.sizes))
-  pinned = sharding.logits_sharding(mesh, rules)
+  state = state_lib.create_state(run.model, setup.sizes, {}, setup.tx, setup.shardings, seed=0)
+  return run, mesh, setup, spec, shapes, batch_sharding, batch, weights, state
+
+
+def test_logits_sharding_leaves_the_train_step_unchanged():
+  """The train step with the partial-FC logits pinned to ("batch", "classes") on a 2x2x2 mesh
+  (rows over data x fsdp, sampled classes over model) gives the loss, every term, the gradient
+  norm and the updated parameters that it gives without (GSPMD's own layout), from another
+  partitioned program."""
+  run, mesh, setup, spec, shapes, batch_sharding, batch, weights, state = _sharded_step_inputs()
+  pinned = sharding.logits_sharding(mesh, run.mesh.rules)
   assert pinned.spec == jax.sharding.PartitionSpec(("data", "fsdp"), "model")
-  state = state_lib.create_state(cfg, setup.sizes, {}, setup.tx, setup.shardings, seed=0)
   results, programs = [], []
   for logits in (None, pinned):
     train_step = step_lib.make_train_step(
@@ -181,6 +188,38 @@ def test_logits_sharding_leaves_the_train_step_unchanged():
     np.testing.assert_allclose(pinned_metrics[key], plain_metrics[key], rtol=1e-5, err_msg=key)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
                pinned_state.params, plain.params)
+
+
+def test_the_halves_of_the_train_step_compiled_apart_give_the_whole_step():
+  """The training loop compiles a bucket's gradients and the shared update as two programs
+  (`step_lib.compile_gradients`, `compile_update`); over two steps they give the state and the
+  metrics of the step compiled whole (`compile_step`, what `--mode=summary` measures)."""
+  run, mesh, setup, spec, shapes, batch_sharding, batch, weights, state = _sharded_step_inputs()
+  replicated = sharding.replicated(mesh)
+  args = (setup.abstract, setup.shardings, shapes, dict.fromkeys(shapes, batch_sharding),
+          weights, replicated)
+  train_step = step_lib.make_train_step(setup.graphdef, setup.tx, lambda step: 1e-3, run.loss,
+                                        spec)
+  whole = step_lib.compile_step(train_step, *args)
+  halves = step_lib.TrainStep(
+    gradients=step_lib.compile_gradients(train_step, *args),
+    update=step_lib.compile_update(train_step.update, setup.abstract, setup.shardings,
+                                   replicated))
+  results = []
+  for step in (whole, halves):
+    current = jax.tree.map(jnp.copy, state)  # the steps donate the state
+    for _ in range(2):
+      current, metrics = step(current, batch, weights)
+    results.append(jax.device_get((current, metrics)))
+  (whole_state, whole_metrics), (split_state, split_metrics) = results
+  assert sorted(split_metrics) == sorted(whole_metrics)
+  for key, value in whole_metrics.items():  # `finite` is a bool: compared as a number
+    np.testing.assert_allclose(np.float64(split_metrics[key]), np.float64(value), rtol=1e-5,
+                               err_msg=key)
+  assert int(split_state.step) == int(whole_state.step) == 2
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               (split_state.params, split_state.opt_state),
+               (whole_state.params, whole_state.opt_state))
 
 
 @pytest.mark.slow

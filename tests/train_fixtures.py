@@ -199,10 +199,10 @@ def batches_of_hosts(count: int):
 def slow_steps(seconds: float):
   """Within it, every training step sleeps `seconds` once it has run, so that a test can stop a
   run part-way."""
-  compile_step = step_lib.compile_step
+  compile_gradients = step_lib.compile_gradients
 
   def compile_slow(*args, **kwargs):
-    compiled = compile_step(*args, **kwargs)
+    compiled = compile_gradients(*args, **kwargs)
 
     def slow(*inputs):
       outputs = compiled(*inputs)
@@ -211,5 +211,5 @@ def slow_steps(seconds: float):
 
     return slow
 
-  with mock.patch.object(step_lib, "compile_step", compile_slow):
+  with mock.patch.object(step_lib, "compile_gradients", compile_slow):
     yield

@@ -309,7 +309,9 @@ def summarise(run: run_config.RunConfig) -> dict:
   mesh = sharding.make_mesh(run.mesh, devices)
   graphdef, abstract_params = vit.abstract_encoder(cfg)
   param_shardings = sharding.tree_shardings(abstract_params, mesh, run.mesh.rules)
-  rows = parameter_rows(abstract_params, param_shardings)
+  # Parameters only: the running mean embeddings (`vit.EmbeddingCenter`) are statistics.
+  trained = nnx.filter_state(abstract_params, nnx.Param)
+  rows = parameter_rows(trained, sharding.tree_shardings(trained, mesh, run.mesh.rules))
   total = sum(r["params"] for r in rows)
   by_module = params_by_module(rows)
 

@@ -335,22 +335,31 @@ class _Run:
 
 
 def _compile_buckets(run: _Run, has_boxes: bool) -> tuple[dict, dict]:
-  """One compiled step per frame bucket, and the batch keys each step takes."""
+  """One compiled step per frame bucket, and the batch keys each step takes.
+
+  The buckets' gradients compile one by one; their update, which depends only on the
+  parameters, compiles once and is shared (`step_lib.TrainStep`).
+  """
   names = tuple(run.banks)
   top_k = max(bank.top_k for bank in run.banks.values())
   batch_sharding = sharding.batch_sharding(run.mesh, run.rules)
+  replicated = sharding.replicated(run.mesh)
+  update = step_lib.compile_update(step_lib.make_update(run.tx, run.learning_rate),
+                                   run.abstract, run.shardings, replicated)
   compiled, inputs = {}, {}
   for t in run.data_cfg.frames:
     spec = step_lib.StepSpec.for_bucket(t, names, has_boxes)
     batch = step_lib.abstract_batch(run.data_cfg, spec, run.batch_sizes[t], top_k,
                                     run.loss_cfg.image_labels)
     inputs[t] = tuple(batch)
-    compiled[t] = step_lib.compile_step(
-      step_lib.make_train_step(run.graphdef, run.tx, run.learning_rate, run.loss_cfg, spec,
-                               sharding.logits_sharding(run.mesh, run.rules),
-                               sharding.activation_sharding(run.mesh, run.rules)),
-      run.abstract, run.shardings, batch, {k: batch_sharding for k in batch},
-      step_lib.term_weights(run.loss_cfg, 0.0, names), sharding.replicated(run.mesh))
+    train_step = step_lib.make_train_step(
+      run.graphdef, run.tx, run.learning_rate, run.loss_cfg, spec,
+      sharding.logits_sharding(run.mesh, run.rules),
+      sharding.activation_sharding(run.mesh, run.rules))
+    gradients = step_lib.compile_gradients(
+      train_step, run.abstract, run.shardings, batch, {k: batch_sharding for k in batch},
+      step_lib.term_weights(run.loss_cfg, 0.0, names), replicated)
+    compiled[t] = step_lib.TrainStep(gradients=gradients, update=update)
   return compiled, inputs
 
 

@@ -1,5 +1,8 @@
 """The train step: a pure function (state, batch, weights) -> (state, metrics), one per bucket.
 
+It comes in two halves (`TrainStep`): the bucket's gradients, and the update, which depends only
+on the parameters and so compiles once for every bucket in the training loop.
+
 Loss terms (each weighted by `config.loss`, see `losses.loss_weights`):
   object         the image embedding against the object bank (whole-image rows)
   event_1        the clip embedding against the event_1 bank
@@ -112,37 +115,90 @@ def _shuffle_frames(x: jax.Array, perm: jax.Array) -> jax.Array:
   return jnp.take_along_axis(segments, index, axis=1).reshape(x.shape)
 
 
-def update_center(graphdef: nnx.GraphDef, params: nnx.State, previous: nnx.State,
-                  embeddings: jax.Array, valid: jax.Array, num_frames: int, momentum: float
-                  ) -> nnx.State:
-  """`params` with the encoder's running mean embedding of `num_frames`-frame clips
-  (`vit.UniViT.embedding_center`, a statistic: the optimiser's change to it is replaced) moved
-  from its value in `previous` towards this batch's mean.
+def center_statistics(graphdef: nnx.GraphDef, params: nnx.State, embeddings: jax.Array,
+                      valid: jax.Array, num_frames: int, momentum: float) -> nnx.State:
+  """The encoder's running mean embeddings (`vit.UniViT.embedding_center` and its count, the
+  `vit.EmbeddingCenter` leaves of `params`) with the row of `num_frames`-frame clips moved to
+  this batch's mean; an empty state for an encoder without them.
 
-  `embeddings [B, D]` are the encoder's output, already centred by the previous mean, so the
-  mean of the `valid [B]` rows is the step to the batch's mean. A row's first 1 / (1 - momentum)
-  updates average plainly (weight 1 / (n + 1)), so no row keeps a trace of its zero start; later
-  ones weigh the batch by 1 - momentum.
+  `embeddings [B, D]` are the encoder's output at `params`, already centred by the current mean,
+  so the mean of the `valid [B]` rows is the step to the batch's mean. A row's first
+  1 / (1 - momentum) updates average plainly (weight 1 / (n + 1)), so no row keeps a trace of
+  its zero start; later ones weigh the batch by 1 - momentum.
   """
-  before = nnx.merge(graphdef, previous).encoder
   model = nnx.merge(graphdef, params)
-  row = vit.center_index(vit.center_lengths(before.cfg), num_frames)
+  encoder = model.encoder
+  if not encoder.cfg.embedding_center:
+    return nnx.State({})
+  row = vit.center_index(vit.center_lengths(encoder.cfg), num_frames)
   weight = valid.astype(jnp.float32)[:, None]
   step = jnp.sum(embeddings.astype(jnp.float32) * weight, 0) / jnp.maximum(jnp.sum(weight), 1.0)
-  count = before.embedding_center_count[...]
+  count = encoder.embedding_center_count[...]
   seen = jnp.any(valid).astype(jnp.float32)
   rate = seen * jnp.maximum(1.0 - momentum, 1.0 / (count[row] + 1.0))
-  model.encoder.embedding_center[...] = before.embedding_center[...].at[row].add(rate * step)
-  model.encoder.embedding_center_count[...] = count.at[row].add(seen)
-  return nnx.state(model)
+  encoder.embedding_center[...] = encoder.embedding_center[...].at[row].add(rate * step)
+  encoder.embedding_center_count[...] = count.at[row].add(seen)
+  return nnx.state(model, vit.EmbeddingCenter)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainStep:
+  """One bucket's optimiser step as two pure functions, callable as the whole step.
+
+  `gradients` holds everything that depends on the bucket's shapes (the encoder, the loss terms
+  and their gradients); `update` everything that depends only on the parameters' (the optimiser,
+  the finiteness guard, the norms), so the training loop compiles `update` once for all buckets
+  (`compile_update`) rather than once per bucket: it is about a quarter of each bucket's program.
+  Called, it runs both as one function, which `compile_step` compiles as one program.
+
+  Attributes:
+    gradients: (params, rng, step, batch, weights) -> (grads, metrics with the total `loss`,
+      statistics: the new values of the parameters no gradient trains, `center_statistics`);
+      `rng` is the state's base key data, `step` its step counter.
+    update: (state, grads, loss, statistics) -> (state, metrics).
+  """
+  gradients: Callable
+  update: Callable
+
+  def __call__(self, state: TrainState, batch: Batch, weights: Mapping[str, jax.Array]
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+    grads, metrics, statistics = self.gradients(state.params, state.rng, state.step, batch,
+                                                weights)
+    state, more = self.update(state, grads, metrics["loss"], statistics)
+    return state, {**metrics, **more}
+
+
+def make_update(tx: optax.GradientTransformation, learning_rate: optax.Schedule) -> Callable:
+  """The update half of every bucket's step (`TrainStep.update`).
+
+  The statistics the gradients half computed (`center_statistics`) replace whatever the
+  optimiser made of those parameters. A step whose loss or gradient is not finite returns the
+  incoming state unchanged.
+  """
+
+  def update(state: TrainState, grads: nnx.State, loss: jax.Array, statistics: nnx.State
+             ) -> tuple[TrainState, dict[str, jax.Array]]:
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = nnx.merge_state(optax.apply_updates(state.params, updates), statistics)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng)
+    state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
+    return state, dict(
+      grad_norm=grad_norm, param_norm=optax.global_norm(params),
+      update_norm=optax.global_norm(updates), learning_rate=learning_rate(new.step - 1),
+      finite=finite)
+
+  return update
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     learning_rate: optax.Schedule, loss_config: config_lib.LossConfig,
                     spec: StepSpec,
                     logits_sharding: jax.sharding.NamedSharding | None = None,
-                    activation_sharding: jax.sharding.NamedSharding | None = None) -> Callable:
-  """The pure step function of one bucket (jit it with `compile_step`).
+                    activation_sharding: jax.sharding.NamedSharding | None = None) -> TrainStep:
+  """The pure step of one bucket (compile it with `compile_step`, or its halves with
+  `compile_gradients` and `compile_update`).
 
   `logits_sharding` (`sharding.logits_sharding`) pins every bank term's partial-FC logits
   `[N, M]`; None leaves their layout to GSPMD, which can replicate them over the class axes.
@@ -154,13 +210,12 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
 
   def loss_fn(params: nnx.State, batch: Batch, rng: jax.Array, weights: Mapping[str, jax.Array]):
     model = nnx.merge(graphdef, params)
-    encoder = model.encoder
-    emb, aux = encoder(batch["frames"], positions=batch["positions"],
-                       frame_mask=batch["frame_mask"], segments=spec.segments,
-                       boxes=batch["boxes"] if spec.has_boxes else None,
-                       activation_sharding=activation_sharding)
     centres = {name: model.heads[name].centres[...] for name in spec.banks}
     keys = iter(jax.random.split(rng, 16))
+    emb, aux = model.encoder(batch["frames"], positions=batch["positions"],
+                             frame_mask=batch["frame_mask"], segments=spec.segments,
+                             boxes=batch["boxes"] if spec.has_boxes else None,
+                             activation_sharding=activation_sharding)
     terms = {}
     for index, name in enumerate(labels_lib.GLOBAL_BANKS):
       if name in centres:
@@ -183,9 +238,12 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
       clusters = jnp.where(batch[f"segments_valid_{g}"],
                            batch[f"labels_segments_{g}"][..., 0], -1)
       perm, order_matters = losses.shuffle_segments(clusters, next(keys))
-      shuffled, _ = encoder(_shuffle_frames(batch["frames"], perm), positions=batch["positions"],
-                            frame_mask=_shuffle_frames(batch["frame_mask"], perm),
-                            activation_sharding=activation_sharding)
+      # A second pass, not one over clips and copies together: that doubles the pass's batch,
+      # and ViT-L/14's 16-frame bucket no longer fits a v5p (docs/scaling.md).
+      shuffled, _ = model.encoder(_shuffle_frames(batch["frames"], perm),
+                                  positions=batch["positions"],
+                                  frame_mask=_shuffle_frames(batch["frame_mask"], perm),
+                                  activation_sharding=activation_sharding)
       terms["contrastive"] = losses.structured_contrastive_loss(
         jnp.concatenate([emb, shuffled]), losses.clip_targets(clusters, perm, order_matters),
         None, loss_config.temperature)
@@ -204,38 +262,61 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     metrics["embedding_cosine"] = mean_pairwise_cosine(emb)
     return total, (metrics, emb)
 
-  def train_step(state: TrainState, batch: Batch, weights: Mapping[str, jax.Array]
-                 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimiser step. `weights`: f32 [] per term."""
-    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    (loss, (metrics, emb)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state.params, batch, rng, weights)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    if "embedding_center" in params["encoder"]:
-      params = update_center(graphdef, params, state.params, emb, batch["frame_mask"].any(-1),
-                             spec.num_frames, loss_config.center_momentum)
-    grad_norm = optax.global_norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng)
-    state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
-    metrics.update(
-      grad_norm=grad_norm, param_norm=optax.global_norm(params),
-      update_norm=optax.global_norm(updates), learning_rate=learning_rate(new.step - 1),
-      finite=finite)
-    return state, metrics
+  def gradients(params: nnx.State, rng: jax.Array, step: jax.Array, batch: Batch,
+                weights: Mapping[str, jax.Array]
+                ) -> tuple[nnx.State, dict[str, jax.Array], nnx.State]:
+    """The gradient of the weighted loss at `params`, its metrics, and the running statistics
+    this batch moves (`center_statistics`). `weights`: f32 [] per term."""
+    rng = jax.random.fold_in(jax.random.wrap_key_data(rng), step)
+    (_, (metrics, emb)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      params, batch, rng, weights)
+    statistics = center_statistics(graphdef, params, emb, batch["frame_mask"].any(-1),
+                                   spec.num_frames, loss_config.center_momentum)
+    return grads, metrics, statistics
 
-  return train_step
+  return TrainStep(gradients=gradients, update=make_update(tx, learning_rate))
+
+
+def _batch_inputs(abstract_batch: Mapping[str, jax.ShapeDtypeStruct],
+                  weights: Mapping[str, jax.Array]) -> tuple[dict, dict]:
+  return dict(abstract_batch), {k: jax.ShapeDtypeStruct((), jnp.float32) for k in weights}
 
 
 def compile_step(train_step: Callable, abstract_state: TrainState, state_shardings: TrainState,
                  abstract_batch: Mapping[str, jax.ShapeDtypeStruct],
                  batch_shardings: Mapping[str, jax.sharding.NamedSharding],
                  weights: Mapping[str, jax.Array], replicated: jax.sharding.NamedSharding):
-  """Lowers and compiles the step for one bucket (ahead of its first batch); the state is
-  donated, so its buffers are reused for the new state."""
+  """Lowers and compiles the whole step of one bucket as one program (what `--mode=summary`
+  measures); the state is donated, so its buffers are reused for the new state."""
   jitted = jax.jit(
     train_step, in_shardings=(state_shardings, dict(batch_shardings), replicated),
     out_shardings=(state_shardings, replicated), donate_argnums=0)
-  abstract_weights = {k: jax.ShapeDtypeStruct((), jnp.float32) for k in weights}
-  return jitted.lower(abstract_state, dict(abstract_batch), abstract_weights).compile()
+  return jitted.lower(abstract_state, *_batch_inputs(abstract_batch, weights)).compile()
+
+
+def compile_gradients(train_step: TrainStep, abstract_state: TrainState,
+                      state_shardings: TrainState,
+                      abstract_batch: Mapping[str, jax.ShapeDtypeStruct],
+                      batch_shardings: Mapping[str, jax.sharding.NamedSharding],
+                      weights: Mapping[str, jax.Array], replicated: jax.sharding.NamedSharding):
+  """Lowers and compiles `train_step.gradients` for one bucket; the gradients come out on the
+  parameters' shardings, the running statistics replicated."""
+  jitted = jax.jit(
+    train_step.gradients,
+    in_shardings=(state_shardings.params, replicated, replicated, dict(batch_shardings),
+                  replicated),
+    out_shardings=(state_shardings.params, replicated, replicated))
+  return jitted.lower(abstract_state.params, abstract_state.rng, abstract_state.step,
+                      *_batch_inputs(abstract_batch, weights)).compile()
+
+
+def compile_update(update: Callable, abstract_state: TrainState, state_shardings: TrainState,
+                   replicated: jax.sharding.NamedSharding):
+  """Lowers and compiles the update (`make_update`), the same program for every bucket; the
+  state is donated (the new state reuses its buffers, which leaves none for the gradients)."""
+  jitted = jax.jit(
+    update, in_shardings=(state_shardings, state_shardings.params, replicated, replicated),
+    out_shardings=(state_shardings, replicated), donate_argnums=0)
+  return jitted.lower(abstract_state, abstract_state.params,
+                      jax.ShapeDtypeStruct((), jnp.float32),
+                      nnx.filter_state(abstract_state.params, vit.EmbeddingCenter)).compile()
