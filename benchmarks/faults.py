@@ -74,6 +74,7 @@ sys.path.insert(0, ROOT)
 import numpy as np  # noqa: E402  # pylint: disable=wrong-import-position
 
 from univit_jax import atomic, checkpointing  # noqa: E402  # pylint: disable=wrong-import-position
+from univit_jax.clustering import store  # noqa: E402  # pylint: disable=wrong-import-position
 from univit_jax.train import logs  # noqa: E402  # pylint: disable=wrong-import-position
 
 sys.path.insert(0, os.path.join(ROOT, "tests"))
@@ -277,6 +278,8 @@ def _arrays_differ(what: str, got: np.ndarray, want: np.ndarray) -> list[str]:
     return []
   if got.shape != want.shape or got.dtype != want.dtype:
     return [f"{what}: {got.dtype}{list(got.shape)} != reference {want.dtype}{list(want.shape)}"]
+  if got.dtype.kind in "SUO":  # record keys
+    return [f"{what}: {int((got != want).sum())} of {got.size} values differ"]
   diff = np.abs(got.astype(np.float64) - want.astype(np.float64))
   return [f"{what}: {int((diff > 0).sum())} of {diff.size} values differ (max {diff.max():.3g})"]
 
@@ -290,8 +293,16 @@ def _features_problems(got: str, want: str, complete_only: bool) -> list[str]:
   """Feature banks: every committed chunk equals the reference's; unless `complete_only`, every
   bank is complete with the reference's chunks."""
   problems = []
+  keys = os.path.join("features", store.KEYS_FILE)  # the record key of each sample id
+  if os.path.exists(os.path.join(got, keys)):
+    problems += _arrays_differ(keys, np.load(os.path.join(got, keys)),
+                               np.load(os.path.join(want, keys)))
+  elif not complete_only:
+    problems.append(f"{keys}: missing")
   for bank in sorted(os.listdir(os.path.join(want, "features"))):
     g, w = os.path.join(got, "features", bank), os.path.join(want, "features", bank)
+    if not os.path.isdir(w):
+      continue
     if not os.path.exists(os.path.join(g, "meta.json")):
       problems += [] if complete_only else [f"features/{bank}: missing"]
       continue
