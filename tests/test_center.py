@@ -6,14 +6,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from helpers import demo_config, typed
-from test_summary import _random_batch
-from univit_jax import sharding, summary
+import train_fixtures
+from helpers import demo_config
+from univit_jax import sharding
 from univit_jax.train import state as state_lib
 from univit_jax.train import step as step_lib
 
 
 def _setup(momentum: float = 0.5):
+  """The 1-frame bucket's whole step of the demo config at one block and 16 px, with 1- and
+  2-frame buckets (so two rows of the running mean could move) and `loss.center_momentum`."""
   config = demo_config()
   config.model.depth = 1
   config.data.frames, config.data.bucket_weights = (1, 2), (1, 1)
@@ -22,21 +24,13 @@ def _setup(momentum: float = 0.5):
   config.loss.bank_weights = dict(object=1.0, event_1=1.0, event_2=1.0)
   config.loss.event_schedule = ((0.0, (1,)),)
   config.loss.center_momentum = momentum
-  run = typed(config)
+  run, mesh, setup, spec, shapes, batch_sharding, batch, weights, state = (
+    train_fixtures.bucket_step_inputs(config, num_classes=16))
   assert run.model.embedding_center
-  mesh = sharding.make_mesh(run.mesh)
-  setup = summary.TrainSetup.build(run, mesh)
-  spec = step_lib.StepSpec.for_bucket(1, tuple(setup.sizes), run.data.max_boxes > 0)
-  shapes = step_lib.abstract_batch(run.data, spec, run.data.batch_sizes()[1], setup.top_k,
-                                   run.loss.image_labels)
-  batch_sharding = sharding.batch_sharding(mesh, run.mesh.rules)
-  batch = jax.device_put(_random_batch(shapes, 16, 16, run.model.patch_size), batch_sharding)
-  weights = step_lib.term_weights(run.loss, 0.0, tuple(setup.sizes))
   compiled = step_lib.compile_step(
     step_lib.make_train_step(setup.graphdef, setup.tx, lambda step: 1e-3, run.loss, spec),
     setup.abstract, setup.shardings, shapes, dict.fromkeys(shapes, batch_sharding), weights,
     sharding.replicated(mesh))
-  state = state_lib.create_state(run.model, setup.sizes, {}, setup.tx, setup.shardings, seed=0)
   return setup, batch, weights, compiled, state
 
 
@@ -83,3 +77,17 @@ def test_the_step_keeps_the_mean_embedding_of_its_bucket():
       np.testing.assert_allclose(zeroed_metrics[key], centred_metrics[key], rtol=1e-5,
                                  err_msg=key)
   assert "object/loss" in centred_metrics
+
+
+def test_computing_the_statistics_leaves_the_incoming_parameters_alone():
+  """`center_statistics` returns the moved running mean without writing it into the parameters
+  it was given: the step's finiteness guard falls back to those."""
+  setup, batch, _, _, state = _setup()
+  before = _center(state.params)
+  rows = batch["frames"].shape[0]
+  moved = step_lib.center_statistics(setup.graphdef, state.params,
+                                     np.ones((rows, before[0].shape[1]), np.float32),
+                                     np.ones(rows, bool), 1, 0.5)
+  np.testing.assert_array_equal(_center(state.params)[0], before[0])
+  np.testing.assert_array_equal(_center(state.params)[1], before[1])
+  assert np.asarray(moved["encoder"]["embedding_center_count"][...])[0] == 1.0

@@ -8,11 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import train_fixtures
 from helpers import demo_config, load_config, run_main, typed
-from univit_jax import config_lib, positions, sharding, summary
+from univit_jax import config_lib, sharding, summary
 from univit_jax.models import vit
-from univit_jax.train import labels as labels_lib
-from univit_jax.train import state as state_lib
 from univit_jax.train import step as step_lib
 
 
@@ -113,34 +112,9 @@ def test_bank_lines_say_when_the_class_shards_leave_a_bank_replicated(capsys):
   assert f"  replicated: {banks['event_1']['replicated']}" in capsys.readouterr().out
 
 
-def _random_batch(shapes: dict, num_classes: int, image_size: int, patch_size: int) -> dict:
-  """Arrays for an abstract batch of `step.abstract_batch`: random frames, grid positions, valid
-  boxes and labels below `num_classes`, every mask True."""
-  rng = np.random.default_rng(0)
-  b, t = shapes["frames"].shape[:2]
-  grid = image_size // patch_size
-  arrays = {}
-  for key, s in shapes.items():
-    if s.dtype == np.bool_:
-      arrays[key] = np.ones(s.shape, bool)
-    elif key == "global_bank":
-      arrays[key] = rng.integers(0, len(labels_lib.GLOBAL_BANKS), s.shape, dtype=np.int32)
-    elif s.dtype == np.int32:
-      arrays[key] = rng.integers(0, num_classes, s.shape, dtype=np.int32)
-    else:
-      arrays[key] = rng.standard_normal(s.shape).astype(np.float32)
-  arrays["positions"] = np.broadcast_to(
-    positions.grid_positions(positions.frame_times(t), grid, grid), shapes["positions"].shape)
-  corners = np.sort(rng.uniform(size=shapes["boxes"].shape[:-1] + (2, 2)), axis=-2)
-  arrays["boxes"] = corners.reshape(shapes["boxes"].shape).astype(np.float32)
-  return arrays
-
-
-@pytest.mark.slow
 def _sharded_step_inputs():
-  """configs/demo.py at one block and 16 px on a 2x2x2 mesh of the 8 test devices: the typed
-  run, its mesh, the `summary.TrainSetup`, the 1-frame bucket's spec, batch shapes, a random
-  batch on the batch sharding, the term weights and a fresh state."""
+  """configs/demo.py at one block and 16 px on a 2x2x2 mesh of the 8 test devices:
+  `train_fixtures.bucket_step_inputs` of its 1-frame bucket."""
   config = demo_config()
   config.mesh.shape = (2, 2, 2)
   config.model.depth = 1
@@ -149,19 +123,10 @@ def _sharded_step_inputs():
   config.cluster.num_clusters = dict(object=16, event_1=12)
   config.loss.bank_weights = dict(object=1.0, event_1=1.0)
   config.loss.event_schedule = ((0.0, (1,)),)
-  run = typed(config, 8)
-  mesh = sharding.make_mesh(run.mesh)
-  setup = summary.TrainSetup.build(run, mesh)
-  spec = step_lib.StepSpec.for_bucket(1, tuple(setup.sizes), run.data.max_boxes > 0)
-  shapes = step_lib.abstract_batch(run.data, spec, run.data.batch_sizes()[1], setup.top_k,
-                                   run.loss.image_labels)
-  batch_sharding = sharding.batch_sharding(mesh, run.mesh.rules)
-  batch = jax.device_put(_random_batch(shapes, 12, 16, run.model.patch_size), batch_sharding)
-  weights = step_lib.term_weights(run.loss, 0.0, tuple(setup.sizes))
-  state = state_lib.create_state(run.model, setup.sizes, {}, setup.tx, setup.shardings, seed=0)
-  return run, mesh, setup, spec, shapes, batch_sharding, batch, weights, state
+  return train_fixtures.bucket_step_inputs(config, num_classes=12)
 
 
+@pytest.mark.slow
 def test_logits_sharding_leaves_the_train_step_unchanged():
   """The train step with the partial-FC logits pinned to ("batch", "classes") on a 2x2x2 mesh
   (rows over data x fsdp, sampled classes over model) gives the loss, every term, the gradient

@@ -18,12 +18,14 @@ from unittest import mock
 
 import grain
 import helpers
+import jax
 import numpy as np
 
-from univit_jax import atomic
+from univit_jax import atomic, positions, sharding, summary
 from univit_jax.data import demo, pipeline
 from univit_jax.run_config import data_config
 from univit_jax.train import labels as labels_lib
+from univit_jax.train import state as state_lib
 from univit_jax.train import step as step_lib
 
 NUM_EVENTS, NUM_OBJECTS, TOP_K = 16, 32, 3
@@ -213,3 +215,44 @@ def slow_steps(seconds: float):
 
   with mock.patch.object(step_lib, "compile_gradients", compile_slow):
     yield
+
+
+def random_batch(shapes: dict, num_classes: int, image_size: int, patch_size: int) -> dict:
+  """Arrays for an abstract batch of `step.abstract_batch`: random frames, grid positions, valid
+  boxes and labels below `num_classes`, every mask True."""
+  rng = np.random.default_rng(0)
+  b, t = shapes["frames"].shape[:2]
+  grid = image_size // patch_size
+  arrays = {}
+  for key, s in shapes.items():
+    if s.dtype == np.bool_:
+      arrays[key] = np.ones(s.shape, bool)
+    elif key == "global_bank":
+      arrays[key] = rng.integers(0, len(labels_lib.GLOBAL_BANKS), s.shape, dtype=np.int32)
+    elif s.dtype == np.int32:
+      arrays[key] = rng.integers(0, num_classes, s.shape, dtype=np.int32)
+    else:
+      arrays[key] = rng.standard_normal(s.shape).astype(np.float32)
+  arrays["positions"] = np.broadcast_to(
+    positions.grid_positions(positions.frame_times(t), grid, grid), shapes["positions"].shape)
+  corners = np.sort(rng.uniform(size=shapes["boxes"].shape[:-1] + (2, 2)), axis=-2)
+  arrays["boxes"] = corners.reshape(shapes["boxes"].shape).astype(np.float32)
+  return arrays
+
+
+def bucket_step_inputs(config, num_classes: int):
+  """The 1-frame bucket's step of `config` on its mesh of the test devices: the typed run, the
+  mesh, the `summary.TrainSetup`, the bucket's spec, batch shapes, a `random_batch` (labels
+  below `num_classes`) on the batch sharding, the term weights and a fresh state."""
+  run = helpers.typed(config)
+  mesh = sharding.make_mesh(run.mesh)
+  setup = summary.TrainSetup.build(run, mesh)
+  spec = step_lib.StepSpec.for_bucket(1, tuple(setup.sizes), run.data.max_boxes > 0)
+  shapes = step_lib.abstract_batch(run.data, spec, run.data.batch_sizes()[1], setup.top_k,
+                                   run.loss.image_labels)
+  batch_sharding = sharding.batch_sharding(mesh, run.mesh.rules)
+  batch = jax.device_put(
+    random_batch(shapes, num_classes, run.data.image_size, run.model.patch_size), batch_sharding)
+  weights = step_lib.term_weights(run.loss, 0.0, tuple(setup.sizes))
+  state = state_lib.create_state(run.model, setup.sizes, {}, setup.tx, setup.shardings, seed=0)
+  return run, mesh, setup, spec, shapes, batch_sharding, batch, weights, state

@@ -126,7 +126,7 @@ def center_statistics(graphdef: nnx.GraphDef, params: nnx.State, embeddings: jax
   1 / (1 - momentum) updates average plainly (weight 1 / (n + 1)), so no row keeps a trace of
   its zero start; later ones weigh the batch by 1 - momentum.
   """
-  model = nnx.merge(graphdef, params)
+  model = nnx.merge(graphdef, params, copy=True)  # merge shares Variables; `params` stays as is
   encoder = model.encoder
   if not encoder.cfg.embedding_center:
     return nnx.State({})
