@@ -175,10 +175,15 @@ def center_lengths(cfg: config_lib.ModelConfig) -> tuple[int, ...]:
   return tuple(2 ** i for i in range(int(np.log2(cfg.rope.virtual_frames)) + 1))
 
 
+def _log_distances(lengths: tuple[int, ...], num_frames: int) -> np.ndarray:
+  """|log(length / num_frames)| of each length: how far apart clip lengths are."""
+  return np.abs(np.log(np.asarray(lengths, np.float64) / num_frames))
+
+
 def center_index(lengths: tuple[int, ...], num_frames: int) -> int:
   """The row of `embedding_center` that clips of `num_frames` frames update: the length
   nearest on a log scale."""
-  return int(np.argmin([abs(np.log(f / num_frames)) for f in lengths]))
+  return int(np.argmin(_log_distances(lengths, num_frames)))
 
 
 class UniViT(nnx.Module):
@@ -338,9 +343,8 @@ class UniViT(nnx.Module):
   def _center(self, pooled: jax.Array, num_frames: int) -> jax.Array:
     """`pooled [..., D]` minus the running mean embedding of the updated clip length nearest
     `num_frames` (nothing while no length was updated)."""
-    lengths = np.asarray(center_lengths(self.cfg), np.float64)
     updated = self.embedding_center_count[...] > 0
-    distance = jnp.where(updated, jnp.asarray(np.abs(np.log(lengths / num_frames))), jnp.inf)
+    distance = jnp.where(updated, _log_distances(center_lengths(self.cfg), num_frames), jnp.inf)
     row = jnp.where(jnp.any(updated), self.embedding_center[...][jnp.argmin(distance)], 0.0)
     return pooled - jax.lax.stop_gradient(row)
 
