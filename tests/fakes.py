@@ -267,8 +267,8 @@ class _StorageClient:
 
 def install(root: str, url: str) -> None:
   """Serves `fakegcs://`, `gs://` and `gcs://` from `root` in this process: epath and fsspec
-  through `ObjectStore`, TensorStore and array_record through the `GcsServer` at `url`. Once per process: epath
-  and fsspec keep the filesystem they first made."""
+  through `ObjectStore`, TensorStore and array_record through the `GcsServer` at `url`. Once
+  per process: epath and fsspec keep the filesystem they first made."""
   if ObjectStore.root and ObjectStore.root != root:
     raise RuntimeError(f"the fake object store already serves {ObjectStore.root}")
   ObjectStore.root = root

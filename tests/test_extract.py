@@ -44,7 +44,8 @@ def test_encoder_teacher_regions_are_its_region_embeddings(tmp_path):
   path = encoder_lib.export_encoder(run, str(tmp_path), params)
   teacher = extract.encoder_teacher(path, sharding.make_mesh(run.mesh))
   frames = jnp.asarray(np.random.default_rng(0).normal(size=(2, 1, 32, 32, 3)), jnp.float32)
-  boxes = jnp.asarray([[[0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 0.5, 0.5]]] * 2, jnp.float32)  # full, quarter
+  full, quarter = [0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 0.5, 0.5]
+  boxes = jnp.asarray([[full, quarter]] * 2, jnp.float32)
   with jax.default_matmul_precision("highest"):
     whole = np.asarray(teacher.embed(frames))[:, 0]
     regions = np.asarray(teacher.regions(frames[:, 0], boxes))

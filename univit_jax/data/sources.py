@@ -6,11 +6,11 @@ A source has `__len__` and `__getitem__(index) -> record`. A record is a dict ho
   `data` (bytes) and `kind`: the content of such a file (ArrayRecord shards, `records`),
   `encoded_frames`: a tuple of encoded images, the frames of a clip in order (ArrayRecord shards),
 plus `label` (int; -1 when unknown), `key` (str: the record's stable name; file and ArrayRecord
-sources, whose `keys()` list them; the others are named by their index: `record_keys`) and, for sources with boxes, `boxes` float32
-`[R0, 4]` (ymin, xmin, ymax, xmax in [0, 1]), `box_labels` int `[R0]` and optionally `box_mask`
-bool `[R0]`. Encoded records stay encoded so that indexing a source never decodes; decoding
-happens in the grain workers, where a bad file becomes a `BadRecordError` that the stream
-replaces by another record.
+sources, whose `keys()` list them; the others are named by their index: `record_keys`) and, for
+sources with boxes, `boxes` float32 `[R0, 4]` (ymin, xmin, ymax, xmax in [0, 1]), `box_labels` int
+`[R0]` and optionally `box_mask` bool `[R0]`. Encoded records stay encoded so that indexing a source
+never decodes; decoding happens in the grain workers, where a bad file becomes a `BadRecordError`
+that the stream replaces by another record.
 
 Source specs come from `config.data.sources` (one dict per named source, with a `type` in
 `config_lib.SOURCE_TYPES`); `build_source` turns a spec (`config_lib.SourceSpec`) into a source.

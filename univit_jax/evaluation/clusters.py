@@ -1,12 +1,12 @@
 """How well a run's own clusters follow the ground truth: NMI and purity per bank.
 
-Each cluster row is a (record key, sub) of the training sources (`docs/training.md`), scored
-against the record of that key in the data now configured (rows of records no longer there are
-left out). Its ground truth comes from the record: whole-image rows (`object`, sub -1) the record's `label`
+Each cluster row is a (record key, sub) of the training sources (`docs/training.md`), scored against
+the record of that key in the data now configured (rows of records no longer there are left out).
+Its ground truth comes from the record: whole-image rows (`object`, sub -1) the record's `label`
 (when it has one, e.g. the demo's single digits), region rows (`object`, sub r) the box's class
-`box_labels[r]`, clip rows (`event_1`) the clip's `label`, and for the demo's event clips also
-the first action. Rows without ground truth are left out. A bootstrap teacher whose clusters
-group colour or placement scores near 0; clusters that follow what is in the picture score high.
+`box_labels[r]`, clip rows (`event_1`) the clip's `label`, and for the demo's event clips also the
+first action. Rows without ground truth are left out. A bootstrap teacher whose clusters group
+colour or placement scores near 0; clusters that follow what is in the picture score high.
 """
 
 import os

@@ -12,16 +12,16 @@ event banks without clips, no object bank without images), and writes under DIR:
   training.png          the loss terms against the step (at the end of the run)
   jax_cache/            the persistent compilation cache (unless configured elsewhere)
 
-Safety: the run resumes from the newest checkpoint (bit-exact on CPU: same state, same batches,
-same per-step randomness); it refuses a checkpoint made for other cluster labels, model, banks,
-data or optimiser, and one made for another schedule unless `train.allow_schedule_change`
-(`check_compatible`; docs/training.md); it attaches cluster labels by record key, refusing
-labels made for another version of a source that numbers its records, or that leave too many
-records without labels (`labels_lib.load_bank`); SIGTERM saves the current step and returns; SIGKILL loses the steps
-since the last save; a non-finite loss or gradient raises `NonFiniteError` naming the step and
-term, without saving (the step itself leaves the state untouched). A bank whose class count the
-mesh's class shards do not divide is kept whole on every device; a warning names it and the
-nearest class counts that would be split (`config_lib.replicated_bank`).
+Safety: the run resumes from the newest checkpoint (bit-exact on CPU: same state, same batches, same
+per-step randomness); it refuses a checkpoint made for other cluster labels, model, banks, data or
+optimiser, and one made for another schedule unless `train.allow_schedule_change`
+(`check_compatible`; docs/training.md); it attaches cluster labels by record key, refusing labels
+made for another version of a source that numbers its records, or that leave too many records
+without labels (`labels_lib.load_bank`); SIGTERM saves the current step and returns; SIGKILL loses
+the steps since the last save; a non-finite loss or gradient raises `NonFiniteError` naming the step
+and term, without saving (the step itself leaves the state untouched). A bank whose class count the
+mesh's class shards do not divide is kept whole on every device; a warning names it and the nearest
+class counts that would be split (`config_lib.replicated_bank`).
 """
 
 import dataclasses
