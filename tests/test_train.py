@@ -210,7 +210,7 @@ def test_training_lowers_discrimination_loss_and_reaches_every_parameter(runs):
   assert last < 0.9 * first, (first, last)
   for key in ("object/loss", "object_region/loss", "event_2/loss", "contrastive/loss",
               "grad_norm", "param_norm", "update_norm", "embedding_cosine", "samples_per_s",
-              "tokens_per_s", "step_time_s", "learning_rate"):
+              "tokens_per_s", "step_time_s", "data_wait_s", "to_device_s", "learning_rate"):
     assert key in records[0] or key in records[1], key
   before, after = _params(dirs["train"], 0), _params(dirs["train"], 1)
   assert before.keys() == after.keys() and len(before) > 20
@@ -223,6 +223,19 @@ def test_training_lowers_discrimination_loss_and_reaches_every_parameter(runs):
   assert not unchanged, f"no gradient reached {unchanged}"
   assert os.path.getsize(os.path.join(dirs["train"], "training.png")) > 1000
   assert os.listdir(os.path.join(dirs["train"], "tensorboard"))
+
+
+def test_step_window_reports_input_waits_per_step_and_starts_afresh():
+  window = loop.StepWindow(tokens_per_frame=4)
+  window.add_step(8, 2, data_wait=0.5, to_device=0.25)
+  window.add_step(8, 2, data_wait=0.1, to_device=0.05)
+  record = window.take()
+  assert record["data_wait_s"] == pytest.approx(0.3)
+  assert record["to_device_s"] == pytest.approx(0.15)
+  assert record["tokens_per_s"] == pytest.approx(8 * record["samples_per_s"])
+  assert record["step_time_s"] > 0
+  window.add_step(4, 1, data_wait=0.0, to_device=0.0)
+  assert window.take()["data_wait_s"] == 0.0
 
 
 @pytest.mark.slow
