@@ -307,7 +307,10 @@ def run_train(run: run_config.RunConfig, workdir: str,
                data_cfg=data_cfg, batch_sizes=batch_sizes, evaluate=evaluate)
     result = _loop(job, state, iterator, ckpt)
   finally:
-    ckpt.close()
+    ckpt.close()  # after the saves, which read the iterator's position
+    # Stops the grain worker processes and frees their shared memory now, not when (or if) the
+    # iterator is collected: a pipeline goes on to the next round in this process.
+    iterator.close()
   # Process 0 wrote train_run.json, metrics.jsonl and training.png: whole before any process
   # goes on to read them (a pipeline's round summary).
   collectives.barrier("train done")
