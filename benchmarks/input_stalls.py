@@ -132,6 +132,7 @@ def train_once(config: ml_collections.ConfigDict, setting: dict[str, int]) -> di
 
 
 def _timed(fn, *args):
+  """`fn(*args)` and the seconds it took."""
   start = time.perf_counter()
   out = fn(*args)
   return out, time.perf_counter() - start
