@@ -86,7 +86,8 @@ TINY = tuple(a for a in helpers.TINY_DEMO_PIPELINE if not a.startswith(
   ("--config.total_steps=", "--config.train.checkpoint_every="))) + (
   "--config.total_steps=6", "--config.train.checkpoint_every=2")
 # metrics.jsonl values measured by the wall clock: the only outputs that differ between runs.
-TIMING_KEYS = frozenset({"samples_per_s", "tokens_per_s", "step_time_s"})
+TIMING_KEYS = frozenset({"samples_per_s", "tokens_per_s", "step_time_s", "data_wait_s",
+                         "to_device_s"})
 TORN_LINE = '{"step": 99, "lo'
 RUN_TIMEOUT_S = 900
 OUTPUTS = ("features", "clusters", "export", "metrics")

@@ -14,11 +14,10 @@ import platform
 import tempfile
 import time
 
-import av
 import numpy as np
 from absl import app, flags
-from PIL import Image
 
+import synthetic  # benchmarks/synthetic.py  # pylint: disable=import-error
 from univit_jax import atomic, config_lib
 from univit_jax.data import pipeline, sources, video
 from univit_jax.run_config import data_config
@@ -38,32 +37,12 @@ flags.DEFINE_string("out", os.path.join(os.path.dirname(__file__), "results",
 RUNS = (("images", "images", 1, 32), ("clips-8f", "clips", 8, 8), ("clips-16f", "clips", 16, 4))
 
 
-def _picture(rng: np.random.Generator, size: int, phase: float = 0.0) -> np.ndarray:
-  """A smooth colourful picture with some texture (compresses like a photo, not like noise)."""
-  y, x = np.mgrid[0:size, 0:size] / size
-  base = np.stack([np.sin(6 * x + phase), np.cos(5 * y - phase), np.sin(4 * (x + y))], -1)
-  noise = rng.normal(0, 0.1, (size, size, 3))
-  return np.clip((base + 1) * 110 + noise * 255, 0, 255).astype(np.uint8)
-
-
 def write_data(folder: str, rng: np.random.Generator) -> tuple[str, str]:
   """Writes the images and clips; returns their folders."""
-  images, clips = os.path.join(folder, "images"), os.path.join(folder, "clips")
-  os.makedirs(images)
-  os.makedirs(clips)
   size = FLAGS.source_size
-  for i in range(FLAGS.num_images):
-    Image.fromarray(_picture(rng, size, i)).save(os.path.join(images, f"{i}.jpg"), quality=90)
-  for i in range(FLAGS.num_clips):
-    with av.open(os.path.join(clips, f"{i}.mp4"), "w") as container:
-      stream = container.add_stream("libx264", rate=25)
-      stream.width = stream.height = size
-      stream.pix_fmt = "yuv420p"
-      for t in range(FLAGS.clip_frames):
-        frame = av.VideoFrame.from_ndarray(_picture(rng, size, i + t / 8), format="rgb24")
-        container.mux(stream.encode(frame))
-      container.mux(stream.encode())
-  return images, clips
+  return (synthetic.write_images(os.path.join(folder, "images"), rng, FLAGS.num_images, size),
+          synthetic.write_clips(os.path.join(folder, "clips"), rng, FLAGS.num_clips, size,
+                                FLAGS.clip_frames))
 
 
 def decode_times(images: str, clips: str) -> dict[str, float]:

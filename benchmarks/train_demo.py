@@ -17,11 +17,10 @@ import tempfile
 import time
 
 import jax
-import numpy as np
 from absl import app, flags, logging
 
+import synthetic  # benchmarks/synthetic.py  # pylint: disable=import-error
 from univit_jax import atomic, run_config
-from univit_jax.data import pipeline
 from univit_jax.train import logs, loop
 
 FLAGS = flags.FLAGS
@@ -43,38 +42,6 @@ def _demo_config(arg: str):
   return module.get_config(arg or None)
 
 
-def _write_random_clusters(workdir: str, run: run_config.RunConfig, num_clusters: int) -> None:
-  """Random top-k labels for every demo record (ids: sources in name order)."""
-  rng = np.random.default_rng(0)
-  width = run.model.width
-  cfg = run.data
-  opened = pipeline.open_sources(cfg)
-  sources = pipeline.sources_fingerprint(cfg, opened)  # what the cluster stage records
-  keys = pipeline.example_keys(cfg, opened)
-  rows = {bank: [] for bank, _ in run.loss.bank_weights}
-  offset = 0
-  for spec in cfg.sources:
-    n = len(opened[spec.name])
-    ids = np.arange(offset, offset + n)
-    offset += n
-    if spec.is_video:
-      for g in (1, 2, 4, 8):
-        rows[f"event_{g}"] += [(i, s) for i in ids for s in range(g)]
-    else:
-      rows["object"] += [(i, s) for i in ids for s in range(-1, cfg.max_boxes)]
-  for bank, ids in rows.items():
-    out = os.path.join(workdir, "clusters", bank)
-    centroids = rng.normal(size=(num_clusters, width)).astype(np.float32)
-    centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
-    labels = np.argsort(rng.random((len(ids), num_clusters)), axis=1)[:, :TOP_K]
-    atomic.save_npy(os.path.join(out, "centroids.npy"), centroids)
-    atomic.save_npy(os.path.join(out, "labels.npy"), labels.astype(np.int32))
-    atomic.save_npy(os.path.join(out, "ids.npy"), np.asarray(ids, np.int64))
-    atomic.save_npy(os.path.join(out, "keys.npy"), keys[np.asarray(ids, np.int64)[:, 0]])
-    atomic.write_json(os.path.join(out, "stats.json"), dict(
-      bank=bank, version="random", inputs=dict(data=dict(sources=sources))))
-
-
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
@@ -86,7 +53,8 @@ def main(argv):
   config.train.progress_bar = False
   run = run_config.build(config, jax.device_count())
   with tempfile.TemporaryDirectory() as workdir:
-    _write_random_clusters(workdir, run, FLAGS.clusters)
+    synthetic.write_random_clusters(workdir, run, FLAGS.clusters, TOP_K,
+                                    regions=run.data.max_boxes)
     start = time.perf_counter()
     compile_s = loop.run_train(run, workdir).compile_s
     total = time.perf_counter() - start

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 
+import grain
 import helpers
 import jax
 import numpy as np
@@ -21,6 +22,7 @@ import train_fixtures
 from jax.sharding import PartitionSpec as P
 
 from univit_jax import checkpointing, config_lib, optim, sharding
+from univit_jax.data import pipeline
 from univit_jax.train import labels as labels_lib
 from univit_jax.train import logs, loop
 from univit_jax.train import state as state_lib
@@ -210,7 +212,7 @@ def test_training_lowers_discrimination_loss_and_reaches_every_parameter(runs):
   assert last < 0.9 * first, (first, last)
   for key in ("object/loss", "object_region/loss", "event_2/loss", "contrastive/loss",
               "grad_norm", "param_norm", "update_norm", "embedding_cosine", "samples_per_s",
-              "tokens_per_s", "step_time_s", "learning_rate"):
+              "tokens_per_s", "step_time_s", "data_wait_s", "to_device_s", "learning_rate"):
     assert key in records[0] or key in records[1], key
   before, after = _params(dirs["train"], 0), _params(dirs["train"], 1)
   assert before.keys() == after.keys() and len(before) > 20
@@ -223,6 +225,19 @@ def test_training_lowers_discrimination_loss_and_reaches_every_parameter(runs):
   assert not unchanged, f"no gradient reached {unchanged}"
   assert os.path.getsize(os.path.join(dirs["train"], "training.png")) > 1000
   assert os.listdir(os.path.join(dirs["train"], "tensorboard"))
+
+
+def test_step_window_reports_input_waits_per_step_and_starts_afresh():
+  window = loop.StepWindow(tokens_per_frame=4)
+  window.add_step(8, 2, data_wait=0.5, to_device=0.25)
+  window.add_step(8, 2, data_wait=0.1, to_device=0.05)
+  record = window.take()
+  assert record["data_wait_s"] == pytest.approx(0.3)
+  assert record["to_device_s"] == pytest.approx(0.15)
+  assert record["tokens_per_s"] == pytest.approx(8 * record["samples_per_s"])
+  assert record["step_time_s"] > 0
+  window.add_step(4, 1, data_wait=0.0, to_device=0.0)
+  assert window.take()["data_wait_s"] == 0.0
 
 
 @pytest.mark.slow
@@ -405,6 +420,34 @@ def test_a_bank_the_class_shards_do_not_divide_is_logged_as_replicated(tmp_path,
     "bank 'object': 10 classes are not a multiple of the mesh's 8 class shards, so every "
     "device holds the whole bank, its gradient and Adam moments; 8 or 16 classes would be "
     f"split 8 ways (clusters in {tmp_path}; cluster.num_clusters.object)"]
+
+
+def test_run_train_closes_its_data_iterator_before_returning(tmp_path, monkeypatch):
+  """The iterator (with workers: their processes and shared memory) is released by the time
+  training ends (its last act is the barrier), not left to garbage collection."""
+  opened, closed = [], []
+
+  class Recorded(grain.IterDataset):
+    def __iter__(self):
+      opened.append(iter(self._parent))
+      return opened[-1]
+
+  def is_closed() -> bool:
+    try:
+      next(opened[0])
+    except ValueError:  # grain: advancing a closed iterator
+      return True
+    return False
+
+  build = pipeline.build_train_dataset
+  monkeypatch.setattr(pipeline, "build_train_dataset",
+                      lambda *args, **kwargs: Recorded(build(*args, **kwargs)))
+  monkeypatch.setattr(loop.collectives, "barrier", lambda name: closed.append(is_closed()))
+  config = train_fixtures.tiny_config()
+  config.total_steps = 0
+  train_fixtures.write_clusters(str(tmp_path))
+  loop.run_train(helpers.typed(config), str(tmp_path))
+  assert closed == [True]
 
 
 @pytest.mark.parametrize("field,value", [("log_every", 0), ("checkpoint_every", -1),

@@ -307,7 +307,10 @@ def run_train(run: run_config.RunConfig, workdir: str,
                data_cfg=data_cfg, batch_sizes=batch_sizes, evaluate=evaluate)
     result = _loop(job, state, iterator, ckpt)
   finally:
-    ckpt.close()
+    ckpt.close()  # after the saves, which read the iterator's position
+    # Stops the grain worker processes and frees their shared memory now, not when (or if) the
+    # iterator is collected: a pipeline goes on to the next round in this process.
+    iterator.close()
   # Process 0 wrote train_run.json, metrics.jsonl and training.png: whole before any process
   # goes on to read them (a pipeline's round summary).
   collectives.barrier("train done")
@@ -363,6 +366,44 @@ def _compile_buckets(run: _Run, has_boxes: bool) -> tuple[dict, dict]:
   return compiled, inputs
 
 
+class StepWindow:
+  """Throughput and input wait over the steps since the last metrics record.
+
+  `data_wait_s` is the time the loop spent waiting for the next host batch (`next(iterator)`:
+  decoding in this process, or the grain workers not keeping up), `to_device_s` the time
+  assembling it into global device arrays (`pipeline.to_global_batch`: the host-to-device copy
+  where it is synchronous); both are per step, so `(data_wait_s + to_device_s) / step_time_s` is
+  the fraction of the step the input stalled it (benchmarks/input_stalls.py).
+  """
+
+  def __init__(self, tokens_per_frame: int):
+    self._tokens_per_frame = tokens_per_frame
+    self._reset()
+
+  def _reset(self) -> None:
+    self._start = time.perf_counter()
+    self._steps = self._samples = self._tokens = 0
+    self._data_wait = self._to_device = 0.0
+
+  def add_step(self, batch_size: int, num_frames: int, data_wait: float,
+               to_device: float) -> None:
+    """Counts one step of `batch_size` global examples of `num_frames` frames."""
+    self._steps += 1
+    self._samples += batch_size
+    self._tokens += batch_size * num_frames * self._tokens_per_frame
+    self._data_wait += data_wait
+    self._to_device += to_device
+
+  def take(self) -> dict[str, float]:
+    """The window's rates and per-step times; starts the next window."""
+    elapsed = time.perf_counter() - self._start
+    out = dict(samples_per_s=self._samples / elapsed, tokens_per_s=self._tokens / elapsed,
+               step_time_s=elapsed / self._steps, data_wait_s=self._data_wait / self._steps,
+               to_device_s=self._to_device / self._steps)
+    self._reset()
+    return out
+
+
 def _progress_bar(run: _Run, step: int):
   from tqdm import tqdm  # pylint: disable=import-outside-toplevel
   return tqdm(total=run.train.total_steps, initial=step, unit="step", dynamic_ncols=True,
@@ -376,7 +417,6 @@ def _loop(run: _Run, state: state_lib.TrainState, iterator, ckpt: checkpointing.
   train, total = run.train, run.train.total_steps
   step = int(jax.device_get(state.step))
   batch_sharding = sharding.batch_sharding(run.mesh, run.rules)
-  per_frame = config_lib.tokens_per_frame(data_cfg.image_size, data_cfg.patch_size)
   logger = logs.MetricsLogger(workdir, step)
   if step >= total:
     logger.close()
@@ -392,7 +432,7 @@ def _loop(run: _Run, state: state_lib.TrainState, iterator, ckpt: checkpointing.
 
   preempted = False
   bar = _progress_bar(run, step)
-  window_start, window_samples, window_tokens, window_steps = time.perf_counter(), 0, 0, 0
+  window = StepWindow(config_lib.tokens_per_frame(data_cfg.image_size, data_cfg.patch_size))
   try:
     with _Preemption() as preemption:
       while step < total:
@@ -404,24 +444,24 @@ def _loop(run: _Run, state: state_lib.TrainState, iterator, ckpt: checkpointing.
           logging.warning("SIGTERM at step %d: checkpoint saved; exiting", step)
           preempted = True
           break
+        asked = time.perf_counter()
         host = first if first is not None else next(iterator)
         first = None
+        received = time.perf_counter()
         t = host["frames"].shape[1]
         batch = pipeline.to_global_batch({k: host[k] for k in inputs[t]}, batch_sharding)
+        on_device = time.perf_counter()
         weights = step_lib.term_weights(loss_cfg, step / total, names)
         state, metrics = compiled[t](state, batch, weights)
         metrics = jax.device_get(metrics)
         if not metrics["finite"]:
           raise NonFiniteError(_nonfinite_message(step, metrics, ckpt.latest_step()))
         step += 1
-        window_steps += 1
-        window_samples += host["frames"].shape[0] * jax.process_count()
-        window_tokens += host["frames"].shape[0] * t * per_frame * jax.process_count()
+        window.add_step(host["frames"].shape[0] * jax.process_count(), t,
+                        data_wait=received - asked, to_device=on_device - received)
         if step % train.log_every == 0 or step == total:
-          elapsed = time.perf_counter() - window_start
           record = _loggable(metrics)
-          record.update(frames=t, samples_per_s=window_samples / elapsed,
-                        tokens_per_s=window_tokens / elapsed, step_time_s=elapsed / window_steps)
+          record.update(frames=t, **window.take())
           logger.write(step, record)
           if record["embedding_cosine"] > train.collapse_threshold:
             logging.warning(
@@ -429,7 +469,6 @@ def _loop(run: _Run, state: state_lib.TrainState, iterator, ckpt: checkpointing.
               "train.collapse_threshold=%.3f", step, record["embedding_cosine"],
               train.collapse_threshold)
           bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
-          window_start, window_samples, window_tokens, window_steps = time.perf_counter(), 0, 0, 0
         if run.evaluate is not None and (step % run.eval_every == 0 or step == total):
           logger.write(step, run.evaluate(step, state.params["encoder"]))
         if step % train.checkpoint_every == 0 or step == total:
