@@ -282,6 +282,18 @@ def test_attention_implementation_reaches_the_kernel():
     np.testing.assert_allclose(embedding, reference, atol=0.05)
 
 
+def test_exact_gelu_is_jax_exact_gelu():
+  """The MLPs' erf-form GELU is `jax.nn.gelu(approximate=False)` (erfc form) to float32
+  rounding, values and gradients, and keeps a 16-bit input's dtype."""
+  x = jnp.linspace(-12.0, 12.0, 100_001, dtype=jnp.float32)
+  np.testing.assert_allclose(jax.jit(vit.gelu_exact)(x), jax.nn.gelu(x, approximate=False),
+                             rtol=0, atol=2e-6)
+  grad = jax.jit(jax.vmap(jax.grad(vit.gelu_exact)))
+  exact_grad = jax.vmap(jax.grad(functools.partial(jax.nn.gelu, approximate=False)))
+  np.testing.assert_allclose(grad(x), exact_grad(x), rtol=0, atol=1e-6)
+  assert vit.gelu_exact(x.astype(jnp.bfloat16)).dtype == jnp.bfloat16
+
+
 def test_bad_frame_size(model):
   with pytest.raises(ValueError, match="frame size 20x16 is not a multiple of the patch size 8"):
     apply(*model, jnp.zeros((1, 1, 20, 16, 3)))

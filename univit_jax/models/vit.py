@@ -52,6 +52,18 @@ def _norm(cfg: config_lib.ModelConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
     bias_init=_init(("embed",), nnx.initializers.zeros_init()), rngs=rngs)
 
 
+def gelu_exact(x: jax.Array) -> jax.Array:
+  """The exact GELU, x * Phi(x), in its erf form: 0.5 x (1 + erf(x / sqrt(2))).
+
+  The same function as `jax.nn.gelu(x, approximate=False)`, which writes it with erfc for
+  relative accuracy in the far negative tail; XLA:CPU's erfc costs twice its erf (ViT-Ti/16's
+  GELUs were 8% of the f32 train step's CPU time, profiled 2026-12-01). In float32 the two
+  differ by at most 1.1e-6 absolute over [-12, 12] (erfc: 3.8e-7 from the float64 value), and
+  their gradients by 2.4e-7; it is the form PyTorch's exact GELU uses.
+  """
+  return 0.5 * x * (1 + jax.lax.erf(x * np.asarray(2 ** -0.5, x.dtype)))
+
+
 class Mlp(nnx.Module):
   """Two dense layers with a GELU between them (exact erf, or tanh-approximate by config)."""
 
@@ -61,7 +73,8 @@ class Mlp(nnx.Module):
     self.approximate = cfg.gelu_approximate
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=self.approximate))
+    h = self.fc1(x)
+    return self.fc2(jax.nn.gelu(h, approximate=True) if self.approximate else gelu_exact(h))
 
 
 class Attention(nnx.Module):
