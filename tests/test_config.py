@@ -1,9 +1,10 @@
 """Configs load, parse their arguments, and bad values fail naming the field."""
 
+import jax
 import pytest
 
 from helpers import demo_config, load_config, run_main
-from univit_jax import config_lib, run_config
+from univit_jax import config_lib, run_config, summary
 
 CONFIGS = ("demo", "vit_s", "vit_b", "vit_l")
 
@@ -29,6 +30,26 @@ def test_vit_l_is_the_paper_recipe():
   assert tuple(c.data.frames) == (1, 2, 4, 8, 16)
   assert (c.optim.lr, c.optim.weight_decay) == (1e-3, 0.2)
   assert run_config.build(c, num_devices=64).data.batch_sizes()[1] == 16384
+
+
+def test_auto_compute_dtype_is_bfloat16_on_accelerators_and_float32_on_cpu():
+  assert [config_lib.resolve_compute_dtype("auto", platform) for platform in ("cpu", "gpu", "tpu")
+          ] == ["float32", "bfloat16", "bfloat16"]
+  assert config_lib.resolve_compute_dtype("float16", "tpu") == "float16"
+  assert config_lib.resolve_compute_dtype("bfloat16", "cpu") == "bfloat16"
+
+
+@pytest.mark.parametrize("name", ("vit_s", "vit_b", "vit_l"))
+def test_pretraining_configs_compute_in_this_platforms_dtype(name):
+  """The pretraining recipe's `model.dtype="auto"` reaches the model resolved (never "auto"), and
+  the summary, which sizes the step for accelerators, resolves it as on one."""
+  config = load_config(name)
+  assert config.model.dtype == "auto"
+  run = run_config.build(config, num_devices=8)
+  assert run.model.dtype == ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+  assert summary.for_accelerators(run).model.dtype == "bfloat16"
+  demo = run_config.build(demo_config(), num_devices=1)
+  assert summary.for_accelerators(demo).model.dtype == demo.model.dtype == "float32"
 
 
 def test_parse_arg():

@@ -32,6 +32,7 @@ from univit_jax.train import state as state_lib
 @pytest.fixture(scope="module")
 def export(tmp_path_factory):
   config = demo_config()
+  config.model.dtype = "auto"
   run = helpers.typed(config)
   graphdef, params = vit.init_encoder(run.model, seed=3)
   path = encoder_lib.export_encoder(run, str(tmp_path_factory.mktemp("run")), params)
@@ -94,6 +95,8 @@ def test_encoder_json_holds_what_loading_needs(export):
   assert (data["format"], data["version"]) == ("univit_jax.export", 2)
   assert data["model"]["width"] == config.model.width
   assert data["model"]["embedding_center"]  # loss.center_embeddings
+  # model.dtype="auto" is recorded as the dtype it resolved to where the encoder was exported.
+  assert data["model"]["dtype"] == config_lib.resolve_compute_dtype("auto")
   assert data["model"]["rope"]["split"] == [4, 6, 6]
   assert data["preprocessing"] == dict(
     image_size=32, mean=list(config.data.mean), std=list(config.data.std), patch_size=8,

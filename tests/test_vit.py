@@ -282,6 +282,41 @@ def test_attention_implementation_reaches_the_kernel():
     np.testing.assert_allclose(embedding, reference, atol=0.05)
 
 
+def test_exact_gelu_is_jax_exact_gelu():
+  """The MLPs' erf-form GELU is `jax.nn.gelu(approximate=False)` (erfc form) to float32
+  rounding, values and gradients, and keeps a 16-bit input's dtype."""
+  x = jnp.linspace(-12.0, 12.0, 100_001, dtype=jnp.float32)
+  np.testing.assert_allclose(jax.jit(vit.gelu_exact)(x), jax.nn.gelu(x, approximate=False),
+                             rtol=0, atol=2e-6)
+  grad = jax.jit(jax.vmap(jax.grad(vit.gelu_exact)))
+  exact_grad = jax.vmap(jax.grad(functools.partial(jax.nn.gelu, approximate=False)))
+  np.testing.assert_allclose(grad(x), exact_grad(x), rtol=0, atol=1e-6)
+  assert vit.gelu_exact(x.astype(jnp.bfloat16)).dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("dtype,atol", [("float32", 1e-5), ("bfloat16", 2e-2)])
+@pytest.mark.parametrize("queries", [1, 6])
+def test_attention_is_jax_xla_attention(dtype, atol, queries):
+  """`vit.dot_product_attention` is `jax.nn.dot_product_attention`'s XLA path, values and
+  gradients, under per-query and key masks, with a query that sees no token."""
+  keys = jax.random.split(jax.random.key(0), 4)
+  q = jax.random.normal(keys[0], (2, 6, 2, 8)).astype(dtype)
+  k, v = (jax.random.normal(key, (2, 5, 2, 8)).astype(dtype) for key in keys[1:3])
+  mask = jax.random.bernoulli(keys[3], 0.6, (2, queries, 5)).at[0, 0].set(False)
+
+  def loss(attention, q, k, v):
+    return jnp.sum(jnp.sin(attention(q, k, v).astype(jnp.float32)))
+
+  ours = functools.partial(vit.dot_product_attention, mask=mask)
+  theirs = functools.partial(jax.nn.dot_product_attention, mask=mask[:, None],
+                             implementation="xla")
+  assert ours(q, k, v).dtype == q.dtype
+  np.testing.assert_allclose(np.float32(ours(q, k, v)), np.float32(theirs(q, k, v)), atol=atol)
+  for a, b in zip(jax.grad(functools.partial(loss, ours), (0, 1, 2))(q, k, v),
+                  jax.grad(functools.partial(loss, theirs), (0, 1, 2))(q, k, v)):
+    np.testing.assert_allclose(np.float32(a), np.float32(b), atol=atol)
+
+
 def test_bad_frame_size(model):
   with pytest.raises(ValueError, match="frame size 20x16 is not a multiple of the patch size 8"):
     apply(*model, jnp.zeros((1, 1, 20, 16, 3)))

@@ -12,6 +12,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
 import ml_collections
 
 from univit_jax import specs
@@ -124,6 +125,21 @@ TIME_EMBEDDINGS = ("none", "sincos")
 # cuDNN's fused flash attention, NVIDIA GPUs with a 16-bit compute dtype).
 ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
 DTYPES = ("float32", "bfloat16", "float16")
+# `model.dtype` may also be AUTO_DTYPE: the compute dtype of `resolve_compute_dtype`.
+AUTO_DTYPE = "auto"
+
+
+def resolve_compute_dtype(name: str, platform: str | None = None) -> str:
+  """The compute dtype `model.dtype` names on `platform` (default: JAX's default backend).
+
+  "auto" is bfloat16 on accelerators (their matrix units' input type; parameters, norms and
+  softmax stay float32) and float32 on CPU, where XLA's bfloat16 train step measured no faster
+  than its float32 one, ViT-Ti/16 on an AMX CPU (docs/performance.md). Other names are
+  returned as they are.
+  """
+  if name != AUTO_DTYPE:
+    return name
+  return "float32" if (platform or jax.default_backend()) == "cpu" else "bfloat16"
 
 
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
@@ -158,17 +174,19 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
   if m.attention not in ATTENTION_IMPLEMENTATIONS:
     raise ConfigError(
       f"model.attention={m.attention!r}: expected one of {ATTENTION_IMPLEMENTATIONS}")
-  if m.attention == "cudnn" and m.dtype == "float32":
+  if m.dtype not in (*DTYPES, AUTO_DTYPE):
+    raise ConfigError(f"model.dtype={m.dtype!r}: expected one of {(*DTYPES, AUTO_DTYPE)}")
+  if m.param_dtype not in DTYPES:
+    raise ConfigError(f"model.param_dtype={m.param_dtype!r}: expected one of {DTYPES}")
+  dtype = resolve_compute_dtype(m.dtype)
+  if m.attention == "cudnn" and dtype == "float32":
     raise ConfigError("model.attention='cudnn' needs model.dtype bfloat16 or float16 "
                       "(cuDNN's fused attention has no float32 kernel)")
   if m.remat not in REMAT_POLICIES:
     raise ConfigError(f"model.remat={m.remat!r}: expected one of {REMAT_POLICIES}")
-  for field in ("dtype", "param_dtype"):
-    if m[field] not in DTYPES:
-      raise ConfigError(f"model.{field}={m[field]!r}: expected one of {DTYPES}")
   return ModelConfig(
     width=m.width, depth=m.depth, num_heads=m.num_heads, mlp_dim=m.mlp_dim,
-    patch_size=m.patch_size, channels=m.channels, dtype=m.dtype, param_dtype=m.param_dtype,
+    patch_size=m.patch_size, channels=m.channels, dtype=dtype, param_dtype=m.param_dtype,
     scan=m.scan, remat=m.remat, time_embedding=m.time_embedding, attention=m.attention,
     embedding_center=bool(config.loss.center_embeddings),
     rope=RopeConfig(mode=m.rope.mode, base=float(m.rope.base), split=tuple(m.rope.split),
@@ -896,7 +914,8 @@ def pretraining_config(arg: str | None, variant: str, tokens_per_batch: int
                        ) -> ml_collections.ConfigDict:
   """The accelerator recipe shared by configs/vit_{s,b,l}.py.
 
-  bf16 compute, scanned layers with dot-saving remat, 224 px frames, FSDP over all devices: the
+  Compute dtype "auto" (bf16 on accelerators, f32 on CPU: `resolve_compute_dtype`), scanned
+  layers with dot-saving remat, 224 px frames, FSDP over all devices: the
   `fsdp` axis splits the batch, the encoder's weights (`embed`, DEFAULT_SHARDING_RULES) and the
   banks' classes, and the encoder pins its activations to the batch's split. On 64 simulated
   devices with 1M-class banks (docs/scaling.md) S/16 and B/16 fit a v5p and an H100 in every
@@ -908,7 +927,7 @@ def pretraining_config(arg: str | None, variant: str, tokens_per_batch: int
   """
   arg = parse_arg(arg, variant=variant, runlocal=False)
   c = default_config(arg.variant)
-  c.model.dtype = "bfloat16"
+  c.model.dtype = AUTO_DTYPE
   c.model.scan = True
   c.model.remat = "dots"
   c.data.image_size = 224
@@ -920,7 +939,6 @@ def pretraining_config(arg: str | None, variant: str, tokens_per_batch: int
   c.cluster.num_clusters = dict(object=1_000_448, event_1=100_352, event_2=100_352,
                                 event_4=100_352, event_8=100_352)
   if arg.runlocal:
-    c.model.dtype = "float32"
     c.data.image_size = 4 * c.model.patch_size
     c.data.tokens_per_batch = 16 * 16 * 8
     c.mesh.shape = (-1, 1, 1)

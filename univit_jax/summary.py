@@ -300,9 +300,18 @@ def run(run: run_config.RunConfig, workdir: str | None) -> dict:
   return summary
 
 
+def for_accelerators(run: run_config.RunConfig) -> run_config.RunConfig:
+  """`run` with `model.dtype="auto"` resolved as on an accelerator (bfloat16): the summary
+  sizes the step for the accelerators of `TARGETS`, also when it compiles on (simulated) CPU
+  devices, where the run's own sections resolve it to float32."""
+  dtype = config_lib.resolve_compute_dtype(run.record["model"]["dtype"], platform="tpu")
+  return dataclasses.replace(run, model=dataclasses.replace(run.model, dtype=dtype))
+
+
 def summarise(run: run_config.RunConfig) -> dict:
   """The summary `run` prints and returns, on this process's devices (the `run.num_devices` its
-  sections were built for)."""
+  sections were built for), for the accelerators of `TARGETS` (`for_accelerators`)."""
+  run = for_accelerators(run)
   options, cfg = run.summary, run.model
   train = options.step == "train"
   devices = jax.devices()
