@@ -33,9 +33,12 @@ _OUT = flags.DEFINE_string("out", "", "JSON path (none: print only)")
 
 
 def round_folders(workdir: str) -> dict[str, str]:
-  """{name: folder} of the rounds under a pipeline workdir, or {workdir: workdir} for a round."""
-  found = {f"round {r}": rounds.round_dir(workdir, r) for r in range(1, 100)
-           if paths.path(os.path.join(rounds.round_dir(workdir, r), "clusters")).exists()}
+  """{name: folder} of the rounds under a pipeline workdir (1, 2, ... while clustered), or
+  {workdir: workdir} for a round."""
+  found, r = {}, 1
+  while paths.path(os.path.join(rounds.round_dir(workdir, r), "clusters")).exists():
+    found[f"round {r}"] = rounds.round_dir(workdir, r)
+    r += 1
   return found or {workdir: workdir}
 
 
