@@ -26,7 +26,8 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 # pylint: disable=wrong-import-position
 import helpers  # noqa: E402  # pylint: disable=import-error
-from univit_jax import atomic, encoder, run_config, train  # noqa: E402
+from univit_jax import encoder, run_config, train  # noqa: E402
+from univit_jax.clustering import labels as cluster_labels  # noqa: E402
 from univit_jax.data import demo, pipeline  # noqa: E402
 from univit_jax.run_config import data_config  # noqa: E402
 
@@ -82,16 +83,12 @@ def main(argv: list[str]) -> None:
   keys = pipeline.example_keys(run.data, opened)
   inputs = dict(data=dict(sources=pipeline.sources_fingerprint(run.data, opened)))
   for bank, (ids, labels) in oracle_rows(run.data).items():
-    out = os.path.join(workdir, "clusters", bank)
-    centres = rng.normal(size=(BANK_SIZES[bank], run.model.width)).astype(np.float32)
-    atomic.save_npy(os.path.join(out, "centroids.npy"),
-                    centres / np.linalg.norm(centres, axis=1, keepdims=True))
-    atomic.save_npy(os.path.join(out, "labels.npy"), np.asarray(labels, np.int32))
-    atomic.save_npy(os.path.join(out, "ids.npy"), np.asarray(ids, np.int64))
-    atomic.save_npy(os.path.join(out, "keys.npy"), keys[np.asarray(ids, np.int64)[:, 0]])
-    atomic.write_json(os.path.join(out, "stats.json"), dict(
-      bank=bank, version="oracle", config=dict(num_clusters=BANK_SIZES[bank]), objective=[0.0],
-      inputs=inputs))
+    centroids = cluster_labels.random_centroids(rng, BANK_SIZES[bank], run.model.width)
+    cluster_labels.write_clusters(
+      workdir, bank, centroids=centroids, labels=labels, ids=ids,
+      keys=keys[np.asarray(ids, np.int64)[:, 0]],
+      stats=dict(bank=bank, version="oracle", config=dict(num_clusters=BANK_SIZES[bank]),
+                 objective=[0.0], inputs=inputs))
   result = train.run_train(run, workdir)
   print(f"trained {result.step} steps; export: "
         f"{encoder.export_encoder(run, workdir, result.state.params['encoder'])}")

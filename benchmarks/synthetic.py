@@ -13,7 +13,8 @@ import av
 import numpy as np
 from PIL import Image
 
-from univit_jax import atomic, run_config
+from univit_jax import run_config
+from univit_jax.clustering import labels as cluster_labels
 from univit_jax.data import pipeline
 
 
@@ -77,13 +78,8 @@ def write_random_clusters(workdir: str, run: run_config.RunConfig, num_clusters:
     elif "object" in rows:
       rows["object"] += [(i, s) for i in ids for s in range(-1, regions)]
   for bank, ids in rows.items():
-    out = os.path.join(workdir, "clusters", bank)
-    centroids = rng.normal(size=(num_clusters, run.model.width)).astype(np.float32)
-    centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
     labels = np.argsort(rng.random((len(ids), num_clusters)), axis=1)[:, :top_k]
-    atomic.save_npy(os.path.join(out, "centroids.npy"), centroids)
-    atomic.save_npy(os.path.join(out, "labels.npy"), labels.astype(np.int32))
-    atomic.save_npy(os.path.join(out, "ids.npy"), np.asarray(ids, np.int64))
-    atomic.save_npy(os.path.join(out, "keys.npy"), keys[np.asarray(ids, np.int64)[:, 0]])
-    atomic.write_json(os.path.join(out, "stats.json"), dict(
-      bank=bank, version="random", inputs=dict(data=dict(sources=sources))))
+    cluster_labels.write_clusters(
+      workdir, bank, centroids=cluster_labels.random_centroids(rng, num_clusters, run.model.width),
+      labels=labels, ids=ids, keys=keys[np.asarray(ids, np.int64)[:, 0]],
+      stats=dict(bank=bank, version="random", inputs=dict(data=dict(sources=sources))))

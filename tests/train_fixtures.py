@@ -21,7 +21,8 @@ import helpers
 import jax
 import numpy as np
 
-from univit_jax import atomic, positions, sharding, summary
+from univit_jax import positions, sharding, summary
+from univit_jax.clustering import labels as cluster_labels
 from univit_jax.data import demo, pipeline
 from univit_jax.run_config import data_config
 from univit_jax.train import labels as labels_lib
@@ -102,17 +103,12 @@ def write_clusters(workdir: str, version: str = "v1", width: int = 64, seed: int
         rows["object"][0].append((NUM_EVENTS + i, r))
         rows["object"][1].append(_top_k(int(c), BANK_SIZES["object"]))
   for bank, (ids, labels) in rows.items():
-    out = os.path.join(workdir, "clusters", bank)
-    centroids = rng.normal(size=(BANK_SIZES[bank], width)).astype(np.float32)
-    centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
-    atomic.save_npy(os.path.join(out, "centroids.npy"), centroids)
-    atomic.save_npy(os.path.join(out, "labels.npy"), np.asarray(labels, np.int32))
-    atomic.save_npy(os.path.join(out, "ids.npy"), np.asarray(ids, np.int64))
-    atomic.save_npy(os.path.join(out, "keys.npy"), np.array(
-      [f"events/{i}" if i < NUM_EVENTS else f"objects/{i - NUM_EVENTS}" for i, _ in ids],
-      np.bytes_))
-    atomic.write_json(os.path.join(out, "stats.json"),
-                      dict(bank=bank, version=version, inputs=inputs))
+    cluster_labels.write_clusters(
+      workdir, bank, centroids=cluster_labels.random_centroids(rng, BANK_SIZES[bank], width),
+      labels=labels, ids=ids,
+      keys=np.array([f"events/{i}" if i < NUM_EVENTS else f"objects/{i - NUM_EVENTS}"
+                     for i, _ in ids], np.bytes_),
+      stats=dict(bank=bank, version=version, inputs=inputs))
 
 
 @contextlib.contextmanager

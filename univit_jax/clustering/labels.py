@@ -178,21 +178,48 @@ def cluster_bank(workdir: str, bank: str, spec: ClusterSpec,
       searched_per_iteration=result.searched, seconds_per_pass=result.seconds,
       seconds=float(sum(result.seconds)),
       sizes=_size_summary(sizes))
-    atomic.save_npy(os.path.join(out, "centroids.npy"), result.centroids)
-    if result.mean is not None:
-      atomic.save_npy(os.path.join(out, "mean.npy"), result.mean)
-    else:
-      paths.path(os.path.join(out, "mean.npy")).unlink(missing_ok=True)
-    atomic.save_npy(os.path.join(out, "ids.npy"), reader.ids())
-    atomic.save_npy(os.path.join(out, "keys.npy"), keys)
-    atomic.save_npy(os.path.join(out, "labels.npy"), labels)
     atomic.write_bytes(os.path.join(out, "sizes.png"), _sizes_png(sizes, bank))
-    atomic.write_json(os.path.join(out, "stats.json"), stats)
+    write_clusters(workdir, bank, centroids=result.centroids, labels=labels, ids=reader.ids(),
+                   keys=keys, stats=stats, mean=result.mean)
     paths.path(checkpoint).rmtree()
   collectives.barrier(f"cluster_done_{bank}")
   stats = read_stats(workdir, bank)
   log(f"{bank}: done, objective {stats['objective'][-1]:.4f}, {stats['seconds']:.1f}s")
   return stats
+
+
+def write_clusters(workdir: str, bank: str, *, centroids: np.ndarray, labels: np.ndarray,
+                   ids: np.ndarray, keys: np.ndarray, stats: Mapping[str, Any],
+                   mean: np.ndarray | None = None) -> None:
+  """Writes a bank's cluster outputs (the files `load_clusters` reads), stats.json last.
+
+  The one writer of the stage's format: k-means results here, and label sets made elsewhere
+  (ground-truth labels in benchmarks/oracle_labels.py, random ones in benchmarks and tests).
+
+  Args:
+    centroids: [K, D] unit rows.
+    labels: [N, k] cluster ids per row, best first.
+    ids: [N, 2] (record index, segment or region) per row.
+    keys: [N] the records' example keys.
+    stats: stats.json's content; `bank` and `version` identify what wrote it.
+    mean: [D] the mean subtracted before clustering (`cluster.center`), or None.
+  """
+  out = clusters_dir(workdir, bank)
+  atomic.save_npy(os.path.join(out, "centroids.npy"), np.asarray(centroids, np.float32))
+  if mean is not None:
+    atomic.save_npy(os.path.join(out, "mean.npy"), mean)
+  else:
+    paths.path(os.path.join(out, "mean.npy")).unlink(missing_ok=True)
+  atomic.save_npy(os.path.join(out, "ids.npy"), np.asarray(ids, np.int64))
+  atomic.save_npy(os.path.join(out, "keys.npy"), np.asarray(keys))
+  atomic.save_npy(os.path.join(out, "labels.npy"), np.asarray(labels, np.int32))
+  atomic.write_json(os.path.join(out, "stats.json"), dict(stats))
+
+
+def random_centroids(rng: np.random.Generator, num_clusters: int, dim: int) -> np.ndarray:
+  """[num_clusters, dim] random unit rows: centroids for label sets that k-means did not make."""
+  centroids = rng.normal(size=(num_clusters, dim)).astype(np.float32)
+  return centroids / np.linalg.norm(centroids, axis=1, keepdims=True)
 
 
 def run_cluster_stage(workdir: str, banks: Mapping[str, ClusterSpec | Mapping[str, Any]],
