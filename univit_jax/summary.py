@@ -84,11 +84,15 @@ def _path(path) -> str:
 
 
 def parameter_rows(state: nnx.State, shardings) -> list[dict]:
-  """One row per parameter: path, shape, dtype, logical axes, partition spec, bytes per device."""
+  """One row per parameter (`nnx.Param`; statistics such as the running mean embeddings,
+  `vit.EmbeddingCenter`, are left out): path, shape, dtype, logical axes, partition spec, bytes
+  per device. `shardings` is `state`'s tree of shardings."""
   rows = []
   leaves = jax.tree_util.tree_flatten_with_path(
     state, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
   for (path, var), sh in zip(leaves, jax.tree.leaves(shardings)):
+    if not isinstance(var, nnx.Param):
+      continue
     shard_shape = sh.shard_shape(var.shape)
     rows.append(dict(
       path=_path(path), shape=tuple(var.shape), dtype=str(var.dtype),
@@ -318,9 +322,7 @@ def summarise(run: run_config.RunConfig) -> dict:
   mesh = sharding.make_mesh(run.mesh, devices)
   graphdef, abstract_params = vit.abstract_encoder(cfg)
   param_shardings = sharding.tree_shardings(abstract_params, mesh, run.mesh.rules)
-  # Parameters only: the running mean embeddings (`vit.EmbeddingCenter`) are statistics.
-  trained = nnx.filter_state(abstract_params, nnx.Param)
-  rows = parameter_rows(trained, sharding.tree_shardings(trained, mesh, run.mesh.rules))
+  rows = parameter_rows(abstract_params, param_shardings)
   total = sum(r["params"] for r in rows)
   by_module = params_by_module(rows)
 
