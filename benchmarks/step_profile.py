@@ -47,7 +47,7 @@ FLAGS.set_default("steps", 2)
 FLAGS.set_default("warmup", 2)
 
 # Innermost functions a thunk is attributed to, from the model out to the optimiser.
-PARTS = ("apply_rope", "rope_angles", "time_features", "gelu_exact", "Mlp.__call__",
+PARTS = ("rotate", "rotation", "rope_angles", "time_features", "gelu_exact", "Mlp.__call__",
          "Attention.__call__", "LayerNorm.__call__", "MapHead.__call__", "rearrange",
          "softmax_cross_entropy_with_integer_labels", "scale_by_adam", "add_decayed_weights",
          "apply_updates")

@@ -96,7 +96,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
 
 
 class Attention(nnx.Module):
-  """Multi-head attention; queries and keys are rotated by U-RoPE when angles are given.
+  """Multi-head attention; queries and keys are rotated by U-RoPE when a rotation is given.
 
   `implementation` "xla" is `dot_product_attention` here, "cudnn" that of
   `jax.nn.dot_product_attention`; the pooling head keeps "xla", whose few queries and arbitrary
@@ -120,7 +120,7 @@ class Attention(nnx.Module):
     self.out = proj((h, k, d), ("heads", "kv", "embed"), (d,), ("embed",), "bnhk,hkd->bnd")
 
   def __call__(self, queries: jax.Array, tokens: jax.Array, mask: jax.Array,
-               angles: jax.Array | None = None) -> jax.Array:
+               rotation: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
     """Attends from `queries [B, Q, D]` to `tokens [B, N, D]`.
 
     Args:
@@ -128,11 +128,12 @@ class Attention(nnx.Module):
       tokens: `[B, N, D]` keys and values.
       mask: `[B, Q, N]` bool, True where query q may attend to token n (`[B, 1, N]`: the
         same for every query).
-      angles: `[B, N, P]` rotary angles for self-attention (Q == N), or None for no rotation.
+      rotation: `rope.rotation` of the rotary angles for self-attention (Q == N), or None for
+        no rotation.
     """
     q, k, v = self.query(queries), self.key(tokens), self.value(tokens)
-    if angles is not None:
-      q, k = rope.apply_rope(q, angles), rope.apply_rope(k, angles)
+    if rotation is not None:
+      q, k = rope.rotate(q, rotation), rope.rotate(k, rotation)
     if self.implementation == "xla":
       out = dot_product_attention(q, k, v, mask)
     else:
@@ -150,9 +151,10 @@ class Block(nnx.Module):
     self.norm2 = _norm(cfg, rngs)
     self.mlp = Mlp(cfg, rngs=rngs)
 
-  def __call__(self, x: jax.Array, angles: jax.Array | None, mask: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, rotation: tuple[jax.Array, jax.Array] | None,
+               mask: jax.Array) -> jax.Array:
     y = self.norm1(x)
-    x = x + self.attn(y, y, mask, angles)
+    x = x + self.attn(y, y, mask, rotation)
     return x + self.mlp(self.norm2(x))
 
 
@@ -263,11 +265,11 @@ class UniViT(nnx.Module):
       self.embedding_center = EmbeddingCenter(jnp.zeros((lengths, cfg.width), jnp.float32))
       self.embedding_center_count = EmbeddingCenter(jnp.zeros((lengths,), jnp.float32))
 
-  def _encode(self, x: jax.Array, angles: jax.Array | None, mask: jax.Array,
+  def _encode(self, x: jax.Array, rotation: tuple[jax.Array, jax.Array] | None, mask: jax.Array,
               activation_sharding: jax.sharding.NamedSharding | None) -> jax.Array:
     def apply(block: Block, x: jax.Array) -> jax.Array:
       x = sharding.constrain(x, activation_sharding)
-      return sharding.constrain(block(x, angles, mask), activation_sharding)
+      return sharding.constrain(block(x, rotation, mask), activation_sharding)
 
     if not self.cfg.scan:
       apply = _remat(apply, self.cfg.remat)
@@ -343,11 +345,11 @@ class UniViT(nnx.Module):
         time_features(positions[..., 0], self.cfg.rope.virtual_frames).astype(self.cfg.dtype))
     if self.cfg.norm_pre:
       x = self.norm_pre(x)
-    angles = None if self.cfg.rope.mode == "none" else rope.rope_angles(
+    rotation = None if self.cfg.rope.mode == "none" else rope.rotation(rope.rope_angles(
       positions, self.cfg.head_dim, self.cfg.rope.mode, self.cfg.rope.base,
       self.cfg.rope.split, token_mask, self.cfg.rope.temporal_span,
-      self.cfg.rope.virtual_frames)
-    x = self._encode(x, angles, token_mask[:, None, :], activation_sharding)
+      self.cfg.rope.virtual_frames), self.cfg.dtype)
+    x = self._encode(x, rotation, token_mask[:, None, :], activation_sharding)
     tokens = self.norm_post(x)
 
     queries = [token_mask[:, None, :]]
