@@ -82,17 +82,23 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
   """Softmax attention of `q [B, Q, H, K]` over `k, v [B, N, H, K]` where `mask [B, Q | 1, N]`.
 
   What `jax.nn.dot_product_attention(..., implementation="xla")` computes (logits in float32,
-  masked to its large negative, softmax in float32, probabilities cast to v's dtype), written
-  as two einsums over all heads at once: jax's vmaps its core over the heads and broadcasts
-  the mask to every head, which cost ViT-Ti/16's train step on XLA:CPU 28% more in attention
-  for 8-frame clips (1,568 tokens; fwd + bwd 884 against 634 ms of CPU per layer) and 4% more
-  for images (2026-12-01).
+  masked to its large negative, softmax in float32, weights cast to v's dtype), written as two
+  einsums over all heads at once: jax's vmaps its core over the heads and broadcasts the mask
+  to every head, which cost ViT-Ti/16's train step on XLA:CPU 28% more in attention for 8-frame
+  clips (1,568 tokens; fwd + bwd 884 against 634 ms of CPU per layer) and 4% more for images
+  (2026-12-01). The softmax's division comes after the second einsum (as in flash attention),
+  on `[B, Q, H, K]` instead of `[B, H, Q, N]`: XLA:CPU wrote the divisor out at the full
+  `[B, H, Q, N]` for its dot fusions (fwd + bwd of two 1,024-token clips of the demo model:
+  151 against 182 ms, 1-minute load 4).
   """
   logits = jnp.einsum("bqhk,bnhk->bhqn", q, k, preferred_element_type=jnp.float32)
   logits = jnp.where(mask[:, None], logits * q.shape[-1] ** -0.5,
                      -0.7 * jnp.finfo(jnp.float32).max)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  return jnp.einsum("bhqn,bnhk->bqhk", probs, v)
+  # A row's largest logit becomes exp(0) = 1, so the sum is >= 1 also for fully masked rows.
+  weights = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
+  out = jnp.einsum("bhqn,bnhk->bqhk", weights.astype(v.dtype), v)
+  total = jnp.transpose(jnp.sum(weights, axis=-1), (0, 2, 1))[..., None]  # [B, Q, H, 1]
+  return out / total.astype(out.dtype)
 
 
 class Attention(nnx.Module):
