@@ -9,11 +9,11 @@ best of `--repeats` passes.
 
 import argparse
 import os
-import platform
 import time
 
 import numpy as np
 
+import machine  # benchmarks/machine.py  # pylint: disable=import-error
 from univit_jax import atomic
 from univit_jax.data import demo
 
@@ -57,7 +57,7 @@ def main() -> None:
   atomic.write_json(args.out, {
     "benchmark": "demo_data", "image_size": args.image_size, "num_frames": args.num_frames,
     "records": args.records, "repeats": args.repeats, "digit_load_s": load_s,
-    "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cpus".strip(),
+    "machine": machine.describe(),
     "numpy": np.__version__, "results": rows})
 
 

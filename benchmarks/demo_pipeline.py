@@ -10,7 +10,6 @@ records the wall time, the bar (600 s), each round's final loss terms and cluste
 
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from absl import app, flags
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import machine  # noqa: E402  # pylint: disable=import-error
 from univit_jax import atomic  # pylint: disable=wrong-import-position  # noqa: E402
 
 BAR_SECONDS = 600
@@ -61,8 +61,7 @@ def main(argv):
           f"{info['embedding_cosine']}")
   result = dict(
     benchmark="demo_pipeline", command="python -m univit_jax.main --config=configs/demo.py",
-    machine=dict(platform=platform.platform(), cpus=os.cpu_count(),
-                 load_average=os.getloadavg()),
+    machine=machine.describe(),
     seconds=times, median_seconds=median, bar_seconds=BAR_SECONDS,
     rounds=[dict(clusters=i["clusters"], last_losses=i["last_losses"],
                  embedding_cosine=i["embedding_cosine"]) for i in summaries[-1]["rounds"]])

@@ -29,7 +29,6 @@ import contextlib
 import io
 import json
 import os
-import platform
 import sys
 import time
 
@@ -42,6 +41,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 # pylint: disable=wrong-import-position
+import machine  # noqa: E402  # pylint: disable=import-error
 from univit_jax import atomic, encoder, rounds, run_config  # noqa: E402
 from univit_jax.evaluation import common, report, run  # noqa: E402
 from univit_jax.evaluation import features as features_lib  # noqa: E402
@@ -263,7 +263,7 @@ def main(argv):
               overrides=_SET.value,
               command="python benchmarks/demo_table.py " + " ".join(sys.argv[1:]),
               total_seconds=time.perf_counter() - start, pipeline_seconds=timings,
-              machine=dict(platform=platform.platform(), cpus=os.cpu_count())))
+              machine=machine.describe()))
   report.write_report(os.path.join(_WORKDIR.value, "report"), results)
   atomic.write_bytes(_OUT.value, json.dumps(results, indent=1).encode())  # keeps row order
   print(summary_tables(results))

@@ -54,7 +54,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import platform
 import random
 import shlex
 import shutil
@@ -73,6 +72,7 @@ sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402  # pylint: disable=wrong-import-position
 
+import machine  # noqa: E402  # pylint: disable=import-error
 from univit_jax import atomic, checkpointing  # noqa: E402  # pylint: disable=wrong-import-position
 from univit_jax.clustering import store  # noqa: E402  # pylint: disable=wrong-import-position
 from univit_jax.train import logs  # noqa: E402  # pylint: disable=wrong-import-position
@@ -703,8 +703,7 @@ def main(argv: list[str]) -> None:
     benchmark="faults", command=" ".join(["python", "benchmarks/faults.py", *sys.argv[1:]]),
     seed=options.seed, workdir=root, pipeline_overrides=list(TINY), timing_keys=sorted(
       TIMING_KEYS),
-    machine=dict(platform=platform.platform(), cpus=os.cpu_count(),
-                 load_average=os.getloadavg()),
+    machine=machine.describe(),
     reference_seconds=reference.seconds, controls=controls, kill_windows_s=windows,
     summary=rows, failures=sum(r["failures"] for r in rows),
     disk_failures=sum(r["disk_failures"] for r in rows), disk_skipped=disk_skipped,

@@ -10,7 +10,6 @@ without the pipeline). Prints a table and writes benchmarks/results/input_pipeli
 """
 
 import os
-import platform
 import tempfile
 import time
 
@@ -18,6 +17,7 @@ import numpy as np
 from absl import app, flags
 
 import synthetic  # benchmarks/synthetic.py  # pylint: disable=import-error
+import machine  # benchmarks/machine.py  # pylint: disable=import-error
 from univit_jax import atomic, config_lib
 from univit_jax.data import pipeline, sources, video
 from univit_jax.run_config import data_config
@@ -102,7 +102,7 @@ def main(argv):
     print(f"{r['name']:<10} {r['workers']:>7} {r['batch']:>5} {r['samples_per_s']:>10.1f} "
           f"{r['frames_per_s']:>9.1f} {r['first_batch_s']:>11.2f}")
   atomic.write_json(FLAGS.out, dict(
-    machine=dict(platform=platform.platform(), cpus=os.cpu_count()),
+    machine=machine.describe(),
     settings=dict(image_size=FLAGS.image_size, source_size=FLAGS.source_size,
                   clip_frames=FLAGS.clip_frames, batches=FLAGS.batches),
     decode=decode, runs=results))

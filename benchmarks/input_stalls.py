@@ -29,7 +29,6 @@ and end).
 """
 
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -40,6 +39,7 @@ import numpy as np
 from absl import app, flags, logging
 
 import synthetic  # benchmarks/synthetic.py  # pylint: disable=import-error
+import machine  # benchmarks/machine.py  # pylint: disable=import-error
 from univit_jax import atomic, config_lib, run_config, sharding
 from univit_jax.data import pipeline, sources, streams, transforms
 from univit_jax.train import logs, loop
@@ -215,8 +215,7 @@ def main(argv):
               f"{b['transforms_s']:.3f} s, batching {b['batching_s']:.4f} s, to device "
               f"float32 {b['to_device_float32_s']:.4f} s / uint8 {b['to_device_uint8_s']:.4f} s")
   atomic.write_json(FLAGS.out, dict(
-    machine=dict(platform=platform.platform(), cpus=os.cpu_count(),
-                 devices=[str(d) for d in jax.devices()]),
+    machine=machine.describe(), devices=[str(d) for d in jax.devices()],
     settings=dict(variant=FLAGS.variant, image_size=FLAGS.image_size,
                   clip_frames=FLAGS.clip_frames, image_batch=FLAGS.image_batch,
                   source_size=FLAGS.source_size, stored_frames=FLAGS.stored_frames,

@@ -38,7 +38,6 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before faiss loads OpenMP (docstring)
 
 # pylint: disable=wrong-import-position
-import platform
 import sys
 import time
 
@@ -46,6 +45,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import machine  # benchmarks/machine.py  # pylint: disable=import-error
 from univit_jax import atomic
 from univit_jax.clustering.kmeans import assigners, lloyd, sources
 
@@ -201,7 +201,7 @@ def main() -> None:
         row[method] = info
       rows.append(derive(row))
       _print_table(rows)
-  run = dict(args=vars(args), machine=platform.machine(), cpus=os.cpu_count(),
+  run = dict(args=vars(args), machine=machine.describe(),
              date=time.strftime("%Y-%m-%d %H:%M %Z"))
   for path in sorted({args.out or default_out(row["data"]) for row in rows}):
     _merge_into(path, [row for row in rows if (args.out or default_out(row["data"])) == path],

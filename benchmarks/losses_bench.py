@@ -8,13 +8,13 @@ Prints a table and writes benchmarks/results/losses_<backend>.json. Each entry i
 
 import argparse
 import os
-import platform
 import statistics
 import time
 
 import jax
 import numpy as np
 
+import machine  # benchmarks/machine.py  # pylint: disable=import-error
 from univit_jax import atomic, config_lib, losses
 
 
@@ -71,8 +71,7 @@ def main() -> None:
     print(f"{row['loss']:<26}{row['compile_s']:>12.2f}{1e3 * row['step_s']:>12.1f}")
   out = os.path.join(os.path.dirname(__file__), "results", f"losses_{jax.default_backend()}.json")
   atomic.write_json(out, dict(args=vars(args), sampled_classes=m, backend=jax.default_backend(),
-                        machine=platform.processor() or platform.machine(),
-                        load_average_1min=os.getloadavg()[0], results=rows))
+                        machine=machine.describe(), results=rows))
   print("wrote", out)
 
 

@@ -34,6 +34,7 @@ from absl import app, flags  # pylint: disable=wrong-import-position
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import machine  # pylint: disable=wrong-import-position
 from univit_jax import atomic  # pylint: disable=wrong-import-position
 import step_vs_torch  # pylint: disable=wrong-import-position
 
@@ -146,7 +147,7 @@ def main(argv):
   atomic.write_json(out, dict(
     flags={k: FLAGS[k].value for k in ("variant", "dtype", "image_size", "frames", "batch",
                                        "classes", "steps", "warmup")},
-    jax=jax.__version__, load_average=os.getloadavg(), thunk_ms_per_step=round(total * 1e3, 1),
+    machine=machine.describe(), thunk_ms_per_step=round(total * 1e3, 1),
     rows=rows))
   print(f"wrote {out}")
 

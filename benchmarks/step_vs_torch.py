@@ -28,7 +28,6 @@ every row (a run cut short keeps what it measured).
 
 import dataclasses
 import os
-import platform
 import statistics
 import sys
 import time
@@ -43,6 +42,7 @@ from absl import app, flags
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import machine  # benchmarks/machine.py  # pylint: disable=import-error
 from univit_jax import atomic, config_lib, positions as positions_lib, sharding, specs, summary
 from univit_jax.models import rope, vit
 
@@ -380,7 +380,7 @@ def main(argv):
   peaks = {dt: matmul_peak(FLAGS.peak_size, dt) for dt in FLAGS.dtypes}
   result = dict(
     backend=backend, device=getattr(device, "device_kind", str(device)),
-    host=platform.node(), cpu_count=os.cpu_count(), jax=jax.__version__,
+    machine=machine.describe(),
     flags={k: FLAGS[k].value for k in (
       "variants", "dtypes", "attention", "scan", "image_size", "batch", "clip_frames",
       "clip_batch", "classes", "steps", "warmup", "peak_size", "univit_step", "bank_classes")},

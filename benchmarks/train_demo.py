@@ -11,7 +11,6 @@ tokens/s (the first step of each bucket is dropped), plus the cold compile time 
 
 import importlib.util
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -20,6 +19,7 @@ import jax
 from absl import app, flags, logging
 
 import synthetic  # benchmarks/synthetic.py  # pylint: disable=import-error
+import machine  # benchmarks/machine.py  # pylint: disable=import-error
 from univit_jax import atomic, run_config
 from univit_jax.train import logs, loop
 
@@ -72,8 +72,7 @@ def main(argv):
                      tokens_per_s=statistics.median(r["tokens_per_s"] for r in timed_rs)))
   result = dict(
     config=f"configs/demo.py:{FLAGS.config_arg}", steps=FLAGS.steps,
-    devices=[str(d) for d in jax.devices()], machine=platform.processor() or platform.machine(),
-    cpu_count=os.cpu_count(), load_average=os.getloadavg(), compile_all_buckets_s=compile_s,
+    devices=[str(d) for d in jax.devices()], machine=machine.describe(), compile_all_buckets_s=compile_s,
     wall_s=total, buckets=rows,
     first_losses={k: v for k, v in records[0].items() if k.endswith("/loss") or k == "loss"},
     last_losses={k: v for k, v in records[-1].items() if k.endswith("/loss") or k == "loss"})
