@@ -27,6 +27,9 @@ WORKER = os.path.join(helpers.ROOT, "tests", "train_worker.py")
 TIMEOUT = 300
 STEPS = 4
 MESSAGE = "injected failure in process 1 at step 1"
+# "At once": well inside the coordination service's timeouts (100 s heartbeat, 300 s shutdown),
+# with room for a loaded 2-core machine (a CI run beside a demo table took more than 5 s).
+ENDS_AT_ONCE_S = 30
 
 
 def _reports(out: str) -> list[dict]:
@@ -127,7 +130,7 @@ def test_an_error_in_one_process_ends_both_at_once_with_its_message(jobs):
   # Process 0 was inside step 1 (its collectives wait for process 1) and ends at once, as
   # does process 1 once process 0 has acknowledged: not after the coordination service's
   # timeouts (100 s heartbeat, 300 s shutdown).
-  assert max(jobs["ended"]) - raised < 5, (jobs["ended"], raised)
+  assert max(jobs["ended"]) - raised < ENDS_AT_ONCE_S, (jobs["ended"], raised)
   assert not os.path.exists(os.path.join(jobs["dirs"]["failed"], "params_1.npz"))
 
 
@@ -144,7 +147,7 @@ def test_an_error_in_process_0_which_runs_the_coordination_service_ends_both(tmp
   raised = float(re.search(r"raising at ([\d.]+)", err0).group(1))
   assert [p.returncode for p in procs] == [1, 1], (err0[-3000:], err1[-3000:])
   assert "Ending: process 0 of 2 failed: RuntimeError: injected failure in process 0" in err1
-  assert max(ended) - raised < 5, (ended, raised)
+  assert max(ended) - raised < ENDS_AT_ONCE_S, (ended, raised)
 
 
 def _bank_rows(workdir, bank: str) -> tuple[np.ndarray, np.ndarray]:
