@@ -433,10 +433,25 @@ def _loop(run: _Run, state: state_lib.TrainState, iterator, ckpt: checkpointing.
   preempted = False
   bar = _progress_bar(run, step)
   window = StepWindow(config_lib.tokens_per_frame(data_cfg.image_size, data_cfg.patch_size))
+
+  def fetch(index: int, metrics: dict[str, jax.Array]) -> dict[str, Any]:
+    """The metrics of step `index` (0-based) on the host; raises if that step was not finite."""
+    metrics = jax.device_get(metrics)
+    if not metrics["finite"]:
+      raise NonFiniteError(_nonfinite_message(index, metrics, ckpt.latest_step()))
+    return metrics
+
+  # A step's metrics are fetched after the next step is dispatched, except where the loop needs
+  # them or the state at once (logging, evaluation, saving, the last step): the host reads and
+  # places the next batch while the devices compute, instead of waiting for every step to end.
+  # A non-finite step is then reported one step late, never after a save.
+  pending = None
   try:
     with _Preemption() as preemption:
       while step < total:
         if preemption.agreed():
+          if pending is not None:
+            fetch(*pending)
           # Before this process's first step the iterator is one batch ahead (`first`), and the
           # step is either saved already (a resume) or 0 (nothing to keep): save nothing then.
           if first is None and ckpt.latest_step() != step:
@@ -453,13 +468,18 @@ def _loop(run: _Run, state: state_lib.TrainState, iterator, ckpt: checkpointing.
         on_device = time.perf_counter()
         weights = step_lib.term_weights(loss_cfg, step / total, names)
         state, metrics = compiled[t](state, batch, weights)
-        metrics = jax.device_get(metrics)
-        if not metrics["finite"]:
-          raise NonFiniteError(_nonfinite_message(step, metrics, ckpt.latest_step()))
+        if pending is not None:
+          fetch(*pending)
+        pending = (step, metrics)
         step += 1
         window.add_step(host["frames"].shape[0] * jax.process_count(), t,
                         data_wait=received - asked, to_device=on_device - received)
-        if step % train.log_every == 0 or step == total:
+        logged = step % train.log_every == 0 or step == total
+        evaluated = run.evaluate is not None and (step % run.eval_every == 0 or step == total)
+        saved = step % train.checkpoint_every == 0 or step == total
+        if logged or evaluated or saved:
+          metrics, pending = fetch(*pending), None
+        if logged:
           record = _loggable(metrics)
           record.update(frames=t, **window.take())
           logger.write(step, record)
@@ -469,9 +489,9 @@ def _loop(run: _Run, state: state_lib.TrainState, iterator, ckpt: checkpointing.
               "train.collapse_threshold=%.3f", step, record["embedding_cosine"],
               train.collapse_threshold)
           bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
-        if run.evaluate is not None and (step % run.eval_every == 0 or step == total):
+        if evaluated:
           logger.write(step, run.evaluate(step, state.params["encoder"]))
-        if step % train.checkpoint_every == 0 or step == total:
+        if saved:
           ckpt.save(step, state, iterator, force=True)
         bar.update(1)
   finally:
