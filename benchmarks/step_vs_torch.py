@@ -68,7 +68,7 @@ flags.DEFINE_string("out", "", "JSON path (default benchmarks/results/step_vs_to
                     ".json)")
 
 
-def _median_time(fn, steps: int, warmup: int) -> tuple[float, float]:
+def median_time(fn, steps: int, warmup: int) -> tuple[float, float]:
   """(seconds of the first call, median seconds of `steps` calls after `warmup` calls);
   `fn` must block until its work is done."""
   start = time.perf_counter()
@@ -89,7 +89,7 @@ def matmul_peak(size: int, dtype: str, steps: int = 10) -> float:
   a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32).astype(dtype)
   b = jax.random.normal(jax.random.key(1), (size, size), jnp.float32).astype(dtype)
   dot = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
-  _, seconds = _median_time(lambda: dot(a, b).block_until_ready(), steps, 2)
+  _, seconds = median_time(lambda: dot(a, b).block_until_ready(), steps, 2)
   return 2 * size ** 3 / seconds
 
 
@@ -149,7 +149,7 @@ def time_ours(cfg: config_lib.ModelConfig, frames: np.ndarray, labels: np.ndarra
   compiled, run, compile_seconds = compile_ours(cfg, frames, labels, classes)
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  _, seconds = _median_time(run, steps, warmup)
+  _, seconds = median_time(run, steps, warmup)
   return dict(seconds=seconds, compile_seconds=compile_seconds,
               xla_flops=float((cost or {}).get("flops", float("nan"))))
 
@@ -219,7 +219,7 @@ def time_univit_step(variant: str, dtype: str, attention: str, image_size: int,
     holder[0], metrics = compiled(holder[0], device_batch, weights)
     metrics["loss"].block_until_ready()
 
-  _, seconds = _median_time(run, steps, warmup)
+  _, seconds = median_time(run, steps, warmup)
   # Useful work: two encoder passes when the contrastive term shuffles segments; the bank
   # logits (every pooled query against K centres) come on top of the encoder's FLOPs.
   passes = 2 if spec.contrast_granularity else 1
@@ -344,7 +344,7 @@ def time_torch(cfg: config_lib.ModelConfig, frames: np.ndarray, labels: np.ndarr
     else:
       loss.item()
 
-  _, seconds = _median_time(run, steps, warmup)
+  _, seconds = median_time(run, steps, warmup)
   del model, opt, x, y
   if device == "cuda":
     torch.cuda.empty_cache()  # leave the device memory to JAX's rows

@@ -215,7 +215,7 @@ def slow_steps(seconds: float):
 
 def random_batch(shapes: dict, num_classes: int, image_size: int, patch_size: int) -> dict:
   """Arrays for an abstract batch of `step.abstract_batch`: random frames, grid positions, valid
-  boxes and labels below `num_classes`, every mask True."""
+  boxes (where the bucket has them) and labels below `num_classes`, every mask True."""
   rng = np.random.default_rng(0)
   b, t = shapes["frames"].shape[:2]
   grid = image_size // patch_size
@@ -231,8 +231,9 @@ def random_batch(shapes: dict, num_classes: int, image_size: int, patch_size: in
       arrays[key] = rng.standard_normal(s.shape).astype(np.float32)
   arrays["positions"] = np.broadcast_to(
     positions.grid_positions(positions.frame_times(t), grid, grid), shapes["positions"].shape)
-  corners = np.sort(rng.uniform(size=shapes["boxes"].shape[:-1] + (2, 2)), axis=-2)
-  arrays["boxes"] = corners.reshape(shapes["boxes"].shape).astype(np.float32)
+  if "boxes" in shapes:  # image buckets
+    corners = np.sort(rng.uniform(size=shapes["boxes"].shape[:-1] + (2, 2)), axis=-2)
+    arrays["boxes"] = corners.reshape(shapes["boxes"].shape).astype(np.float32)
   return arrays
 
 
