@@ -58,8 +58,8 @@ FLAGS.set_default("warmup", 2)
 
 # Innermost functions a thunk is attributed to, from the model out to the optimiser.
 PARTS = ("rotate", "rotation", "rope_angles", "time_features", "gelu_exact", "Mlp.__call__",
-         "dot_product_attention", "Attention.__call__", "LayerNorm.__call__", "MapHead.__call__", "rearrange",
-         "softmax_cross_entropy_with_integer_labels", "discrimination_loss",
+         "dot_product_attention", "Attention.__call__", "LayerNorm.__call__", "MapHead.__call__",
+         "rearrange", "softmax_cross_entropy_with_integer_labels", "discrimination_loss",
          "structured_contrastive_loss", "center_statistics", "scale_by_adam",
          "add_decayed_weights", "apply_updates")
 
@@ -136,27 +136,19 @@ def compile_demo(num_frames: int) -> tuple[jax.stages.Compiled, Callable[[], Non
   # pylint: disable=import-outside-toplevel,import-error
   import helpers
   import train_fixtures
-  from univit_jax import optim, run_config, sharding, summary
-  from univit_jax.train import state as state_lib
+  from univit_jax import optim, sharding
   from univit_jax.train import step as step_lib
   # pylint: enable=import-outside-toplevel,import-error
 
-  run = run_config.build(helpers.load_config("demo"), 1)
-  mesh = sharding.make_mesh(run.mesh, jax.devices()[:1])
-  setup = summary.TrainSetup.build(run, mesh)
-  spec = step_lib.StepSpec.for_bucket(num_frames, tuple(setup.sizes), num_frames == 1)
-  batch_size = run.data.batch_sizes()[num_frames]
-  shapes = step_lib.abstract_batch(run.data, spec, batch_size, setup.top_k,
-                                   run.loss.image_labels)
-  replicated = sharding.replicated(mesh)
-  batch = jax.device_put(train_fixtures.random_batch(
-    shapes, min(setup.sizes.values()), run.data.image_size, run.model.patch_size), replicated)
-  weights = step_lib.term_weights(run.loss, 0.0, tuple(setup.sizes))
-  state = state_lib.create_state(run.model, setup.sizes, {}, setup.tx, setup.shardings, seed=0)
+  config = helpers.load_config("demo")
+  (run, mesh, setup, spec, shapes, batch_sharding, batch, weights,
+   state) = train_fixtures.bucket_step_inputs(
+     config, min(config.cluster.num_clusters.values()), num_frames)
   learning_rate = optim.learning_rate(run.optim, run.train.total_steps)
   train_step = step_lib.make_train_step(setup.graphdef, setup.tx, learning_rate, run.loss, spec)
+  replicated = sharding.replicated(mesh)
   compiled = step_lib.compile_gradients(train_step, setup.abstract, setup.shardings, shapes,
-                                        dict.fromkeys(shapes, replicated), weights, replicated)
+                                        dict.fromkeys(shapes, batch_sharding), weights, replicated)
   update = step_lib.compile_update(train_step.update, setup.abstract, setup.shardings, replicated)
   inputs = (state.params, state.rng, state.step, batch, weights)
 
@@ -174,8 +166,9 @@ def compile_demo(num_frames: int) -> tuple[jax.stages.Compiled, Callable[[], Non
   _, update_s = step_vs_torch.median_time(update_once, 10, 2)
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return compiled, run_once, dict(batch=batch_size, xla_flops=float((cost or {}).get("flops", 0)),
-                                  gradients_s=gradients_s, update_s=update_s)
+  return compiled, run_once, dict(
+    batch=shapes["frames"].shape[0], xla_flops=float((cost or {}).get("flops", 0)),
+    gradients_s=gradients_s, update_s=update_s)
 
 
 def main(argv):

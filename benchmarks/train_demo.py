@@ -74,15 +74,16 @@ def main(argv):
     rows.append(dict(frames=t, steps=len(rs), step_time_s=step,
                      samples_per_s=statistics.median(r["samples_per_s"] for r in timed_rs),
                      tokens_per_s=statistics.median(r["tokens_per_s"] for r in timed_rs)))
+  mean_step_s = (total - compile_s) / FLAGS.steps
   result = dict(
     config=f"configs/demo.py:{FLAGS.config_arg}", steps=FLAGS.steps, log_every=FLAGS.log_every,
     devices=[str(d) for d in jax.devices()], machine=machine.describe(), compile_all_buckets_s=compile_s,
-    wall_s=total, mean_step_s=(total - compile_s) / FLAGS.steps, buckets=rows,
+    wall_s=total, mean_step_s=mean_step_s, buckets=rows,
     first_losses={k: v for k, v in records[0].items() if k.endswith("/loss") or k == "loss"},
     last_losses={k: v for k, v in records[-1].items() if k.endswith("/loss") or k == "loss"})
   print(f"demo training, {FLAGS.steps} steps on {len(jax.devices())} {jax.devices()[0].platform} "
         f"device(s): compile {compile_s:.1f}s (all buckets, cold), wall {total:.1f}s, "
-        f"{(total - compile_s) / FLAGS.steps:.3f}s a step (log every {FLAGS.log_every})")
+        f"{mean_step_s:.3f}s a step (log every {FLAGS.log_every})")
   print(f"{'frames':>6} {'steps':>5} {'step s':>8} {'samples/s':>10} {'tokens/s':>10}")
   for r in rows:
     print(f"{r['frames']:>6} {r['steps']:>5} {r['step_time_s']:>8.3f} {r['samples_per_s']:>10.1f} "

@@ -215,7 +215,7 @@ def slow_steps(seconds: float):
 
 def random_batch(shapes: dict, num_classes: int, image_size: int, patch_size: int) -> dict:
   """Arrays for an abstract batch of `step.abstract_batch`: random frames, grid positions, valid
-  boxes (where the bucket has them) and labels below `num_classes`, every mask True."""
+  boxes and labels below `num_classes`, every mask True."""
   rng = np.random.default_rng(0)
   b, t = shapes["frames"].shape[:2]
   grid = image_size // patch_size
@@ -231,21 +231,21 @@ def random_batch(shapes: dict, num_classes: int, image_size: int, patch_size: in
       arrays[key] = rng.standard_normal(s.shape).astype(np.float32)
   arrays["positions"] = np.broadcast_to(
     positions.grid_positions(positions.frame_times(t), grid, grid), shapes["positions"].shape)
-  if "boxes" in shapes:  # image buckets
-    corners = np.sort(rng.uniform(size=shapes["boxes"].shape[:-1] + (2, 2)), axis=-2)
-    arrays["boxes"] = corners.reshape(shapes["boxes"].shape).astype(np.float32)
+  corners = np.sort(rng.uniform(size=shapes["boxes"].shape[:-1] + (2, 2)), axis=-2)
+  arrays["boxes"] = corners.reshape(shapes["boxes"].shape).astype(np.float32)
   return arrays
 
 
-def bucket_step_inputs(config, num_classes: int):
-  """The 1-frame bucket's step of `config` on its mesh of the test devices: the typed run, the
-  mesh, the `summary.TrainSetup`, the bucket's spec, batch shapes, a `random_batch` (labels
+def bucket_step_inputs(config, num_classes: int, num_frames: int = 1):
+  """The `num_frames` bucket's step of `config` on its mesh of this process's devices, with
+  boxes in every bucket as the training loop compiles them for box-carrying data: the typed run,
+  the mesh, the `summary.TrainSetup`, the bucket's spec, batch shapes, a `random_batch` (labels
   below `num_classes`) on the batch sharding, the term weights and a fresh state."""
   run = helpers.typed(config)
   mesh = sharding.make_mesh(run.mesh)
   setup = summary.TrainSetup.build(run, mesh)
-  spec = step_lib.StepSpec.for_bucket(1, tuple(setup.sizes), run.data.max_boxes > 0)
-  shapes = step_lib.abstract_batch(run.data, spec, run.data.batch_sizes()[1], setup.top_k,
+  spec = step_lib.StepSpec.for_bucket(num_frames, tuple(setup.sizes), run.data.max_boxes > 0)
+  shapes = step_lib.abstract_batch(run.data, spec, run.data.batch_sizes()[num_frames], setup.top_k,
                                    run.loss.image_labels)
   batch_sharding = sharding.batch_sharding(mesh, run.mesh.rules)
   batch = jax.device_put(
